@@ -1,0 +1,206 @@
+"""The array shim: the one place in minipeft that knows NumPy from CuPy (spec/backend.md).
+
+Everything else calls array-API functions on a namespace `xp`, derived from the arrays at hand
+with `xp_of(*arrays)` (new arrays are made with `xp()`, the namespace of the chosen backend).
+What the array API standard lacks lives here, once per backend:
+
+- scatter_add  (embedding gradients)          BACKEND-3
+- erf          (exact GELU)                   BACKEND-4
+- bf16 <-> f32 on the bit pattern             BACKEND-5 (CuPy has no bfloat16 dtype)
+- random numbers (explicit, seeded, host side) BACKEND-6
+- host transfer (to_host / asarray)           BACKEND-2
+
+Backends: "numpy" (CPU), "cupy" (NVIDIA GPU) and "array_api_strict" (a CPU guard in the tests:
+code that only NumPy accepts fails there). The one global is the backend name, chosen with
+`set_backend` or the environment variable MINIPEFT_BACKEND, and read when arrays are created.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+
+from .errors import BackendError
+
+BACKENDS = ("numpy", "cupy", "array_api_strict")
+_name = os.environ.get("MINIPEFT_BACKEND", "numpy")
+
+
+def set_backend(name: str) -> None:
+    """Choose where new arrays live: "numpy", "cupy" or "array_api_strict"."""
+    global _name
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _module(name)  # fail now, not at the first array, when the library is missing
+    _name = name
+
+
+def get_backend() -> str:
+    return _name
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        hint = {"cupy": "pip install 'minipeft[cuda12]'", "array_api_strict": "pip install array-api-strict"}
+        raise BackendError(f"backend {name!r} is not installed ({e}); {hint.get(name, '')}") from e
+
+
+def xp():
+    """The namespace of the chosen backend, for creating arrays."""
+    if _name not in BACKENDS:
+        raise BackendError(f"MINIPEFT_BACKEND={_name!r} is not one of {', '.join(BACKENDS)}")
+    return _module(_name)
+
+
+def xp_of(*arrays):
+    """The namespace the arrays belong to (array_namespace style); the chosen one if none is an array."""
+    for a in arrays:
+        if hasattr(a, "__array_namespace__"):
+            mod = type(a).__module__.split(".")[0]
+            if mod == "numpy":
+                return np
+            if mod == "cupy":
+                return _module("cupy")
+            return a.__array_namespace__()
+    return xp()
+
+
+def _kind(a) -> str:
+    return type(a).__module__.split(".")[0]
+
+
+# ---- host transfer (BACKEND-2) -------------------------------------------------------------
+def to_host(a) -> np.ndarray:
+    """A NumPy copy (or view) of any backend's array."""
+    kind = _kind(a)
+    if kind == "numpy":
+        return a
+    if kind == "cupy":
+        return a.get()
+    return np.asarray(a)  # array_api_strict supports the buffer protocol via __array__/__dlpack__
+
+
+def asarray(host, dtype: str | None = None):
+    """Put a host (NumPy) array on the chosen backend, optionally cast to dtype (a name)."""
+    ns = xp()
+    host = np.asarray(host)
+    if dtype is not None:
+        host = host.astype(dtype, copy=False)
+    if ns is np:
+        return host
+    return ns.asarray(host)
+
+
+def dtype(name: str, ns=None):
+    """The backend dtype object for a name such as "float32"."""
+    ns = ns or xp()
+    try:
+        return getattr(ns, name)
+    except AttributeError:
+        raise BackendError(f"dtype {name!r} is not available on backend {ns.__name__}") from None
+
+
+def dtype_name(a) -> str:
+    return str(a.dtype).replace("array_api_strict.", "")
+
+
+# ---- scatter-add (BACKEND-3) ---------------------------------------------------------------
+def scatter_add(target, indices, values):
+    """target[indices[i]] += values[i] along axis 0, repeated indices accumulating. Returns target."""
+    kind = _kind(target)
+    if kind == "numpy":
+        np.add.at(target, indices, values)
+        return target
+    if kind == "cupy":
+        _module("cupyx").scatter_add(target, indices, values)
+        return target
+    # array_api_strict: a one-hot matmul, (V, N) @ (N, D), exact for float sums of few terms.
+    ns = xp_of(target)
+    onehot = ns.astype(ns.arange(target.shape[0])[:, None] == indices[None, :], target.dtype)  # (V, N)
+    return target + onehot @ values
+
+
+# ---- erf (BACKEND-4) -----------------------------------------------------------------------
+def erf(x):
+    """The error function, elementwise. CuPy: its own erf. NumPy and the strict guard: the
+    Maclaurin series for |x| < 2 and the continued fraction of erfc for |x| >= 2 (both to
+    float64 rounding, |error| < 1e-13)."""
+    if _kind(x) == "cupy":
+        return _module("cupyx.scipy.special").erf(x)
+    ns = xp_of(x)
+    a = ns.abs(x)
+    sa = ns.where(a < 2.0, a, 0.0)  # keep the series away from large a, where it overflows
+    s, term = ns.zeros_like(a), sa
+    for n in range(64):  # erf(a) = 2/sqrt(pi) * sum_n (-1)^n a^(2n+1) / (n! (2n+1))
+        s = s + term / (2 * n + 1)
+        term = -term * sa * sa / (n + 1)
+    series = s * (2.0 / 1.7724538509055159)
+    big = ns.where(a < 2.0, 2.0, ns.where(a > 10.0, 10.0, a))  # erf(10) = 1 in float64
+    k = big
+    for n in range(60, 0, -1):  # erfc(a) = exp(-a^2)/sqrt(pi) / (a + (1/2)/(a + 1/(a + (3/2)/(a + ...))))
+        k = big + (n / 2) / k
+    tail = 1.0 - ns.exp(-big * big) / (1.7724538509055159 * k)
+    return ns.sign(x) * ns.where(a < 2.0, series, tail)
+
+
+# ---- bfloat16 on the bit pattern (BACKEND-5) -----------------------------------------------
+def _bitcast(a, to_name: str):
+    kind = _kind(a)
+    if kind in ("numpy", "cupy"):
+        return a.view(to_name)
+    ns = xp_of(a)
+    return ns.asarray(np.asarray(a).view(to_name))
+
+
+def bf16_bits_from_float32(x):
+    """Round float32 to bfloat16, nearest-even, as uint16 bit patterns (NaN stays NaN)."""
+    ns = xp_of(x)
+    bits = _bitcast(ns.astype(x, ns.float32), "uint32")
+    lsb = (bits >> 16) & 1
+    rounded = (bits + 0x7FFF + lsb) >> 16
+    nan = ns.isnan(x)
+    rounded = ns.where(nan, (bits >> 16) | 0x40, rounded)  # keep a quiet NaN
+    return ns.astype(rounded, ns.uint16)
+
+
+def float32_from_bf16_bits(bits):
+    """The float32 value of uint16 bfloat16 bit patterns (exact)."""
+    ns = xp_of(bits)
+    return _bitcast(ns.astype(bits, ns.uint32) << 16, "float32")
+
+
+def round_to_bf16(x):
+    """float32 -> nearest bfloat16 value, kept in float32."""
+    return float32_from_bf16_bits(bf16_bits_from_float32(x))
+
+
+# ---- random numbers (BACKEND-6) ------------------------------------------------------------
+class RNG:
+    """Seeded random numbers, drawn on the host with NumPy's PCG64 and moved to the backend, so
+    the same seed gives the same numbers on every backend. Its state can be saved and restored."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = np.random.default_rng(seed)
+
+    def normal(self, shape, std: float = 1.0, dtype: str = "float32"):
+        return asarray(self.gen.standard_normal(shape) * std, dtype)
+
+    def uniform(self, shape, low: float, high: float, dtype: str = "float32"):
+        return asarray(self.gen.uniform(low, high, shape), dtype)
+
+    def keep_mask(self, shape, p_drop: float, dtype: str = "float32"):
+        """A dropout mask: 1/(1-p) where kept, 0 where dropped."""
+        keep = self.gen.random(shape) >= p_drop
+        return asarray(keep / (1.0 - p_drop), dtype)
+
+    def permutation(self, n: int) -> np.ndarray:
+        return self.gen.permutation(n)
+
+    def get_state(self) -> dict:
+        return self.gen.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.gen.bit_generator.state = state
