@@ -31,9 +31,13 @@ class Module:
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
     def named_parameters(self, prefix: str = ""):
+        """Each parameter once, under the first path that reaches it (a tied lm_head.weight is
+        reported as model.embed_tokens.weight, as transformers saves it)."""
+        seen = set()
         for mod_name, mod in self.named_modules(prefix):
             for name, v in vars(mod).items():
-                if isinstance(v, Tensor):
+                if isinstance(v, Tensor) and id(v) not in seen:
+                    seen.add(id(v))
                     yield (f"{mod_name}.{name}" if mod_name else name), v
 
     def parameters(self):

@@ -1,0 +1,1 @@
+"""Adapter methods: one module per method, a registry from config class to layer class."""

@@ -1,0 +1,162 @@
+"""What every layer adapter shares (spec/lora.md LORA-0, spec/peft-format.md).
+
+An adapted layer is an `AdaptedLayer` that keeps the original layer as `base_layer` and one
+delta module per adapter name in `adapters`. A delta module holds its trainable tensors under
+PEFT's leaf names (lora_A.weight, lora_B.weight, lora_magnitude_vector, ...), so the key PEFT
+saves is `base_model.model.<layer path>.<parameter path inside the delta module>`: saving and
+loading is one generic walk, with no per-method key table.
+
+A delta module implements:
+    adapt(x, y, base) -> y'   the layer's output with this adapter applied (y = base(x) so far)
+    delta_weight()   -> dW    (out, in) in W's orientation, for merge/unmerge (None: not mergeable)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+
+from .. import backend
+from ..autograd.tensor import Tensor
+from ..errors import ConfigError
+from ..nn.module import Module
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Fields every layer-adapter config has (PEFT names in the comments)."""
+
+    target_modules: tuple | str = ("q_proj", "v_proj")  # names, a regex (full match), or "all-linear"
+    layers_to_transform: tuple | int | None = None
+    layers_pattern: str | None = None
+    modules_to_save: tuple = ()  # modules trained in full (e.g. a classifier head)
+    exclude_modules: tuple = ()
+
+    peft_type = "BASE"  # PEFT's enum string, set by each method
+    PEFT_FIELDS: typing.ClassVar[dict] = {}  # our field -> PEFT's adapter_config.json key
+    PEFT_VALUES: typing.ClassVar[dict] = {}  # our field -> {our value: PEFT's value} where they differ
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            self.target_modules = tuple(self.target_modules)
+        if isinstance(self.modules_to_save, (list, str)):
+            self.modules_to_save = (self.modules_to_save,) if isinstance(self.modules_to_save, str) \
+                else tuple(self.modules_to_save)
+        if self.modules_to_save is None:
+            self.modules_to_save = ()
+        if not isinstance(self.target_modules, (tuple, str)) or (
+                isinstance(self.target_modules, tuple) and not all(isinstance(t, str) for t in self.target_modules)):
+            raise ConfigError(f"target_modules must be a list of module names, a regex or 'all-linear', "
+                              f"got {self.target_modules!r}")
+        if isinstance(self.layers_to_transform, list):
+            self.layers_to_transform = tuple(self.layers_to_transform)
+        self.validate()
+
+    def validate(self):
+        """Range checks of the method's own fields; raise ConfigError naming the field."""
+
+    def to_peft(self) -> dict:
+        """The method's own fields under PEFT's names and values."""
+        out = {}
+        for ours, theirs in self.PEFT_FIELDS.items():
+            v = getattr(self, ours)
+            out[theirs] = self.PEFT_VALUES.get(ours, {}).get(v, list(v) if isinstance(v, tuple) else v)
+        return out
+
+    @classmethod
+    def from_peft(cls, d: dict):
+        """A config from PEFT's adapter_config.json dict (unknown keys ignored, as PEFT does)."""
+        kwargs = {}
+        for field in ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "exclude_modules"):
+            if d.get(field) is not None:
+                kwargs[field] = d[field]
+        for ours, theirs in cls.PEFT_FIELDS.items():
+            if d.get(theirs) is not None:
+                back = {json_key(v): k for k, v in cls.PEFT_VALUES.get(ours, {}).items()}
+                kwargs[ours] = back.get(json_key(d[theirs]), d[theirs])
+        return cls(**kwargs)
+
+
+def json_key(v):
+    """A hashable stand-in for a JSON value (True and 1 kept apart)."""
+    return (type(v).__name__, json.dumps(v, sort_keys=True))
+
+
+def check(cond: bool, field: str, value, rule: str):
+    if not cond:
+        raise ConfigError(f"{field}={value!r} is invalid: {rule}")
+
+
+class ModuleDict(Module):
+    """Children keyed by adapter name."""
+
+    def __setitem__(self, name, m):
+        setattr(self, name, m)
+
+    def __getitem__(self, name):
+        return vars(self)[name]
+
+    def __delitem__(self, name):
+        delattr(self, name)
+
+    def __contains__(self, name):
+        return name in vars(self)
+
+    def keys(self):
+        return [k for k, v in vars(self).items() if isinstance(v, Module)]
+
+
+class AdaptedLayer(Module):
+    """base_layer plus named adapters; forward applies the active, unmerged ones in order."""
+
+    def __init__(self, base_layer):
+        self.base_layer = base_layer
+        self.adapters = ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        for name in self.active:
+            if name in self.adapters and name not in self.merged:
+                y = self.adapters[name].adapt(x, y, self.base_layer)
+        return y
+
+    # merge/unmerge add or subtract delta_weight() in the base weight's own layout
+    def merge(self, name):
+        if name in self.merged:
+            return
+        self.adapters[name].merge_into(self.base_layer)
+        self.merged.append(name)
+
+    def unmerge(self, name):
+        if name not in self.merged:
+            return
+        self.adapters[name].unmerge_from(self.base_layer)
+        self.merged.remove(name)
+
+
+class Delta(Module):
+    """Base of delta modules: merge adds delta_weight() to W, unmerge subtracts it.
+    Methods whose merge is not additive (IA3, DoRA) override merge_into / unmerge_from."""
+
+    def delta_weight(self):
+        raise NotImplementedError
+
+    def merge_into(self, base):
+        base.weight.data = base.weight.data + orient(self.delta_weight(), base)
+
+    def unmerge_from(self, base):
+        base.weight.data = base.weight.data - orient(self.delta_weight(), base)
+
+
+def orient(dW, base):
+    """dW (out, in) in the base weight's storage layout ((in, out) for GPT-2's Conv1D)."""
+    return backend.xp_of(dW).matrix_transpose(dW) if base.fan_in_fan_out else dW
+
+
+def trainable(array) -> Tensor:
+    return Tensor(array, requires_grad=True)

@@ -1,0 +1,75 @@
+"""Which modules an adapter targets, and wrapping them (spec/lora.md LORA-10, PEFT's matching rules).
+
+target_modules:
+  - a list: a module matches when its path equals an entry or ends with "." + entry;
+  - a string: a regex that must match the whole path (re.fullmatch);
+  - "all-linear": every Linear/Conv1D except the output head (lm_head).
+layers_to_transform keeps only layers whose index (the number after "layers."/"h."/"layer.")
+is listed; exclude_modules removes matches by the same rules.
+"""
+from __future__ import annotations
+
+import re
+
+from ..errors import ConfigError
+from ..nn.layers import Linear
+from .base import AdaptedLayer
+
+OUTPUT_HEADS = ("lm_head",)
+
+
+def _name_matches(path: str, entries) -> bool:
+    if isinstance(entries, str):
+        return re.fullmatch(entries, path) is not None
+    return any(path == e or path.endswith("." + e) for e in entries)
+
+
+def _layer_index(path: str, pattern: str | None):
+    rx = rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)\." if pattern else r".*?\.[^.]*\.(\d+)\."
+    m = re.match(rx, path + ".")
+    return int(m.group(1)) if m else None
+
+
+def linear_paths(net) -> list[str]:
+    """Paths of every Linear (or already adapted Linear) in the model."""
+    return [p for p, m in net.named_modules() if isinstance(m, (Linear, AdaptedLayer)) and
+            ".base_layer" not in p and ".adapters." not in p and ".modules_to_save" not in p]
+
+
+def find_targets(net, cfg) -> list[str]:
+    paths = linear_paths(net)
+    if cfg.target_modules == "all-linear":
+        found = [p for p in paths if p.split(".")[-1] not in OUTPUT_HEADS]
+    else:
+        found = [p for p in paths if _name_matches(p, cfg.target_modules)]
+    if cfg.exclude_modules:
+        found = [p for p in found if not _name_matches(p, cfg.exclude_modules)]
+    if cfg.layers_to_transform is not None:
+        keep = {cfg.layers_to_transform} if isinstance(cfg.layers_to_transform, int) else set(cfg.layers_to_transform)
+        found = [p for p in found if _layer_index(p, cfg.layers_pattern) in keep]
+    if not found:
+        names = sorted({p.split(".")[-1] for p in paths})
+        raise ConfigError(f"target_modules={cfg.target_modules!r} matches no linear layer of this model; "
+                          f"its linear layers are named: {', '.join(names)}")
+    return found
+
+
+def wrap(net, path: str) -> AdaptedLayer:
+    """The AdaptedLayer at path, creating it around the Linear there if needed."""
+    m = net.get_submodule(path)
+    if isinstance(m, AdaptedLayer):
+        return m
+    wrapped = AdaptedLayer(m)
+    net.set_submodule(path, wrapped)
+    return wrapped
+
+
+def adapted_layers(net):
+    """(path, AdaptedLayer) pairs, in model order."""
+    return [(p, m) for p, m in net.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+def unwrap_all(net) -> None:
+    """Replace every AdaptedLayer by its base layer (after merging, this is merge_and_unload)."""
+    for path, layer in adapted_layers(net):
+        net.set_submodule(path, layer.base_layer)

@@ -1,0 +1,134 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv:2106.09685).
+
+Symbols: W0 (out, in) frozen base weight, A (r, in), B (out, r), s scaling, x (..., in).
+Scaling (LORA-2): s = alpha / r, or alpha / sqrt(r) with use_rslora (rsLoRA, arXiv:2312.03732).
+Forward (LORA-3): h = W0 x + b + s B A dropout(x).
+Delta weight / merge (LORA-4): W <- W0 + s B A; unmerge: W <- W - s B A (restores W0 to rounding).
+Init (LORA-1): "default": A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt 5), B = 0, so
+    h = W0 x at step 0. "gaussian": A ~ N(0, 1/r), B = 0.
+    "pissa" (arXiv:2404.02948): W0 = U S V^T, A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s),
+    W0 <- W0 - s B A (the residual absorbs the principal part: h unchanged at step 0, LORA-6).
+    "olora" (arXiv:2406.01775): W0 = Q R, B = Q[:, :r], A = R[:r], W0 <- W0 - s B A (LORA-6).
+Trainable (LORA-5): A, B (and biases by `bias`: "none" | "all" | "lora_only"); W0 gets no gradient.
+PEFT parity: peft/tuners/lora/layer.py Linear.forward, get_delta_weight; keys lora_A.weight (r, in),
+    lora_B.weight (out, r); GPT-2 Conv1D keeps these shapes and transposes only dW (fan_in_fan_out).
+Deviations: none known.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from .. import backend
+from ..autograd import functional as F
+from ..nn.layers import Linear
+from .base import AdapterConfig, Delta, check
+
+
+@dataclasses.dataclass
+class LoRAConfig(AdapterConfig):
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    bias: str = "none"  # "none" | "all" | "lora_only"
+    use_rslora: bool = False
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    init: str = "default"  # a key of INITS
+    lora_bias: bool = False  # a trainable bias on lora_B (PEFT's lora_bias)
+
+    peft_type = "LORA"
+    PEFT_FIELDS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "bias": "bias",
+                   "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+                   "init": "init_lora_weights", "lora_bias": "lora_bias"}
+    PEFT_VALUES = {"init": {"default": True}}
+
+    def validate(self):
+        check(isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "must be a positive integer")
+        check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout,
+              "must be in [0, 1)")
+        check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "use 'none', 'all' or 'lora_only'")
+        check(self.init in INITS, "init", self.init, f"use one of {', '.join(INITS)}")
+        for field in ("rank_pattern", "alpha_pattern"):
+            for k, v in getattr(self, field).items():
+                check(isinstance(v, (int, float)) and v > 0, f"{field}[{k!r}]", v, "must be > 0")
+
+    def rank_alpha_for(self, path: str):
+        """(r, alpha) of one module: the first rank_pattern/alpha_pattern key matching
+        `(.*\\.)?(key)$` wins (PEFT's rule), else the config's own."""
+        return (_first_match(self.rank_pattern, path, self.rank), _first_match(self.alpha_pattern, path, self.alpha))
+
+
+def _first_match(pattern: dict, path: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def lora_scaling(alpha, r, use_rslora: bool) -> float:
+    """LORA-2, the one place the scaling rule is written."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoRALinear(Delta):
+    def __init__(self, in_features, out_features, r, s, dropout, lora_bias, rng):
+        self.s, self.p, self.rng = s, dropout, rng
+        self.lora_A = Linear(in_features, r, bias=False)  # (r, in)
+        self.lora_B = Linear(r, out_features, bias=lora_bias)  # (out, r)
+
+    @classmethod
+    def create(cls, base, cfg: LoRAConfig, path: str, rng, init_weights: bool = True):
+        """The delta for the layer at `path`; init_weights=False leaves zeros for a load to fill
+        (a loaded PiSSA/OLoRA adapter does not subtract from W0 again)."""
+        r, alpha = cfg.rank_alpha_for(path)
+        n, m = base.in_features, base.out_features
+        check(r <= min(n, m), f"rank (for {path})", r, f"must be <= min(in={n}, out={m})")
+        delta = cls(n, m, r, lora_scaling(alpha, r, cfg.use_rslora), cfg.dropout, cfg.lora_bias, rng)
+        if init_weights:
+            INITS[cfg.init](delta, base, rng)
+        return delta
+
+    def adapt(self, x, y, base):  # LORA-3
+        h = F.dropout(x, self.p, self.rng, self.training)
+        return y + self.lora_B(self.lora_A(h)) * self.s
+
+    def delta_weight(self):  # LORA-4: s B A, (out, in)
+        xp = backend.xp_of(self.lora_A.weight.data)
+        return xp.matmul(self.lora_B.weight.data, self.lora_A.weight.data) * self.s
+
+
+# ---- initialisations (LORA-1, LORA-6) ----------------------------------------------------------
+def init_default(delta, base, rng):
+    r, n = delta.lora_A.weight.shape
+    bound = 1.0 / math.sqrt(n)
+    delta.lora_A.weight.data = rng.uniform((r, n), -bound, bound)
+
+
+def init_gaussian(delta, base, rng):
+    r, n = delta.lora_A.weight.shape
+    delta.lora_A.weight.data = rng.normal((r, n), std=1.0 / r)
+
+
+def init_pissa(delta, base, rng):
+    xp = backend.xp_of(base.weight.data)
+    r = delta.lora_A.weight.shape[0]
+    U, S, Vh = xp.linalg.svd(base.weight_out_in(), full_matrices=False)  # (out, k), (k,), (k, in)
+    root = xp.sqrt(S[:r] / delta.s)  # (r,)
+    delta.lora_A.weight.data = root[:, None] * Vh[:r, :]  # (r, in)
+    delta.lora_B.weight.data = U[:, :r] * root[None, :]  # (out, r)
+    delta.unmerge_from(base)  # W0 <- W0 - s B A
+
+
+def init_olora(delta, base, rng):
+    xp = backend.xp_of(base.weight.data)
+    r = delta.lora_A.weight.shape[0]
+    Q, R = xp.linalg.qr(base.weight_out_in())  # (out, k), (k, in)
+    delta.lora_A.weight.data = xp.asarray(R[:r, :], copy=True)
+    delta.lora_B.weight.data = xp.asarray(Q[:, :r], copy=True)
+    delta.unmerge_from(base)
+
+
+INITS = {"default": init_default, "gaussian": init_gaussian, "pissa": init_pissa, "olora": init_olora}

@@ -1,0 +1,151 @@
+"""PEFT's on-disk adapter format (spec/peft-format.md PEFT-1..PEFT-6).
+
+A folder holds adapter_config.json and adapter_model.safetensors (float32, metadata format=pt).
+The adapter named "default" is saved at the top, every other one in <folder>/<name>/.
+Keys: "base_model.model." + module path + "." + parameter path inside the delta module, which are
+PEFT's leaf names (lora_A.weight, ...): one generic walk, no per-method table. modules_to_save
+copies are saved under the original module path. Loading is strict: a key the model lacks, a
+parameter the file lacks, a shape that differs or a NaN is an error naming the keys (PEFT only
+warns, and loads nothing when the prefix is missing); strict=False returns them as a report.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .. import backend
+from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_save_dir, atomic_write_json
+from ..safetensors_io import read_safetensors, write_safetensors
+from .base import AdaptedLayer
+from .modules_to_save import TrainedCopy
+from .registry import config_class
+
+PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+TASK_TYPES = {"bert": "FEATURE_EXTRACTION"}  # every other family is a causal LM
+
+
+def adapter_tensors(model, name: str) -> dict:
+    """{saved key: Tensor} of one adapter (PEFT-2)."""
+    out = {}
+    for path, m in model.net.named_modules():
+        if isinstance(m, AdaptedLayer) and name in m.adapters:
+            for pname, p in m.adapters[name].named_parameters():
+                out[f"{PREFIX}{path}.{pname}"] = p
+        if isinstance(m, TrainedCopy) and name in m.modules_to_save:
+            for pname, p in m.modules_to_save[name].named_parameters():
+                out[f"{PREFIX}{path}.{pname}"] = p
+    for key, p in _bias_tensors(model, model.peft_configs[name]).items():
+        out.setdefault(key, p)
+    shared = getattr(model, "shared_tensors", {}).get(name, {})  # VeRA's projections: base_model.<name>
+    out.update({f"base_model.{k}": t for k, t in shared.items()})
+    return out
+
+
+def _bias_tensors(model, cfg) -> dict:
+    """Base biases trained under bias="all" / "lora_only", saved under the layer's path."""
+    mode = getattr(cfg, "bias", "none")
+    out = {}
+    if mode == "none":
+        return out
+    for path, m in model.net.named_modules():
+        b = getattr(m, "bias", None)
+        if b is None or ".adapters." in path or ".modules_to_save." in path or not hasattr(b, "requires_grad"):
+            continue
+        if mode == "all" or path.endswith(".base_layer"):
+            out[f"{PREFIX}{path.replace('.base_layer', '')}.bias"] = b
+    return out
+
+
+def config_dict(model, cfg) -> dict:
+    d = {"peft_type": cfg.peft_type, "task_type": TASK_TYPES.get(model.config.model_type, "CAUSAL_LM"),
+         "base_model_name_or_path": model.name_or_path, "inference_mode": True,
+         "target_modules": cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
+         "layers_to_transform": _list_or_none(cfg.layers_to_transform), "layers_pattern": cfg.layers_pattern,
+         "modules_to_save": list(cfg.modules_to_save) or None, "exclude_modules": list(cfg.exclude_modules) or None,
+         "fan_in_fan_out": model.config.model_type == "gpt2"}
+    d.update(cfg.to_peft())
+    return d
+
+
+def _list_or_none(v):
+    return None if v is None else ([v] if isinstance(v, int) else list(v))
+
+
+def save_adapters(model, path: str, names=None) -> None:
+    names = list(model.peft_configs) if names is None else ([names] if isinstance(names, str) else list(names))
+    if not names:
+        raise ConfigError("the model has no adapters to save; apply_adapter() or load_adapters() first")
+    for name in names:
+        if name not in model.peft_configs:
+            raise ConfigError(f"no adapter named {name!r}; the model has {sorted(model.peft_configs)}")
+        folder = path if name == "default" else os.path.join(path, name)
+        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+        weights = {k: np.ascontiguousarray(backend.to_host(t.data), dtype=np.float32)
+                   for k, t in adapter_tensors(model, name).items()}
+        with atomic_save_dir(folder) as tmp:
+            write_safetensors(os.path.join(tmp, WEIGHTS_NAME), weights, {"format": "pt"})
+            atomic_write_json(os.path.join(tmp, CONFIG_NAME), config_dict(model, model.peft_configs[name]))
+
+
+def read_adapter_config(folder: str):
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME}; is this an adapter folder (saved by PEFT or minipeft)?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict) or not isinstance(d.get("peft_type"), str):
+        raise CheckpointError(f"{path}: field 'peft_type' is missing or not a string")
+    cls = config_class(d["peft_type"], path)
+    try:
+        return cls.from_peft(d)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def load_adapters(model, path: str, name: str = "default", strict: bool = True) -> dict:
+    """Add adapter `name` from a PEFT folder. Returns {"missing": [...], "unexpected": [...]}."""
+    cfg = read_adapter_config(path)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} (minipeft never reads pickled adapter_model.bin)")
+    loaded, _ = read_safetensors(weights_path)
+    try:
+        model.apply_adapter(cfg, name, init_weights=False)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: this adapter does not fit the model: {e}") from e
+    try:
+        report = _assign(model, name, loaded, weights_path, strict)
+    except Exception:
+        model.delete_adapter(name)  # leave no half-loaded adapter behind
+        raise
+    return report
+
+
+def _assign(model, name, loaded: dict, where: str, strict: bool) -> dict:
+    expected = adapter_tensors(model, name)
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    if strict and unexpected and not any(k.startswith("base_model.") for k in loaded):
+        raise CheckpointError(f"{where}: no key starts with 'base_model.model.' (e.g. {unexpected[0]!r}); PEFT "
+                              "would load nothing here. Prefix the keys with 'base_model.model.'")
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{where}: keys do not match the model: missing {missing[:4]} "
+                              f"({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all)")
+    for key, t in expected.items():
+        if key not in loaded:
+            continue
+        arr = loaded[key]
+        if tuple(arr.shape) != t.shape:
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(arr.shape)}, the model expects "
+                                  f"{t.shape}; was this adapter trained on another base model?")
+        if not np.all(np.isfinite(arr)):
+            raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
+        t.data = backend.asarray(arr, "float32")
+    return {"missing": missing, "unexpected": unexpected}

@@ -1,0 +1,244 @@
+"""Model: what `minipeft.load_model` returns. It holds the network (`net`, HF attribute paths), its
+tokenizer, and the adapters put on it, and offers the PEFT workflow: apply, train, save, load,
+switch, merge, merge-and-unload, generate."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from . import backend
+from .adapters import inject, peft_io
+from .adapters.base import NAME_RE, AdaptedLayer
+from .adapters.modules_to_save import TrainedCopy
+from .adapters.registry import layer_class
+from .autograd import Tensor, no_grad
+from .errors import ConfigError, MiniPeftError
+from .models import generate as gen
+from .models.io import load_net, save_net
+from .models.tokenizer import Tokenizer
+
+
+class Model:
+    def __init__(self, net, tokenizer=None, name_or_path: str = "", seed: int = 0):
+        self.net, self.tokenizer, self.name_or_path = net, tokenizer, name_or_path
+        self.config = net.config
+        self.peft_configs: dict = {}  # adapter name -> config
+        self.active_adapters: list[str] = []
+        self.rng = backend.RNG(seed)  # adapter init and dropout draw from here, explicitly
+        net.dropout_rng = self.rng
+        net.eval()
+
+    # ---- inference -----------------------------------------------------------------------
+    def __call__(self, input_ids, attention_mask=None, **kwargs) -> Tensor:
+        """Logits (B, T, V) for causal LMs, the last hidden state (B, T, d) for BERT."""
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ConfigError(f"input_ids must be integers, got dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ConfigError(f"input_ids must lie in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
+        mask = None if attention_mask is None else backend.asarray(np.asarray(attention_mask))
+        return self.net(backend.asarray(ids), attention_mask=mask, **kwargs)
+
+    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
+                 eos_token_id=None, attention_mask=None, seed: int = 0):
+        """Text in, text out (with a tokenizer), or ids (B, T) in, ids (B, T + n) out."""
+        as_text = isinstance(prompt, str)
+        if as_text:
+            if self.tokenizer is None:
+                raise ConfigError("text was given but the model folder has no tokenizer.json; pass token ids")
+            prompt = [self.tokenizer.encode(prompt)]
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            out = gen.generate(self.net, prompt, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                               eos_token_id, self.config.pad_token_id, backend.RNG(seed))
+        finally:
+            self.net.train(was_training)
+        if as_text:
+            return self.tokenizer.decode(out[0, len(prompt[0]):])
+        return out
+
+    def save(self, path: str) -> None:
+        """An HF folder that transformers loads (adapters must be merged or unloaded first)."""
+        if inject.adapted_layers(self.net):
+            raise MiniPeftError("the model still has adapter layers; call merge_and_unload() (or unload()) "
+                                "first, or save_adapters() to save the adapters alone")
+        save_net(self.net, path, self.tokenizer.path if self.tokenizer else None)
+
+    # ---- adapters --------------------------------------------------------------------------
+    def apply_adapter(self, cfg, name: str = "default", init_weights: bool = True):
+        """Put adapter `name` of cfg's method on the targeted layers. The first adapter becomes
+        active (and trainable); later ones stay inactive until set_active_adapter (as in PEFT)."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ConfigError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+        if name in self.peft_configs:
+            raise ConfigError(f"an adapter named {name!r} exists already; pick another name or delete_adapter() it")
+        cls = layer_class(cfg)
+        targets = inject.find_targets(self.net, cfg)
+        self.net.requires_grad_(False)
+        for path in targets:
+            layer = inject.wrap(self.net, path)
+            layer.adapters[name] = cls.create(layer.base_layer, cfg, path, self.rng, init_weights)
+        for path in cfg.modules_to_save:
+            self._add_trained_copy(path, name)
+        self.peft_configs[name] = cfg
+        self.set_active_adapter(self.active_adapters or [name])
+        return self
+
+    def apply_lora(self, cfg=None, name: str = "default", **fields):
+        from .adapters.lora import LoRAConfig
+        return self.apply_adapter(cfg or LoRAConfig(**fields), name)
+
+    def _add_trained_copy(self, entry: str, name: str):
+        paths = [p for p, m in self.net.named_modules() if p and (p == entry or p.endswith("." + entry))
+                 and ".modules_to_save" not in p and ".original_module" not in p]
+        if not paths:
+            raise ConfigError(f"modules_to_save entry {entry!r} matches no module of the model")
+        for path in paths:
+            m = self.net.get_submodule(path)
+            if not isinstance(m, TrainedCopy):
+                m = TrainedCopy(m)
+                self.net.set_submodule(path, m)
+            m.add(name)
+
+    def set_active_adapter(self, names) -> None:
+        """Activate one adapter (or several, whose deltas add up); only active ones train."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in self.peft_configs:
+                raise ConfigError(f"no adapter named {n!r}; the model has {sorted(self.peft_configs) or 'none'}")
+        self.active_adapters = names
+        self.net.requires_grad_(False)
+        for _, m in self.net.named_modules():
+            if isinstance(m, (AdaptedLayer, TrainedCopy)):
+                m.active = list(names)
+            if isinstance(m, AdaptedLayer):
+                for n in names:
+                    if n in m.adapters:
+                        m.adapters[n].requires_grad_(True)
+            if isinstance(m, TrainedCopy):
+                for n in names:
+                    if n in m.modules_to_save:
+                        m.modules_to_save[n].requires_grad_(True)
+        for n in names:
+            self._set_bias_trainable(self.peft_configs[n])
+
+    def _set_bias_trainable(self, cfg):
+        mode = getattr(cfg, "bias", "none")
+        for path, m in self.net.named_modules():
+            if getattr(m, "bias", None) is None or not isinstance(m.bias, Tensor) or ".adapters." in path:
+                continue
+            if mode == "all" or (mode == "lora_only" and path.endswith(".base_layer")):
+                m.bias.requires_grad = True
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Within this block the model computes as its base (merged adapters are unmerged first)."""
+        saved = list(self.active_adapters)
+        for _, layer in inject.adapted_layers(self.net):
+            for n in list(layer.merged):
+                layer.unmerge(n)
+        self._set_active_quiet([])
+        try:
+            yield self
+        finally:
+            self._set_active_quiet(saved)
+
+    def _set_active_quiet(self, names):
+        for _, m in self.net.named_modules():
+            if isinstance(m, (AdaptedLayer, TrainedCopy)):
+                m.active = list(names)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.peft_configs:
+            raise ConfigError(f"no adapter named {name!r}")
+        for _, layer in inject.adapted_layers(self.net):
+            if name in layer.merged:
+                raise MiniPeftError(f"adapter {name!r} is merged into the weights; unmerge_adapter() it first")
+            if name in layer.adapters:
+                del layer.adapters[name]
+        for _, m in self.net.named_modules():
+            if isinstance(m, TrainedCopy) and name in m.modules_to_save:
+                del m.modules_to_save[name]
+        del self.peft_configs[name]
+        rest = [n for n in self.active_adapters if n != name] or list(self.peft_configs)[:1]
+        self.active_adapters = []
+        if rest:
+            self.set_active_adapter(rest)
+        else:
+            self._set_active_quiet([])
+
+    def merge_adapter(self) -> None:
+        """Fold the active adapters into the base weights (undo with unmerge_adapter)."""
+        with no_grad():
+            for _, layer in inject.adapted_layers(self.net):
+                for n in self.active_adapters:
+                    if n in layer.adapters:
+                        layer.merge(n)
+
+    def unmerge_adapter(self) -> None:
+        with no_grad():
+            for _, layer in inject.adapted_layers(self.net):
+                for n in list(layer.merged):
+                    layer.unmerge(n)
+
+    def merge_and_unload(self) -> "Model":
+        """Merge the active adapters into the weights and return the plain model (this object),
+        with trained copies of modules_to_save in place of the originals."""
+        self.merge_adapter()
+        return self._unload()
+
+    def unload(self) -> "Model":
+        """Remove adapter layers without merging (the output returns to the base model's)."""
+        self.unmerge_adapter()
+        return self._unload()
+
+    def _unload(self) -> "Model":
+        inject.unwrap_all(self.net)
+        for path, m in list(self.net.named_modules()):
+            if isinstance(m, TrainedCopy):
+                self.net.set_submodule(path, m.current())
+        self.peft_configs, self.active_adapters = {}, []
+        self.net.requires_grad_(False)
+        return self
+
+    def merge_adapters(self, weights: dict, name: str, combination: str = "linear", **kwargs):
+        """A new adapter `name` from a weighted combination of LoRA adapters (see adapters/combine.py)."""
+        from .adapters.combine import add_weighted_adapter
+        add_weighted_adapter(self, weights, name, combination, **kwargs)
+        return self
+
+    def save_adapters(self, path: str, names=None) -> None:
+        peft_io.save_adapters(self, path, names)
+
+    def load_adapters(self, path: str, name: str = "default", strict: bool = True):
+        return peft_io.load_adapters(self, path, name, strict)
+
+    # ---- training ----------------------------------------------------------------------------
+    def train(self, train_data, config=None, **kwargs):
+        """Fine-tune the trainable parameters (see minipeft/train.py); returns the loss history."""
+        from .train import TrainingConfig, train
+        return train(self, train_data, config or TrainingConfig(**kwargs))
+
+    def trainable_parameters(self):
+        return self.net.trainable_parameters()
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        params = self.net.parameters()
+        total = sum(int(np.prod(p.shape)) for p in params)
+        return sum(int(np.prod(p.shape)) for p in params if p.requires_grad), total
+
+
+def load_model(path_or_id: str, dtype: str = "float32", quantization=None, seed: int = 0) -> Model:
+    """Load an HF folder or cached Hub repo id (config.json + safetensors [+ tokenizer.json])."""
+    net, folder = load_net(path_or_id, dtype)
+    if quantization is not None:
+        from .quant.linear4bit import quantize_model
+        quantize_model(net, quantization)
+    return Model(net, Tokenizer.from_folder(folder), path_or_id, seed)

@@ -1,0 +1,162 @@
+"""ModelConfig: the architecture fields minipeft reads from an HF config.json (spec/models.md MODEL-1).
+
+One dataclass for every architecture; each family names its fields differently in config.json
+(GPT-2 says n_embd where llama says hidden_size), so `FIELD_NAMES` maps our field to the keys
+that may hold it, tried in order. transformers 5 moved rope_theta under rope_parameters; both
+layouts are read. Every value is type- and range-checked before any array is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from ..errors import CheckpointError
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "phi", "gpt2", "bert")
+
+# our field -> config.json keys that may hold it, first present wins
+FIELD_NAMES = {
+    "vocab_size": ("vocab_size",),
+    "hidden_size": ("hidden_size", "n_embd"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer"),
+    "num_attention_heads": ("num_attention_heads", "n_head"),
+    "intermediate_size": ("intermediate_size", "n_inner"),
+    "num_key_value_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+    "norm_eps": ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"),
+    "hidden_act": ("hidden_act", "activation_function"),
+    "tie_word_embeddings": ("tie_word_embeddings",),
+    "attention_bias": ("attention_bias",),
+    "mlp_bias": ("mlp_bias",),
+    "sliding_window": ("sliding_window",),
+    "use_sliding_window": ("use_sliding_window",),
+    "partial_rotary_factor": ("partial_rotary_factor",),
+    "qk_layernorm": ("qk_layernorm",),
+    "type_vocab_size": ("type_vocab_size",),
+    "pad_token_id": ("pad_token_id",),
+    "bos_token_id": ("bos_token_id",),
+    "eos_token_id": ("eos_token_id",),
+}
+
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+LIMITS = {"vocab_size": 10_000_000, "hidden_size": 1_000_000, "num_hidden_layers": 10_000,
+          "num_attention_heads": 10_000, "intermediate_size": 10_000_000, "num_key_value_heads": 10_000,
+          "head_dim": 100_000, "max_position_embeddings": 100_000_000, "type_vocab_size": 1_000}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = True
+    partial_rotary_factor: float = 1.0
+    qk_layernorm: bool = False
+    type_vocab_size: int = 2
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | list | None = None
+    eos_token_id: int | list | None = None
+    raw: dict = dataclasses.field(default_factory=dict, repr=False)  # config.json as read, saved back
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+_DEFAULTS = {  # what transformers assumes when config.json omits a field, per family
+    "gpt2": {"hidden_act": "gelu_new", "tie_word_embeddings": True, "norm_eps": 1e-5, "max_position_embeddings": 1024},
+    "bert": {"hidden_act": "gelu", "norm_eps": 1e-12, "max_position_embeddings": 512},
+    "phi": {"hidden_act": "gelu_new", "norm_eps": 1e-5, "partial_rotary_factor": 0.5},
+    "qwen2": {"norm_eps": 1e-6, "sliding_window": None},
+    "mistral": {"norm_eps": 1e-6},
+    "llama": {"norm_eps": 1e-6},
+}
+
+
+def _check_type(name, value, path):
+    field = ModelConfig.__dataclass_fields__[name]
+    kind = str(field.type)
+    if kind.startswith("int") and not kind.startswith("int |"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{path}: field {name!r} must be an integer, got {value!r}")
+        if value < 0 or value > LIMITS.get(name, 2**62):
+            raise CheckpointError(f"{path}: field {name!r}={value} is out of range "
+                                  f"(0..{LIMITS.get(name, 2**62)}); is this file a model config?")
+    elif kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise CheckpointError(f"{path}: field {name!r} must be a number, got {value!r}")
+    elif kind == "bool" and not isinstance(value, bool):
+        raise CheckpointError(f"{path}: field {name!r} must be true or false, got {value!r}")
+
+
+def config_from_dict(raw: dict, path: str = "config.json") -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    model_type = raw.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; "
+                              f"minipeft supports {', '.join(ARCHITECTURES)}")
+    values = dict(_DEFAULTS.get(model_type, {}))
+    for field, keys in FIELD_NAMES.items():
+        for k in keys:
+            if k in raw and raw[k] is not None:
+                values[field] = raw[k]
+                break
+    missing = [f for f in REQUIRED if f not in values]
+    if missing:
+        raise CheckpointError(f"{path}: missing required field(s) {', '.join(missing)} for {model_type}")
+    rope = raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: field 'rope_parameters' must be an object")
+    values["rope_theta"] = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    if model_type == "phi" and "partial_rotary_factor" in rope:
+        values["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    scaling = raw.get("rope_scaling") or ({k: v for k, v in rope.items() if k not in ("rope_theta",)} or None)
+    values["rope_scaling"] = scaling
+    for name, value in values.items():
+        if value is not None and name in ModelConfig.__dataclass_fields__:
+            _check_type(name, value, path)
+    cfg = ModelConfig(model_type=model_type, raw=dict(raw), **values)
+    for name in REQUIRED:
+        if getattr(cfg, name) <= 0:
+            raise CheckpointError(f"{path}: field {name!r} must be positive, got {getattr(cfg, name)}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
+                              f"num_attention_heads {cfg.num_attention_heads}")
+    cfg.num_key_value_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise CheckpointError(f"{path}: num_attention_heads {cfg.num_attention_heads} is not a multiple "
+                              f"of num_key_value_heads {cfg.num_key_value_heads}")
+    cfg.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    cfg.intermediate_size = cfg.intermediate_size or 4 * cfg.hidden_size
+    rope_type = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise CheckpointError(f"{path}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
+    return cfg
+
+
+def read_config(folder: str) -> ModelConfig:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no config.json; a model folder needs config.json and model.safetensors")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    return config_from_dict(raw, path)

@@ -1,0 +1,146 @@
+"""HF checkpoint folders in and out (spec/models.md MODEL-7..MODEL-9).
+
+A folder holds config.json, model.safetensors (or shards listed in model.safetensors.index.json)
+and optionally tokenizer.json. A Hub repo id is resolved through huggingface_hub's local cache
+(offline works once downloaded). Only safetensors and JSON are ever read: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from .. import backend
+from ..errors import CheckpointError
+from ..fileio import atomic_save_dir, atomic_write_json
+from ..safetensors_io import read_safetensors, write_safetensors
+from .config import read_config
+
+# buffers transformers writes that are not parameters here (recomputed instead)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "embeddings.position_ids")
+# heads a checkpoint may carry that the minipeft model does not use (BERT's MLM/NSP heads)
+IGNORED_PREFIXES = ("cls.",)
+
+
+def resolve(path_or_id: str) -> str:
+    """A local folder, or the snapshot folder of a Hub repo id (downloaded once, then offline)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise CheckpointError(f"{path_or_id}: expected a model folder (config.json + model.safetensors), got a file")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise CheckpointError(f"{path_or_id}: not a folder, and huggingface_hub is not installed") from e
+    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    errors = []
+    for offline in (True, False):
+        try:
+            return snapshot_download(repo_id=path_or_id, allow_patterns=patterns, local_files_only=offline)
+        except Exception as e:  # the hub client raises many types; report the last
+            errors.append(f"{type(e).__name__}: {e}")
+    raise CheckpointError(f"{path_or_id}: not a local folder and not found in the Hugging Face cache or Hub "
+                          f"({errors[-1][:200]}). Pass a folder with config.json and model.safetensors.")
+
+
+def weight_files(folder: str) -> list[str]:
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: malformed shard index ({e}); it needs a 'weight_map' object") from e
+        for s in shards:
+            if not isinstance(s, str) or os.path.basename(s) != s or not os.path.isfile(os.path.join(folder, s)):
+                raise CheckpointError(f"{index}: shard {s!r} is missing from {folder}")
+        return [os.path.join(folder, s) for s in shards]
+    if os.path.isfile(single):
+        return [single]
+    pickled = [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickled:
+        raise CheckpointError(
+            f"{folder}: only pickled weights ({', '.join(sorted(pickled)[:3])}); minipeft never unpickles files. "
+            "Convert them once where you trust the file: transformers' "
+            "AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)")
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_weights(folder: str) -> dict:
+    tensors = {}
+    for path in weight_files(folder):
+        part, _ = read_safetensors(path)
+        for k in part:
+            if k in tensors:
+                raise CheckpointError(f"{path}: key {k!r} appears in more than one shard")
+        tensors.update({k: (v, path) for k, v in part.items()})
+    return tensors
+
+
+def load_state(net, tensors: dict, dtype: str, folder: str) -> None:
+    """Copy checkpoint arrays into the model's parameters, checking names and shapes."""
+    params = dict(net.named_parameters())
+    tied = {"lm_head.weight"} if getattr(net.config, "tie_word_embeddings", False) else set()
+    base = getattr(net, "base_name", "")
+    assigned, unexpected = set(), []
+    for key, (arr, path) in tensors.items():
+        name = key
+        if name not in params and base and f"{base}.{key}" in params:
+            name = f"{base}.{key}"  # a bare base-model checkpoint (LlamaModel, GPT2Model)
+        elif name not in params and "." in key and key.split(".", 1)[1] in params:
+            name = key.split(".", 1)[1]  # a task-model checkpoint (bert.*)
+        if name not in params:
+            if name in tied or key.endswith(IGNORED_SUFFIXES) or key.startswith(IGNORED_PREFIXES):
+                continue
+            unexpected.append(key)
+            continue
+        p = params[name]
+        if tuple(arr.shape) != p.shape:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(arr.shape)}, the model "
+                                  f"({net.config.model_type}, config.json) expects {p.shape}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {arr.dtype}, expected a float type")
+        p.data = backend.asarray(arr, dtype)
+        assigned.add(name)
+    missing = [n for n in params if n not in assigned and n not in tied]
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint lacks {len(missing)} parameter(s) of the "
+                              f"{net.config.model_type} model, e.g. {', '.join(missing[:4])}")
+    if unexpected:
+        raise CheckpointError(f"{folder}: checkpoint has {len(unexpected)} key(s) the {net.config.model_type} "
+                              f"model does not know, e.g. {', '.join(unexpected[:4])}")
+
+
+def build(cfg):
+    from . import model_class
+    return model_class(cfg.model_type)(cfg)
+
+
+def load_net(path_or_id: str, dtype: str = "float32"):
+    """(net, folder): the model built from config.json with the checkpoint's weights."""
+    if dtype not in ("float32", "float64", "float16"):
+        raise CheckpointError(f"dtype {dtype!r} is not supported for loading; use float32, float64 or float16")
+    folder = resolve(path_or_id)
+    cfg = read_config(folder)
+    net = build(cfg)
+    load_state(net, read_weights(folder), dtype, folder)
+    return net, folder
+
+
+def save_net(net, path: str, tokenizer_file: str | None = None) -> None:
+    """Write an HF folder transformers loads: config.json, model.safetensors (float32), tokenizer.json."""
+    from . import HF_CLASS_NAMES
+    cfg = dict(net.config.raw)
+    cfg.update(model_type=net.config.model_type, architectures=[HF_CLASS_NAMES[net.config.model_type]])
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = cfg["dtype"] = "float32"  # the weights below are written in float32
+    weights = {name: np.ascontiguousarray(backend.to_host(p.data)) for name, p in net.named_parameters()}
+    with atomic_save_dir(path) as tmp:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), weights, {"format": "pt"})
+        atomic_write_json(os.path.join(tmp, "config.json"), cfg)
+        if tokenizer_file:
+            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))

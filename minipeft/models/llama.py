@@ -1,0 +1,110 @@
+"""Llama, Mistral and Qwen2: pre-norm decoder, RoPE, grouped KV heads, SwiGLU MLP (spec/models.md MODEL-2).
+
+    h = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))   n1 = RMSNorm(x)
+    y = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                     n2 = RMSNorm(h)
+
+Mistral adds a sliding window to the causal mask; Qwen2 puts a bias on q, k and v.
+Attribute paths equal the HF keys: model.layers.0.self_attn.q_proj.weight.
+"""
+from __future__ import annotations
+
+from .. import backend
+from ..autograd import checkpoint
+from ..autograd import functional as F
+from ..nn.layers import Embedding, Linear, RMSNorm
+from ..nn.module import Module, ModuleList
+from .blocks import AttnContext, attend, attention_mask_bias, rope_tables
+
+
+class LlamaAttention(Module):
+    def __init__(self, cfg):
+        H, Hkv, D, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        qkv_bias = cfg.attention_bias or cfg.model_type == "qwen2"
+        self.q_proj = Linear(d, H * D, bias=qkv_bias)
+        self.k_proj = Linear(d, Hkv * D, bias=qkv_bias)
+        self.v_proj = Linear(d, Hkv * D, bias=qkv_bias)
+        self.o_proj = Linear(H * D, d, bias=cfg.attention_bias)
+
+    def forward(self, x, ctx, layer_idx, rope):
+        return self.o_proj(attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), ctx, layer_idx, rope))
+
+
+class LlamaMLP(Module):
+    def __init__(self, cfg):
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, i, bias=cfg.mlp_bias)
+        self.up_proj = Linear(d, i, bias=cfg.mlp_bias)
+        self.down_proj = Linear(i, d, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class LlamaDecoderLayer(Module):
+    def __init__(self, cfg):
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x, ctx, layer_idx, rope):
+        h = x + self.self_attn(self.input_layernorm(x), ctx, layer_idx, rope)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(Module):
+    def __init__(self, cfg):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class DecoderLM(Module):
+    """The causal-LM forward shared by the rotary decoders (llama family, phi):
+    embed -> layers -> final norm -> lm_head, with mask, rotary tables and KV cache built once."""
+
+    base_name = "model"  # attribute holding embed_tokens / layers / final norm
+    final_norm = "norm"
+    gradient_checkpointing = False
+    dropout_rng = None  # the RNG adapters' dropout draws from; rewound under checkpointing
+
+    def __init__(self, cfg):
+        self.config = cfg
+
+    def window(self):
+        cfg = self.config
+        if cfg.model_type == "mistral" or (cfg.model_type == "qwen2" and cfg.use_sliding_window):
+            return cfg.sliding_window
+        return None
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, prefix_kv=None):
+        cfg, base = self.config, getattr(self, self.base_name)
+        h = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        B, T = h.shape[0], h.shape[1]
+        xp = backend.xp_of(h.data)
+        P = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = xp.broadcast_to(xp.arange(P, P + T)[None, :], (B, T))
+        n_prefix = prefix_kv[0][0].shape[2] if prefix_kv is not None else 0
+        mask = attention_mask_bias(attention_mask, T, P, window=self.window(), n_prefix=n_prefix, xp=xp)
+        ctx = AttnContext(cfg.num_attention_heads, cfg.num_key_value_heads, mask, cache, prefix_kv)
+        rope = rope_tables(cfg, position_ids)
+        for i, layer in enumerate(base.layers):
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(lambda x, layer=layer, i=i: layer(x, ctx, i, rope), h,
+                               params=layer.trainable_parameters(), rngs=(self.dropout_rng,) if self.dropout_rng else ())
+            else:
+                h = layer(h, ctx, i, rope)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(getattr(base, self.final_norm)(h))  # (B, T, V)
+
+
+class LlamaForCausalLM(DecoderLM):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.model = LlamaModel(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
