@@ -62,8 +62,9 @@ class AdapterConfig:
         """The method's own fields under PEFT's names and values."""
         out = {}
         for ours, theirs in self.PEFT_FIELDS.items():
-            v = getattr(self, ours)
-            out[theirs] = self.PEFT_VALUES.get(ours, {}).get(v, list(v) if isinstance(v, tuple) else v)
+            v = list(getattr(self, ours)) if isinstance(getattr(self, ours), tuple) else getattr(self, ours)
+            table = {json_key(k): pv for k, pv in self.PEFT_VALUES.get(ours, {}).items()}
+            out[theirs] = table.get(json_key(v), v)
         return out
 
     @classmethod
