@@ -4,7 +4,12 @@ from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .errors import BackendError, CheckpointError, ConfigError, MiniPeftError, TrainingError
 from .model import Model, load_model
+from .train import TrainingConfig
+
+import os as _os
+
+DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "tiny-llama-chars")  # the model the package carries
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "Model", "LoRAConfig", "Tensor", "no_grad", "set_backend", "get_backend",
+__all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

@@ -1,0 +1,147 @@
+"""The `minipeft` command: train, merge, generate, inspect (each with --help)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import MiniPeftError
+
+
+def _model(args):
+    from .model import load_model
+    return load_model(args.model)
+
+
+def cmd_train(args):
+    from .adapters.lora import LoRAConfig
+    from .train import TrainingConfig
+    model = _model(args)
+    targets = args.target_modules if args.target_modules != ["all-linear"] else "all-linear"
+    model.apply_lora(LoRAConfig(rank=args.rank, alpha=args.alpha, target_modules=targets, dropout=args.dropout,
+                                use_rslora=args.rslora, init=args.init))
+    trainable, total = model.parameter_counts()
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    hist = model.train(args.data, TrainingConfig(
+        learning_rate=args.lr, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        epochs=args.epochs, max_steps=args.max_steps, warmup_steps=args.warmup, seed=args.seed,
+        output_dir=args.output, save_steps=args.save_steps, resume_from=args.resume_from,
+        plot_path=args.plot))
+    model.save_adapters(args.output)
+    print(f"final loss {hist['loss'][-1]:.4f}; adapter saved to {args.output}")
+
+
+def cmd_merge(args):
+    model = _model(args)
+    weights = dict(zip(args.adapters, args.weights or [1.0] * len(args.adapters)))
+    for i, path in enumerate(args.adapters):
+        model.load_adapters(path, name=f"a{i}")
+    named = {f"a{i}": w for i, w in enumerate(weights.values())}
+    if len(named) > 1 or args.combination != "linear":
+        model.merge_adapters(named, name="merged", combination=args.combination, density=args.density)
+        model.set_active_adapter("merged")
+    else:
+        model.set_active_adapter("a0")
+        if named["a0"] != 1.0:
+            raise MiniPeftError("a single adapter merges with weight 1; use --combination cat for a weight")
+    model.merge_and_unload().save(args.output)
+    print(f"merged model saved to {args.output}")
+
+
+def cmd_generate(args):
+    model = _model(args)
+    if args.adapter:
+        model.load_adapters(args.adapter)
+    print(model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+
+
+def cmd_inspect(args):
+    from .adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
+    from .safetensors_io import read_header
+    folders = [root for root, _, files in os.walk(args.folder) if CONFIG_NAME in files]
+    if not folders:
+        raise MiniPeftError(f"{args.folder}: no {CONFIG_NAME} in it or below it")
+    base_total = None
+    if args.model:
+        base_total = _model(args).parameter_counts()[1]
+    for folder in sorted(folders):
+        with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as f:
+            cfg = json.load(f)
+        header = read_header(os.path.join(folder, WEIGHTS_NAME))
+        n = sum(_numel(info.shape) for info in header.values())
+        share = f" ({100 * n / base_total:.3f}% of the base's {base_total:,})" if base_total else ""
+        print(f"{folder}\n  method: {cfg.get('peft_type')}  rank: {cfg.get('r', '-')}  alpha: {cfg.get('lora_alpha', '-')}"
+              f"\n  targets: {cfg.get('target_modules')}\n  tensors: {len(header)}  parameters: {n:,}{share}")
+
+
+def _numel(shape):
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="minipeft", description="Parameter-efficient fine-tuning you can read.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="fine-tune a model with LoRA and save the adapter (PEFT format)")
+    t.add_argument("--model", required=True, help="model folder or cached Hub repo id")
+    t.add_argument("--data", required=True, help=".jsonl file of {text} or {prompt, completion} records")
+    t.add_argument("--output", required=True, help="adapter folder to write")
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="names, or all-linear")
+    t.add_argument("--rslora", action="store_true")
+    t.add_argument("--init", default="default", choices=["default", "gaussian", "pissa", "olora"])
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--warmup", type=int, default=0)
+    t.add_argument("--save-steps", type=int, default=None)
+    t.add_argument("--resume-from", default=None)
+    t.add_argument("--plot", default=None, help="write the loss curve to this PNG")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_train)
+    m = sub.add_parser("merge", help="merge one or more adapters into the base and save a plain HF model")
+    m.add_argument("--model", required=True)
+    m.add_argument("--adapters", nargs="+", required=True, help="adapter folders")
+    m.add_argument("--weights", nargs="+", type=float, default=None)
+    m.add_argument("--combination", default="linear",
+                   choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+    m.add_argument("--density", type=float, default=0.5)
+    m.add_argument("--output", required=True)
+    m.set_defaults(fn=cmd_merge)
+    g = sub.add_parser("generate", help="generate text (greedy by default), optionally with an adapter")
+    g.add_argument("--model", required=True)
+    g.add_argument("--adapter", default=None)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+    i = sub.add_parser("inspect", help="list the adapters in a folder: method, rank, targets, parameters")
+    i.add_argument("folder")
+    i.add_argument("--model", default=None, help="base model, to print the adapters' share of its parameters")
+    i.set_defaults(fn=cmd_inspect)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except MiniPeftError as e:
+        print(f"minipeft: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
