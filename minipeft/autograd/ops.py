@@ -27,7 +27,8 @@ class Add(Function):
         return a + b
 
     def backward(self, g):
-        return unbroadcast(g, self.shapes[0]), unbroadcast(g, self.shapes[1])
+        na, nb = self.needs_input_grad
+        return (unbroadcast(g, self.shapes[0]) if na else None), (unbroadcast(g, self.shapes[1]) if nb else None)
 
 
 class Sub(Function):
@@ -36,7 +37,8 @@ class Sub(Function):
         return a - b
 
     def backward(self, g):
-        return unbroadcast(g, self.shapes[0]), unbroadcast(-g, self.shapes[1])
+        na, nb = self.needs_input_grad
+        return (unbroadcast(g, self.shapes[0]) if na else None), (unbroadcast(-g, self.shapes[1]) if nb else None)
 
 
 class Mul(Function):

@@ -1,0 +1,232 @@
+"""spec/backend.md: backend choice and namespace derivation, host transfer, scatter-add, erf,
+bfloat16 rounding on the bit pattern (vs ml_dtypes and torch) and the seeded RNG, on NumPy and the
+array_api_strict guard (fixture `any_backend`)."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minipeft import backend
+from minipeft.autograd import Tensor
+from minipeft.errors import BackendError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kind(a) -> str:
+    return type(a).__module__.split(".")[0]
+
+
+# ---- BACKEND-1 ---------------------------------------------------------------------------------
+@pytest.mark.spec("BACKEND-1")
+def test_set_backend_rejects_unknown_names_and_keeps_the_choice():
+    before = backend.get_backend()
+    with pytest.raises(BackendError, match="numpy, cupy, array_api_strict"):
+        backend.set_backend("jax")
+    assert backend.get_backend() == before
+    if importlib.util.find_spec("cupy") is None:
+        with pytest.raises(BackendError, match="pip install"):
+            backend.set_backend("cupy")
+        assert backend.get_backend() == before
+
+
+@pytest.mark.spec("BACKEND-1")
+def test_namespace_comes_from_the_inputs(any_backend):
+    made = backend.asarray(np.arange(3.0))
+    assert kind(made) == any_backend and kind(Tensor([1.0, 2.0]).data) == any_backend
+    assert backend.dtype_name(Tensor([1.0]).data) == "float32"  # host data defaults to float32
+    host = np.arange(3.0)
+    assert backend.xp_of(host) is np  # a numpy array stays numpy whatever the choice
+    assert backend.xp_of(2.0, None, made) is backend.xp_of(made)  # non-arrays are skipped
+    assert backend.xp_of() is backend.xp() and backend.xp_of(1.0) is backend.xp()
+    t = Tensor(host) * 2.0  # ops follow their inputs, not the global
+    assert kind(t.data) == "numpy"
+
+
+_PROBE = """
+import importlib, json, pkgutil, sys
+tried = []
+class Watch:  # records every attempt to import cupy, even where cupy is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("cupy", "cupyx"):
+            tried.append(name)
+        return None
+sys.meta_path.insert(0, Watch())
+import minipeft
+failed = {}
+for m in pkgutil.walk_packages(minipeft.__path__, "minipeft."):
+    try:
+        importlib.import_module(m.name)
+    except Exception as e:  # another module's missing optional dependency is not this test's business
+        failed[m.name] = repr(e)
+from minipeft import backend
+from minipeft.autograd import Tensor, functional as F
+x = Tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+F.cross_entropy(F.linear(x, x), backend.asarray([0, 1], "int64")).backward()
+print(json.dumps({"tried": tried, "failed": failed, "backend": backend.get_backend(),
+                  "kind": type(x.grad).__module__.split(".")[0]}))
+"""
+
+
+def run_probe(env_backend=None):
+    env = {k: v for k, v in os.environ.items() if k != "MINIPEFT_BACKEND"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if env_backend:
+        env["MINIPEFT_BACKEND"] = env_backend
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.spec("BACKEND-1")
+def test_importing_minipeft_never_imports_cupy():
+    res = run_probe()
+    assert res["tried"] == [], f"modules tried to import cupy: {res['tried']} (import errors: {res['failed']})"
+    assert res["backend"] == "numpy" and res["kind"] == "numpy"
+
+
+@pytest.mark.spec("BACKEND-1")
+def test_environment_variable_chooses_the_backend():
+    pytest.importorskip("array_api_strict")
+    res = run_probe("array_api_strict")
+    assert res["backend"] == "array_api_strict" and res["kind"] == "array_api_strict" and res["tried"] == []
+
+
+# ---- BACKEND-2 ---------------------------------------------------------------------------------
+@pytest.mark.spec("BACKEND-2")
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "uint16", "uint32"])
+def test_host_round_trip_is_bit_exact(any_backend, dtype):
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((3, 5)) * 1e3
+    if dtype.startswith("u"):
+        h = np.abs(h)
+    dev = backend.asarray(h, dtype)
+    assert kind(dev) == any_backend and backend.dtype_name(dev) == dtype
+    back = backend.to_host(dev)
+    assert isinstance(back, np.ndarray) and back.dtype == np.dtype(dtype) and back.shape == h.shape
+    assert back.tobytes() == h.astype(dtype).tobytes()
+    assert backend.to_host(h) is h
+
+
+# ---- BACKEND-3 ---------------------------------------------------------------------------------
+@pytest.mark.spec("BACKEND-3")
+@pytest.mark.parametrize("seed", range(5))
+def test_scatter_add_accumulates_repeated_indices(any_backend, seed):
+    rng = np.random.default_rng(seed)
+    V, N, D = int(rng.integers(1, 6)), int(rng.integers(1, 20)), int(rng.integers(1, 4))
+    idx = rng.integers(0, V, N)  # N > V: repeats
+    for values, target, exact in ((rng.integers(-9, 9, (N, D)).astype(float), rng.integers(-9, 9, (V, D)).astype(float), True),
+                                  (rng.standard_normal((N, D)), rng.standard_normal((V, D)), False)):
+        ref = target.copy()
+        for i, v in enumerate(idx):
+            ref[v] += values[i]
+        got = backend.to_host(backend.scatter_add(backend.asarray(target, "float64"), backend.asarray(idx),
+                                                  backend.asarray(values, "float64")))
+        if exact:
+            assert np.array_equal(got, ref)
+        else:
+            np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-13)
+
+
+# ---- BACKEND-4 ---------------------------------------------------------------------------------
+@pytest.mark.spec("BACKEND-4")
+def test_erf_matches_math_erf(any_backend):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-7, 7, 20001), rng.standard_normal(5000) * 3, rng.standard_normal(500) * 30,
+                        [0.0, -0.0, 2.0, -2.0, np.nextafter(2.0, 0), np.nextafter(2.0, 3), 1e-300, 5e-324, 10.0,
+                         27.0, 1e308, -1e308]])
+    ref = np.array([math.erf(v) for v in x])
+    got = backend.to_host(backend.erf(backend.asarray(x, "float64")))
+    err = np.abs(got - ref)
+    assert err.max() < 1e-13, f"max |erf - math.erf| = {err.max():.3e} at x = {x[err.argmax()]!r}"
+    assert np.array_equal(backend.to_host(backend.erf(backend.asarray(-x, "float64"))), -got)  # odd
+    special = backend.to_host(backend.erf(backend.asarray([np.inf, -np.inf, np.nan], "float64")))
+    assert special[0] == 1.0 and special[1] == -1.0 and np.isnan(special[2])
+
+
+# ---- BACKEND-5 ---------------------------------------------------------------------------------
+def bf16_patterns():
+    """float32 bit patterns: every bf16 prefix with low halves that are exact, ties (0x8000), just
+    below and above a tie, and the largest; plus a million random patterns. Covers ±0, subnormals,
+    ties to even and odd, rounding up to inf, ±inf and NaNs (quiet, signalling, sign bit set)."""
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=np.uint32)
+    rand = np.random.default_rng(0).integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)
+    return np.concatenate([(hi[:, None] | low[None, :]).reshape(-1), rand])
+
+
+@pytest.mark.spec("BACKEND-5")
+def test_bf16_rounding_equals_ml_dtypes():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    u = bf16_patterns()
+    f = u.view(np.float32)
+    ours = backend.bf16_bits_from_float32(f)
+    assert ours.dtype == np.uint16
+    with np.errstate(invalid="ignore"):
+        ref = f.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(f)
+    bad = np.flatnonzero((ours != ref) & ~nan)
+    assert len(bad) == 0, (f"{len(bad)} of {u.size} differ from ml_dtypes; first: {u[bad[0]]:#010x} -> ours "
+                           f"{ours[bad[0]]:#06x}, ml_dtypes {ref[bad[0]]:#06x}")
+    nan_out = ours[nan]  # quiet NaN, sign kept
+    assert np.all((nan_out & 0x7F80) == 0x7F80) and np.all(nan_out & 0x40) and np.all(nan_out >> 15 == u[nan] >> 31)
+    assert np.all(np.isnan(backend.float32_from_bf16_bits(nan_out)))
+    every = np.arange(1 << 16, dtype=np.uint16)  # bf16 -> float32 is exact for all patterns
+    assert np.array_equal(backend.float32_from_bf16_bits(every).view(np.uint32),
+                          every.view(ml_dtypes.bfloat16).astype(np.float32).view(np.uint32))
+    assert np.array_equal(backend.round_to_bf16(f[~nan]), backend.float32_from_bf16_bits(ours[~nan]))
+
+
+@pytest.mark.spec("BACKEND-5")
+def test_bf16_rounding_is_the_same_on_every_backend(any_backend):
+    u = bf16_patterns()[::7]
+    ref = backend.bf16_bits_from_float32(u.view(np.float32))  # numpy
+    got = backend.to_host(backend.bf16_bits_from_float32(backend.asarray(u.view(np.float32))))
+    assert np.array_equal(got, ref)
+    back = backend.to_host(backend.float32_from_bf16_bits(backend.asarray(ref)))
+    assert np.array_equal(back.view(np.uint32), ref.astype(np.uint32) << 16)
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("BACKEND-5")
+def test_bf16_rounding_equals_torch():
+    torch = pytest.importorskip("torch")
+    u = bf16_patterns()
+    f = u.view(np.float32)
+    keep = ~np.isnan(f)
+    ours = backend.bf16_bits_from_float32(f[keep])
+    ref = torch.from_numpy(f[keep].copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    bad = np.flatnonzero(ours != ref)
+    assert len(bad) == 0, f"{len(bad)} differ from torch; first {u[keep][bad[0]]:#010x}: {ours[bad[0]]:#06x} vs {ref[bad[0]]:#06x}"
+    assert torch.isnan(torch.from_numpy(f[~keep].copy()).to(torch.bfloat16).float()).all()
+
+
+# ---- BACKEND-6 ---------------------------------------------------------------------------------
+def draws(r):
+    return [backend.to_host(a) for a in (r.normal((3, 4)), r.uniform((5,), -2.0, 3.0, "float64"),
+                                         r.keep_mask((4, 4), 0.25), r.normal((2,), std=0.1, dtype="float64"))]
+
+
+@pytest.mark.spec("BACKEND-6")
+def test_seeded_rng_is_equal_on_every_backend_and_replays(any_backend):
+    ours = draws(backend.RNG(42))
+    backend.set_backend("numpy")
+    ref = draws(backend.RNG(42))
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    g = np.random.default_rng(42)  # the spec's definition, rebuilt
+    assert np.array_equal(ours[0], (g.standard_normal((3, 4)) * 1.0).astype(np.float32))
+    assert np.array_equal(ours[1], g.uniform(-2.0, 3.0, (5,)))
+    assert np.array_equal(ours[2], ((g.random((4, 4)) >= 0.25) / 0.75).astype(np.float32))
+    r = backend.RNG(7)
+    state = r.get_state()
+    first = draws(r)
+    r.set_state(state)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(draws(r), first))
+    assert not np.array_equal(draws(backend.RNG(8))[0], draws(backend.RNG(7))[0])
