@@ -34,17 +34,17 @@ def cmd_train(args):
 
 def cmd_merge(args):
     model = _model(args)
-    weights = dict(zip(args.adapters, args.weights or [1.0] * len(args.adapters)))
+    weights = args.weights or [1.0] * len(args.adapters)
+    if len(weights) != len(args.adapters):
+        raise MiniPeftError(f"--weights has {len(weights)} values for {len(args.adapters)} adapters")
     for i, path in enumerate(args.adapters):
         model.load_adapters(path, name=f"a{i}")
-    named = {f"a{i}": w for i, w in enumerate(weights.values())}
-    if len(named) > 1 or args.combination != "linear":
-        model.merge_adapters(named, name="merged", combination=args.combination, density=args.density)
-        model.set_active_adapter("merged")
-    else:
+    if len(args.adapters) == 1 and weights[0] == 1.0:
         model.set_active_adapter("a0")
-        if named["a0"] != 1.0:
-            raise MiniPeftError("a single adapter merges with weight 1; use --combination cat for a weight")
+    else:
+        model.merge_adapters({f"a{i}": w for i, w in enumerate(weights)}, name="merged",
+                             combination=args.combination, density=args.density)
+        model.set_active_adapter("merged")
     model.merge_and_unload().save(args.output)
     print(f"merged model saved to {args.output}")
 

@@ -38,23 +38,23 @@ def tokenize(record, tokenizer, eos_id, where: str):
     if isinstance(record, dict) and "input_ids" in record:
         ids = [int(i) for i in record["input_ids"]]
         return ids, [int(i) for i in record.get("labels", ids)]
-    if tokenizer is None:
-        raise ConfigError(f"{where}: text was given but the model folder has no tokenizer.json; "
-                          "give {'input_ids': [...]} records instead")
     if isinstance(record, str):
         record = {"text": record}
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: expected a string or a dict, got {type(record).__name__}")
+    if not ("text" in record or ("prompt" in record and "completion" in record)):
+        raise ConfigError(f"{where}: a record needs 'text', 'prompt' and 'completion', or 'input_ids'; "
+                          f"got keys {sorted(record)}")
+    if tokenizer is None:
+        raise ConfigError(f"{where}: text was given but the model folder has no tokenizer.json; "
+                          "give {'input_ids': [...]} records instead")
     tail = [eos_id] if eos_id is not None else []
     if "prompt" in record and "completion" in record:
         p = tokenizer.encode(record["prompt"])
         c = tokenizer.encode(record["completion"], add_special_tokens=False) + tail
         return p + c, [-100] * len(p) + c
-    if "text" in record:
-        ids = tokenizer.encode(record["text"]) + tail
-        return ids, list(ids)
-    raise ConfigError(f"{where}: a record needs 'text', 'prompt' and 'completion', or 'input_ids'; "
-                      f"got keys {sorted(record)}")
+    ids = tokenizer.encode(record["text"]) + tail
+    return ids, list(ids)
 
 
 def prepare(data, tokenizer, eos_id, vocab_size: int, max_length: int, name="train_data",

@@ -79,13 +79,16 @@ class Model:
         if name in self.peft_configs:
             raise ConfigError(f"an adapter named {name!r} exists already; pick another name or delete_adapter() it")
         cls = layer_class(cfg)
-        targets = inject.find_targets(self.net, cfg)
+        deltas = {}  # every delta and modules_to_save match first: a bad rank or entry leaves the model as it was
+        for path in inject.find_targets(self.net, cfg):
+            m = self.net.get_submodule(path)
+            deltas[path] = cls.create(getattr(m, "base_layer", m), cfg, path, self.rng, init_weights)
+        copies = {entry: self._trained_copy_paths(entry) for entry in cfg.modules_to_save}
         self.net.requires_grad_(False)
-        for path in targets:
-            layer = inject.wrap(self.net, path)
-            layer.adapters[name] = cls.create(layer.base_layer, cfg, path, self.rng, init_weights)
-        for path in cfg.modules_to_save:
-            self._add_trained_copy(path, name)
+        for path, delta in deltas.items():
+            inject.wrap(self.net, path).adapters[name] = delta
+        for paths in copies.values():
+            self._add_trained_copy(paths, name)
         self.peft_configs[name] = cfg
         self.set_active_adapter(self.active_adapters or [name])
         return self
@@ -94,11 +97,14 @@ class Model:
         from .adapters.lora import LoRAConfig
         return self.apply_adapter(cfg or LoRAConfig(**fields), name)
 
-    def _add_trained_copy(self, entry: str, name: str):
+    def _trained_copy_paths(self, entry: str) -> list:
         paths = [p for p, m in self.net.named_modules() if p and (p == entry or p.endswith("." + entry))
                  and ".modules_to_save" not in p and ".original_module" not in p]
         if not paths:
             raise ConfigError(f"modules_to_save entry {entry!r} matches no module of the model")
+        return paths
+
+    def _add_trained_copy(self, paths: list, name: str):
         for path in paths:
             m = self.net.get_submodule(path)
             if not isinstance(m, TrainedCopy):
@@ -157,14 +163,18 @@ class Model:
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_configs:
             raise ConfigError(f"no adapter named {name!r}")
-        for _, layer in inject.adapted_layers(self.net):
-            if name in layer.merged:
-                raise MiniPeftError(f"adapter {name!r} is merged into the weights; unmerge_adapter() it first")
+        if any(name in layer.merged for _, layer in inject.adapted_layers(self.net)):
+            raise MiniPeftError(f"adapter {name!r} is merged into the weights; unmerge_adapter() it first")
+        for path, layer in inject.adapted_layers(self.net):
             if name in layer.adapters:
                 del layer.adapters[name]
-        for _, m in self.net.named_modules():
+            if not layer.adapters.keys():  # no adapter left: the plain layer again (parameter names as loaded)
+                self.net.set_submodule(path, layer.base_layer)
+        for path, m in list(self.net.named_modules()):
             if isinstance(m, TrainedCopy) and name in m.modules_to_save:
                 del m.modules_to_save[name]
+                if not m.modules_to_save.keys():
+                    self.net.set_submodule(path, m.original_module)
         del self.peft_configs[name]
         rest = [n for n in self.active_adapters if n != name] or list(self.peft_configs)[:1]
         self.active_adapters = []

@@ -27,3 +27,23 @@ def assert_close(actual, ref, rtol=1e-5, atol=0.0, label="tensor"):
     ok = diff <= atol + rtol * scale
     assert ok, (f"{label}: NOT OK max|diff|={diff:.3e} (scale {scale:.3e}, rel {diff / max(scale, 1e-30):.3e}); "
                 f"first actual {a.reshape(-1)[:5]}, ref {r.reshape(-1)[:5]}")
+
+
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 48, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+
+def tiny_llama(seed: int = 0, std: float = 0.3, **overrides):
+    """A minipeft Model around a random tiny llama built in process (no files, no torch)."""
+    from minipeft import backend
+    from minipeft.model import Model
+    from minipeft.models.config import config_from_dict
+    from minipeft.models.llama import LlamaForCausalLM
+
+    net = LlamaForCausalLM(config_from_dict({**TINY_LLAMA, **overrides}))
+    r = backend.RNG(seed)
+    for name, p in net.named_parameters():
+        if not name.endswith("norm.weight"):
+            p.data = r.normal(p.shape, std=std)
+    return Model(net, seed=seed)

@@ -2,16 +2,18 @@
 
 Symbols: W0 (out, in) frozen base weight, A (r, in), B (out, r), s scaling, x (..., in).
 Scaling (LORA-2): s = alpha / r, or alpha / sqrt(r) with use_rslora (rsLoRA, arXiv:2312.03732).
-Forward (LORA-3): h = W0 x + b + s B A dropout(x).
-Delta weight / merge (LORA-4): W <- W0 + s B A; unmerge: W <- W - s B A (restores W0 to rounding).
+Forward (LORA-3): h = W0 x + b + s (B A dropout(x) + b_B)   (b_B: lora_B's bias, with lora_bias).
+Delta weight / merge (LORA-4): W <- W0 + s B A (and b <- b + s b_B); unmerge subtracts them (W0 to rounding).
 Init (LORA-1): "default": A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt 5), B = 0, so
     h = W0 x at step 0. "gaussian": A ~ N(0, 1/r), B = 0.
     "pissa" (arXiv:2404.02948): W0 = U S V^T, A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s),
     W0 <- W0 - s B A (the residual absorbs the principal part: h unchanged at step 0, LORA-6).
     "olora" (arXiv:2406.01775): W0 = Q R, B = Q[:, :r], A = R[:r], W0 <- W0 - s B A (LORA-6).
+    Loading a PiSSA/OLoRA adapter recomputes this residual first, as PEFT does.
 Trainable (LORA-5): A, B (and biases by `bias`: "none" | "all" | "lora_only"); W0 gets no gradient.
 PEFT parity: peft/tuners/lora/layer.py Linear.forward, get_delta_weight; keys lora_A.weight (r, in),
     lora_B.weight (out, r); GPT-2 Conv1D keeps these shapes and transposes only dW (fan_in_fan_out).
+Combining adapters (LORA-7..LORA-9, LORA-12): adapters/combine.py. Targeting (LORA-10): adapters/inject.py.
 Deviations: none known.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 from .. import backend
 from ..autograd import functional as F
 from ..nn.layers import Linear
+from ..errors import ConfigError
 from .base import AdapterConfig, Delta, check
 
 
@@ -81,13 +84,13 @@ class LoRALinear(Delta):
 
     @classmethod
     def create(cls, base, cfg: LoRAConfig, path: str, rng, init_weights: bool = True):
-        """The delta for the layer at `path`; init_weights=False leaves zeros for a load to fill
-        (a loaded PiSSA/OLoRA adapter does not subtract from W0 again)."""
+        """The delta for the layer at `path`; init_weights=False leaves A, B for a load to fill, except
+        that PiSSA/OLoRA still replace W0 by its residual W0 - s B A (the adapter was trained on it)."""
         r, alpha = cfg.rank_alpha_for(path)
         n, m = base.in_features, base.out_features
         check(r <= min(n, m), f"rank (for {path})", r, f"must be <= min(in={n}, out={m})")
         delta = cls(n, m, r, lora_scaling(alpha, r, cfg.use_rslora), cfg.dropout, cfg.lora_bias, rng)
-        if init_weights:
+        if init_weights or cfg.init in MUTATING:  # a loaded PiSSA/OLoRA adapter needs W0's residual, as in PEFT
             INITS[cfg.init](delta, base, rng)
         return delta
 
@@ -98,6 +101,18 @@ class LoRALinear(Delta):
     def delta_weight(self):  # LORA-4: s B A, (out, in)
         xp = backend.xp_of(self.lora_A.weight.data)
         return xp.matmul(self.lora_B.weight.data, self.lora_A.weight.data) * self.s
+
+    def merge_into(self, base):  # LORA-4: W <- W + s B A, and b <- b + s b_B with lora_bias
+        if self.lora_B.bias is not None and base.bias is None:
+            raise ConfigError("lora_bias=True: this layer has no bias to merge lora_B.bias into (PEFT refuses too)")
+        super().merge_into(base)
+        if self.lora_B.bias is not None:
+            base.bias.data = base.bias.data + self.lora_B.bias.data * self.s
+
+    def unmerge_from(self, base):
+        super().unmerge_from(base)
+        if self.lora_B.bias is not None and base.bias is not None:  # (PiSSA's init unmerges a zero b_B)
+            base.bias.data = base.bias.data - self.lora_B.bias.data * self.s
 
 
 # ---- initialisations (LORA-1, LORA-6) ----------------------------------------------------------
@@ -132,3 +147,4 @@ def init_olora(delta, base, rng):
 
 
 INITS = {"default": init_default, "gaussian": init_gaussian, "pissa": init_pissa, "olora": init_olora}
+MUTATING = ("pissa", "olora")  # inits that change W0

@@ -46,7 +46,8 @@ def adapter_tensors(model, name: str) -> dict:
 
 
 def _bias_tensors(model, cfg) -> dict:
-    """Base biases trained under bias="all" / "lora_only", saved under the layer's path."""
+    """Base biases trained under bias="all" / "lora_only", saved under their module path as PEFT does:
+    an adapted layer's bias is `<layer>.base_layer.bias` (PEFT-5)."""
     mode = getattr(cfg, "bias", "none")
     out = {}
     if mode == "none":
@@ -56,7 +57,7 @@ def _bias_tensors(model, cfg) -> dict:
         if b is None or ".adapters." in path or ".modules_to_save." in path or not hasattr(b, "requires_grad"):
             continue
         if mode == "all" or path.endswith(".base_layer"):
-            out[f"{PREFIX}{path.replace('.base_layer', '')}.bias"] = b
+            out[f"{PREFIX}{path}.bias"] = b
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .. import backend
-from ..autograd import concat
+from ..autograd import checkpoint, concat
 from ..autograd import functional as F
 from ..autograd.tensor import Tensor
 
@@ -95,12 +95,12 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
 
 
-def attend(q, k, v, ctx, layer_idx, rope=None):
+def attend(q, k, v, ctx, layer_idx, rope=None, scale=None):
     """Multi-head attention core on projected q (B,T,H*D), k and v (B,T,Hkv*D) -> (B,T,H*D).
 
     ctx carries what is per call: n_heads, n_kv_heads, the mask bias, the KV cache, and the
     per-layer prefix keys/values (prefix tuning: Tensors (B, Hkv, Np, D) read before the tokens).
-    rope is (cos, sin) or None (GPT-2, BERT use absolute positions)."""
+    rope is (cos, sin) or None (GPT-2, BERT use absolute positions); scale defaults to 1/sqrt(D)."""
     q = split_heads(q, ctx.n_heads)
     k = split_heads(k, ctx.n_kv_heads)
     v = split_heads(v, ctx.n_kv_heads)
@@ -112,7 +112,7 @@ def attend(q, k, v, ctx, layer_idx, rope=None):
     if ctx.prefix_kv is not None:
         pk, pv = ctx.prefix_kv[layer_idx]
         k, v = concat([pk, k], axis=2), concat([pv, v], axis=2)
-    return merge_heads(F.sdpa(q, k, v, mask=ctx.mask))
+    return merge_heads(F.sdpa(q, k, v, mask=ctx.mask, scale=scale))
 
 
 class AttnContext:
@@ -121,6 +121,24 @@ class AttnContext:
     def __init__(self, n_heads, n_kv_heads, mask, cache=None, prefix_kv=None):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.mask, self.cache, self.prefix_kv = mask, cache, prefix_kv
+
+
+def n_prefix(prefix_kv) -> int:
+    """How many prefix keys each layer reads before the tokens (0 without prefix tuning)."""
+    return prefix_kv[0][0].shape[2] if prefix_kv is not None else 0
+
+
+def run_layers(net, layers, h, ctx, rope=None):
+    """h through each layer(h, ctx, i, rope). With net.gradient_checkpointing in training, a layer
+    keeps no activations and is recomputed in backward (AG-21), its dropout RNG rewound."""
+    for i, layer in enumerate(layers):
+        if net.gradient_checkpointing and net.training:
+            rngs = (net.dropout_rng,) if net.dropout_rng else ()
+            h = checkpoint(lambda x, layer=layer, i=i: layer(x, ctx, i, rope), h,
+                           params=layer.trainable_parameters(), rngs=rngs)
+        else:
+            h = layer(h, ctx, i, rope)
+    return h
 
 
 def causal_lm_loss(logits: Tensor, labels) -> Tensor:

@@ -35,6 +35,8 @@ FIELD_NAMES = {
     "partial_rotary_factor": ("partial_rotary_factor",),
     "qk_layernorm": ("qk_layernorm",),
     "type_vocab_size": ("type_vocab_size",),
+    "scale_attn_weights": ("scale_attn_weights",),
+    "scale_attn_by_inverse_layer_idx": ("scale_attn_by_inverse_layer_idx",),
     "pad_token_id": ("pad_token_id",),
     "bos_token_id": ("bos_token_id",),
     "eos_token_id": ("eos_token_id",),
@@ -67,6 +69,8 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
     qk_layernorm: bool = False
     type_vocab_size: int = 2
+    scale_attn_weights: bool = True  # GPT-2: scores * 1/sqrt(D) (else * 1)
+    scale_attn_by_inverse_layer_idx: bool = False  # GPT-2: scores further / (layer index + 1)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     pad_token_id: int | None = None
@@ -87,6 +91,12 @@ _DEFAULTS = {  # what transformers assumes when config.json omits a field, per f
     "mistral": {"norm_eps": 1e-6},
     "llama": {"norm_eps": 1e-6},
 }
+
+
+# hidden_act (HF ACT2FN names) -> the GELU form F.gelu computes; llama-family MLPs are SiLU-gated
+GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+# config.json options that change the computation in ways minipeft does not implement: allowed values
+UNSUPPORTED = {"position_embedding_type": ("absolute",), "is_decoder": (False,), "add_cross_attention": (False,)}
 
 
 def _check_type(name, value, path):
@@ -127,6 +137,8 @@ def config_from_dict(raw: dict, path: str = "config.json") -> ModelConfig:
     if model_type == "phi" and "partial_rotary_factor" in rope:
         values["partial_rotary_factor"] = rope["partial_rotary_factor"]
     scaling = raw.get("rope_scaling") or ({k: v for k, v in rope.items() if k not in ("rope_theta",)} or None)
+    if scaling is not None and not isinstance(scaling, dict):
+        raise CheckpointError(f"{path}: field 'rope_scaling' must be an object or null, got {scaling!r}")
     values["rope_scaling"] = scaling
     for name, value in values.items():
         if value is not None and name in ModelConfig.__dataclass_fields__:
@@ -144,10 +156,25 @@ def config_from_dict(raw: dict, path: str = "config.json") -> ModelConfig:
                               f"of num_key_value_heads {cfg.num_key_value_heads}")
     cfg.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
     cfg.intermediate_size = cfg.intermediate_size or 4 * cfg.hidden_size
+    _check_computation(cfg, raw, path)
     rope_type = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(f"{path}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
     return cfg
+
+
+def _check_computation(cfg, raw, path):
+    """Refuse options that would make minipeft compute something other than transformers does."""
+    acts = ("silu",) if cfg.model_type in ("llama", "mistral", "qwen2") else tuple(GELU_APPROXIMATE)
+    if cfg.hidden_act not in acts:
+        raise CheckpointError(f"{path}: field 'hidden_act' is {cfg.hidden_act!r}; "
+                              f"{cfg.model_type} supports {', '.join(acts)}")
+    for key, allowed in UNSUPPORTED.items():
+        if raw.get(key, allowed[0]) not in allowed:
+            raise CheckpointError(f"{path}: field {key!r}={raw[key]!r} is not supported (only {allowed[0]!r})")
+    if not 0.0 < cfg.partial_rotary_factor <= 1.0 or cfg.rotary_dim % 2:
+        raise CheckpointError(f"{path}: field 'partial_rotary_factor'={cfg.partial_rotary_factor} must lie in "
+                              f"(0, 1] and give an even rotary dimension (head_dim {cfg.head_dim})")
 
 
 def read_config(folder: str) -> ModelConfig:

@@ -6,7 +6,9 @@ import numpy as np
 
 from .. import backend
 from ..autograd import no_grad
+from ..errors import ConfigError
 from .blocks import KVCache
+from .llama import DecoderLM
 
 
 def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -43,6 +45,11 @@ def generate(net, input_ids, attention_mask=None, max_new_tokens=32, temperature
     if ids.ndim == 1:
         ids = ids[None, :]
     B, T = ids.shape
+    if not isinstance(net, DecoderLM):
+        raise ConfigError(f"generate needs a causal LM; {net.config.model_type} is an encoder")
+    if net.learned_positions and T + max_new_tokens > net.config.max_position_embeddings:
+        raise ConfigError(f"{T} + {max_new_tokens} tokens exceed the {net.config.max_position_embeddings} "
+                          f"positions of this {net.config.model_type} model")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)

@@ -57,7 +57,9 @@ def weight_files(folder: str) -> list[str]:
             raise CheckpointError(f"{index}: malformed shard index ({e}); it needs a 'weight_map' object") from e
         for s in shards:
             if not isinstance(s, str) or os.path.basename(s) != s or not os.path.isfile(os.path.join(folder, s)):
-                raise CheckpointError(f"{index}: shard {s!r} is missing from {folder}")
+                keys = [k for k, v in weight_map.items() if v == s]
+                raise CheckpointError(f"{index}: shard {s!r} (holding key {keys[0]!r} and {len(keys) - 1} more) "
+                                      f"is missing from {folder}")
         return [os.path.join(folder, s) for s in shards]
     if os.path.isfile(single):
         return [single]
@@ -96,7 +98,7 @@ def load_state(net, tensors: dict, dtype: str, folder: str) -> None:
         if name not in params:
             if name in tied or key.endswith(IGNORED_SUFFIXES) or key.startswith(IGNORED_PREFIXES):
                 continue
-            unexpected.append(key)
+            unexpected.append((key, path))
             continue
         p = params[name]
         if tuple(arr.shape) != p.shape:
@@ -107,12 +109,18 @@ def load_state(net, tensors: dict, dtype: str, folder: str) -> None:
         p.data = backend.asarray(arr, dtype)
         assigned.add(name)
     missing = [n for n in params if n not in assigned and n not in tied]
+    for opt in getattr(net, "optional_modules", ()):  # BERT's pooler: BertForMaskedLM checkpoints lack it
+        under = [n for n in params if n.startswith(opt + ".")]
+        if under and not any(n in assigned for n in under):
+            setattr(net, opt, None)  # dropped, as transformers' BertModel(add_pooling_layer=False)
+            missing = [n for n in missing if n not in under]
     if missing:
         raise CheckpointError(f"{folder}: checkpoint lacks {len(missing)} parameter(s) of the "
                               f"{net.config.model_type} model, e.g. {', '.join(missing[:4])}")
     if unexpected:
-        raise CheckpointError(f"{folder}: checkpoint has {len(unexpected)} key(s) the {net.config.model_type} "
-                              f"model does not know, e.g. {', '.join(unexpected[:4])}")
+        (key, path), n = unexpected[0], len(unexpected)
+        raise CheckpointError(f"{path}: key {key!r} (and {n - 1} more) is not a parameter of the "
+                              f"{net.config.model_type} model that config.json describes")
 
 
 def build(cfg):

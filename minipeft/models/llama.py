@@ -9,11 +9,10 @@ Attribute paths equal the HF keys: model.layers.0.self_attn.q_proj.weight.
 from __future__ import annotations
 
 from .. import backend
-from ..autograd import checkpoint
 from ..autograd import functional as F
 from ..nn.layers import Embedding, Linear, RMSNorm
 from ..nn.module import Module, ModuleList
-from .blocks import AttnContext, attend, attention_mask_bias, rope_tables
+from .blocks import AttnContext, attend, attention_mask_bias, n_prefix, rope_tables, run_layers
 
 
 class LlamaAttention(Module):
@@ -60,11 +59,14 @@ class LlamaModel(Module):
 
 
 class DecoderLM(Module):
-    """The causal-LM forward shared by the rotary decoders (llama family, phi):
-    embed -> layers -> final norm -> lm_head, with mask, rotary tables and KV cache built once."""
+    """The causal-LM forward shared by the decoders (llama family, phi, gpt2):
+    embed -> layers -> final norm -> lm_head, with mask, rotary tables and KV cache built once.
+    A family names its parts (base_name, layers_name, final_norm) and may override embed / rope."""
 
-    base_name = "model"  # attribute holding embed_tokens / layers / final norm
+    base_name = "model"  # attribute holding the embeddings, the layers and the final norm
+    layers_name = "layers"
     final_norm = "norm"
+    learned_positions = False  # a position embedding table (GPT-2) bounds the sequence length
     gradient_checkpointing = False
     dropout_rng = None  # the RNG adapters' dropout draws from; rewound under checkpointing
 
@@ -77,25 +79,27 @@ class DecoderLM(Module):
             return cfg.sliding_window
         return None
 
+    def embed(self, input_ids, position_ids, inputs_embeds=None):
+        """(B, T, d) token embeddings; inputs_embeds, when given, stand in for them (prompt tuning)."""
+        return getattr(self, self.base_name).embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def rope(self, position_ids):
+        """(cos, sin) rotary tables, or None for absolute position embeddings."""
+        return rope_tables(self.config, position_ids)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, prefix_kv=None):
         cfg, base = self.config, getattr(self, self.base_name)
-        h = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        B, T = h.shape[0], h.shape[1]
-        xp = backend.xp_of(h.data)
+        first = input_ids if inputs_embeds is None else inputs_embeds.data
+        B, T = first.shape[0], first.shape[1]
+        xp = backend.xp_of(first)
         P = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = xp.broadcast_to(xp.arange(P, P + T)[None, :], (B, T))
-        n_prefix = prefix_kv[0][0].shape[2] if prefix_kv is not None else 0
-        mask = attention_mask_bias(attention_mask, T, P, window=self.window(), n_prefix=n_prefix, xp=xp)
+        h = self.embed(input_ids, position_ids, inputs_embeds)  # (B, T, d)
+        mask = attention_mask_bias(attention_mask, T, P, window=self.window(), n_prefix=n_prefix(prefix_kv), xp=xp)
         ctx = AttnContext(cfg.num_attention_heads, cfg.num_key_value_heads, mask, cache, prefix_kv)
-        rope = rope_tables(cfg, position_ids)
-        for i, layer in enumerate(base.layers):
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(lambda x, layer=layer, i=i: layer(x, ctx, i, rope), h,
-                               params=layer.trainable_parameters(), rngs=(self.dropout_rng,) if self.dropout_rng else ())
-            else:
-                h = layer(h, ctx, i, rope)
+        h = run_layers(self, getattr(base, self.layers_name), h, ctx, self.rope(position_ids))
         if cache is not None:
             cache.length += T
         return self.lm_head(getattr(base, self.final_norm)(h))  # (B, T, V)

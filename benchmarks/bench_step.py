@@ -1,0 +1,154 @@
+"""Training-step time and peak memory: minipeft against torch (+ PEFT) on the same random llama.
+
+Each case runs in a fresh subprocess (so its peak RSS is its own), with the same thread count,
+a warm-up step, then the median of --repeats steps. Cases:
+  full   forward + backward of every parameter (torch eager reference)       [issue 2 target <= 1.5x]
+  lora   LoRA r=8 on q_proj, v_proj, forward + backward + AdamW (PEFT reference) [issue 3 target <= 1.5x]
+  frozen forward + backward with every weight frozen (shows no gradient buffers are allocated)
+
+    python benchmarks/bench_step.py                 # hidden 256, 4 layers, seq 128, batch 4
+    python benchmarks/bench_step.py --size tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172, vocab_size=256, seq=64),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688, vocab_size=2048, seq=128),
+    "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376, vocab_size=8192, seq=256),
+}
+
+
+def make_checkpoint(size: str, folder: str) -> None:
+    import torch
+    import transformers
+    s = dict(SIZES[size])
+    s.pop("seq")
+    cfg = transformers.LlamaConfig(**s, num_key_value_heads=s["num_attention_heads"], max_position_embeddings=1024,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+def run_minipeft(folder, case, seq, batch, repeats):
+    import numpy as np
+    import minipeft as mp
+    from minipeft.models.blocks import causal_lm_loss
+    from minipeft.nn.optim import AdamW
+    model = mp.load_model(folder)
+    if case == "lora":
+        model.apply_lora(mp.LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    elif case == "full":
+        model.net.requires_grad_(True)
+    model.net.train()
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq))
+    named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
+    opt = AdamW(named, lr=1e-4) if named else None
+
+    def step():
+        logits = model(ids)
+        loss = causal_lm_loss(logits, mp.backend.asarray(ids))
+        loss.backward()
+        if opt:
+            opt.step()
+            opt.zero_grad()
+
+    return timed(step, repeats)
+
+
+def run_torch(folder, case, seq, batch, repeats):
+    import torch
+    import transformers
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    if case == "lora":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    elif case == "frozen":
+        model.requires_grad_(False)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params and case != "full" else None
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        if params:  # with every weight frozen there is nothing to differentiate: forward only
+            out.loss.backward()
+        if opt:
+            opt.step()
+            opt.zero_grad()
+        else:
+            model.zero_grad(set_to_none=True)
+
+    return timed(step, repeats)
+
+
+def timed(step, repeats):
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(args):
+    fn = run_minipeft if args.impl == "minipeft" else run_torch
+    if args.impl != "minipeft":
+        import torch
+        torch.set_num_threads(args.threads)
+    print(json.dumps(fn(args.folder, args.case, args.seq, args.batch, args.repeats)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="small", choices=SIZES)
+    ap.add_argument("--cases", nargs="+", default=["full", "lora", "frozen"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", default=None, help="also write the table here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, default=None)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    seq = args.seq or SIZES[args.size]["seq"]
+    folder = os.path.join("/tmp", f"minipeft-bench-{args.size}")
+    if not os.path.isdir(folder):
+        make_checkpoint(args.size, folder)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
+    rows = []
+    print(f"size={args.size} seq={seq} batch={args.batch} threads={args.threads}")
+    print(f"{'case':8} {'minipeft s':>11} {'torch s':>9} {'ratio':>6} {'minipeft MB':>12} {'torch MB':>9}")
+    for case in args.cases:
+        res = {}
+        for impl in ("minipeft", "torch"):
+            cmd = [sys.executable, __file__, "--child", "--impl", impl, "--case", case, "--folder", folder,
+                   "--seq", str(seq), "--batch", str(args.batch), "--repeats", str(args.repeats),
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            res[impl] = json.loads(out.strip().splitlines()[-1])
+        ratio = res["minipeft"]["seconds"] / res["torch"]["seconds"]
+        rows.append({"case": case, **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}, "ratio": ratio})
+        print(f"{case:8} {res['minipeft']['seconds']:11.4f} {res['torch']['seconds']:9.4f} {ratio:6.2f} "
+              f"{res['minipeft']['peak_rss_mb']:12.0f} {res['torch']['peak_rss_mb']:9.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": args.size, "seq": seq, "batch": args.batch, "threads": args.threads, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
