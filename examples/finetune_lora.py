@@ -34,6 +34,10 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
 
+    if args.model == mp.DEMO_MODEL and not os.path.isdir(mp.DEMO_MODEL):
+        print("the base model is not built yet: running examples/make_base_model.py first")
+        import make_base_model
+        make_base_model.main([])
     held = examples("next", 100, seed=123)
     train = examples("next", 3000, seed=7, exclude={e["prompt"] for e in held})
     model = mp.load_model(args.model)

@@ -54,13 +54,13 @@ def random_init(net, seed: int) -> None:
             p.data = rng.normal(p.shape, std=0.02)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "minipeft", "data",
                                                   "tiny-llama-chars"))
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     tmp = args.out + ".build"
     os.makedirs(tmp, exist_ok=True)
     make_tokenizer(os.path.join(tmp, "tokenizer.json"))
