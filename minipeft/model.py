@@ -27,6 +27,7 @@ class Model:
         self.active_adapters: list[str] = []
         self.rng = backend.RNG(seed)  # adapter init and dropout draw from here, explicitly
         net.dropout_rng = self.rng
+        net.requires_grad_(False)  # frozen until an adapter (or the user, for full fine-tuning) says otherwise
         net.eval()
 
     # ---- inference -----------------------------------------------------------------------
