@@ -1,0 +1,214 @@
+"""Atomic writes (spec/io.md IO-1) and the never-unpickle rule (IO-4).
+
+The kill test runs a child Python that rewrites an adapter-sized safetensors file in a loop and
+SIGKILLs it at random instants; after each kill the file must be the last completed version or
+the one being written, whole, never a mix. Its counts are printed past pytest's capture."""
+import ast
+import json
+import os
+import pathlib
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from minipeft.errors import ConfigError
+from minipeft.fileio import atomic_save_dir, atomic_write, atomic_write_json
+from minipeft.safetensors_io import read_safetensors
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def leftovers(folder):
+    return sorted(p.name for p in pathlib.Path(folder).iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.spec("IO-1")
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"old")
+    with atomic_write(p) as f:
+        f.write(b"new contents")
+        assert p.read_bytes() == b"old"  # nothing visible until the block ends
+    assert p.read_bytes() == b"new contents" and leftovers(tmp_path) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # like open(), not mkstemp's 0600
+
+
+@pytest.mark.spec("IO-1")
+@pytest.mark.parametrize("existed", [True, False])
+def test_atomic_write_failure_keeps_previous_file(tmp_path, existed):
+    p = tmp_path / "f.txt"
+    if existed:
+        p.write_text("previous")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(p, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("boom")
+    assert (p.read_text() == "previous") if existed else not p.exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.spec("IO-1")
+def test_atomic_write_fsyncs_file_then_renames_then_fsyncs_folder(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
+    with atomic_write(tmp_path / "f.bin") as f:
+        f.write(b"x")
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
+@pytest.mark.spec("IO-1")
+def test_atomic_write_modes_and_json(tmp_path):
+    with pytest.raises(ConfigError):
+        with atomic_write(tmp_path / "a", "a"):
+            pass
+    atomic_write_json(tmp_path / "c.json", {"b": 1, "a": ["é"]})
+    text = (tmp_path / "c.json").read_text(encoding="utf-8")
+    assert json.loads(text) == {"b": 1, "a": ["é"]} and text.index('"a"') < text.index('"b"')
+    assert text.endswith("}\n") and "é" in text
+
+
+@pytest.mark.spec("IO-1")
+def test_atomic_save_dir_new_folder_appears_whole(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_save_dir(target) as tmp:
+        assert not target.exists() and pathlib.Path(tmp).parent == tmp_path
+        (pathlib.Path(tmp) / "a.txt").write_text("A")
+        (pathlib.Path(tmp) / "sub").mkdir()
+        (pathlib.Path(tmp) / "sub" / "b.txt").write_text("B")
+    assert (target / "a.txt").read_text() == "A" and (target / "sub" / "b.txt").read_text() == "B"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.spec("IO-1")
+def test_atomic_save_dir_replaces_file_by_file_and_keeps_others(tmp_path):
+    target = tmp_path / "adapter"
+    (target / "sub").mkdir(parents=True)
+    for name, text in [("a.txt", "old A"), ("keep.txt", "K"), ("sub/b.txt", "old B")]:
+        (target / name).write_text(text)
+    with atomic_save_dir(target) as tmp:
+        (pathlib.Path(tmp) / "sub").mkdir()
+        (pathlib.Path(tmp) / "a.txt").write_text("new A")
+        (pathlib.Path(tmp) / "sub" / "b.txt").write_text("new B")
+        (pathlib.Path(tmp) / "c.txt").write_text("new C")
+    got = {str(p.relative_to(target)): p.read_text() for p in target.rglob("*") if p.is_file()}
+    assert got == {"a.txt": "new A", "keep.txt": "K", "sub/b.txt": "new B", "c.txt": "new C"}
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.spec("IO-1")
+def test_atomic_save_dir_failure_leaves_target_untouched(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(KeyError):
+        with atomic_save_dir(target) as tmp:
+            (pathlib.Path(tmp) / "a.txt").write_text("new")
+            raise KeyError("fail")
+    assert (target / "a.txt").read_text() == "old" and leftovers(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        with atomic_save_dir(tmp_path / "file"):
+            pass
+
+
+CHILD = """
+import sys
+import numpy as np
+from minipeft.safetensors_io import write_safetensors
+path, gen = sys.argv[1], int(sys.argv[2])
+keys = [f"base_model.model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.weight"
+        for i in range(8) for m in "qkv" for ab in "AB"]
+tensors = {k: np.empty((16, 2048) if k.endswith("A.weight") else (2048, 16), np.float32) for k in keys}
+print("ready", flush=True)
+while True:
+    gen += 1
+    for a in tensors.values():
+        a.fill(gen)
+    write_safetensors(path, tensors, {"gen": str(gen)})
+    print(gen, flush=True)
+"""
+
+
+def check_whole(path, lo, hi):
+    """The file loads, all its tensors hold one generation g, and lo <= g <= hi."""
+    tensors, meta = read_safetensors(path)
+    g = int(meta["gen"])
+    assert lo <= g <= hi, (lo, g, hi)
+    assert len(tensors) == 48 and all(a.shape in ((16, 2048), (2048, 16)) and (a == g).all() for a in tensors.values())
+    return g
+
+
+@pytest.mark.spec("IO-1")
+@pytest.mark.slow
+def test_sigkill_while_writing_never_leaves_half_a_file(tmp_path, capsys):
+    path = tmp_path / "adapter_model.safetensors"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    gen, trials, mid_write, rng, start = 0, 0, 0, random.Random(0), time.monotonic()
+    subprocess.run([sys.executable, "-c", CHILD.replace("while True", "for _ in range(1)"), str(path), "0"],
+                   env=env, check=True, capture_output=True)
+    gen = check_whole(path, 1, 1)
+    while trials < 20 or (trials < 60 and time.monotonic() - start < 15):
+        before = set(leftovers(tmp_path))
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(gen)], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "ready\n"
+        time.sleep(rng.uniform(0.0, 0.25))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        done = [int(line) for line in child.stdout.read().split()]
+        child.stdout.close()
+        last_done = done[-1] if done else gen
+        mid_write += len(set(leftovers(tmp_path)) - before) > 0  # a temp file left: killed mid-write
+        gen = check_whole(path, last_done, last_done + 1)  # the last completed write, or the next
+        trials += 1
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in names if n.endswith(".safetensors")] == [path.name]  # temps never look like it
+    assert all(n.startswith(f".{path.name}.") and n.endswith(".tmp") for n in names if n != path.name)
+    with capsys.disabled():
+        print(f"\nIO-1 kill test: {trials} SIGKILLs, {mid_write} during a write (temp file left), "
+              f"last generation {gen}, 0 files lost, {time.monotonic() - start:.1f} s")
+    assert mid_write > 0
+
+
+BANNED_MODULES = {"pickle", "_pickle", "cPickle", "dill", "joblib", "shelve", "cloudpickle"}
+
+
+def unpickling_sites(source: str, filename: str):
+    """Imports of pickle-like modules, torch.load calls, allow_pickle=True keywords."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in BANNED_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in BANNED_MODULES:
+            found.append(node.module)
+        elif isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and f.attr == "load" and getattr(f.value, "id", None) == "torch":
+                found.append("torch.load")
+            if getattr(f, "id", getattr(f, "attr", None)) in ("__import__", "import_module") and node.args \
+                    and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).split(".")[0] in BANNED_MODULES:
+                found.append(f"import of {node.args[0].value}")
+            found += ["allow_pickle=True" for k in node.keywords
+                      if k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)]
+    return [f"{filename}:{s}" for s in found]
+
+
+@pytest.mark.spec("IO-4")
+def test_no_module_can_unpickle():
+    assert unpickling_sites("import pickle\nimport torch\ntorch.load(f)\nnp.load(f, allow_pickle=True)", "x") == \
+        ["x:pickle", "x:torch.load", "x:allow_pickle=True"]  # the checker itself catches each form
+    files = sorted((ROOT / "minipeft").rglob("*.py"))
+    assert files
+    bad = [s for f in files for s in unpickling_sites(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))]
+    assert bad == [], f"minipeft must never unpickle (spec/io.md IO-4): {bad}"
