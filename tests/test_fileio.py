@@ -10,8 +10,6 @@ import pathlib
 import random
 import signal
 import stat
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 
 from minipeft.errors import ConfigError
 from minipeft.fileio import atomic_save_dir, atomic_write, atomic_write_json
-from minipeft.safetensors_io import read_safetensors
+from minipeft.safetensors_io import read_safetensors, write_safetensors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -122,22 +120,37 @@ def test_atomic_save_dir_failure_leaves_target_untouched(tmp_path):
             pass
 
 
-CHILD = """
-import sys
-import numpy as np
-from minipeft.safetensors_io import write_safetensors
-path, gen = sys.argv[1], int(sys.argv[2])
-keys = [f"base_model.model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.weight"
-        for i in range(8) for m in "qkv" for ab in "AB"]
-tensors = {k: np.empty((16, 2048) if k.endswith("A.weight") else (2048, 16), np.float32) for k in keys}
-print("ready", flush=True)
-while True:
-    gen += 1
-    for a in tensors.values():
-        a.fill(gen)
-    write_safetensors(path, tensors, {"gen": str(gen)})
-    print(gen, flush=True)
-"""
+def write_forever(path, gen, out_fd):
+    """The child's loop: write generation after generation, reporting each finished one on out_fd."""
+    tensors = adapter_like(gen)
+    os.write(out_fd, b"ready\n")
+    while True:
+        gen += 1
+        for a in tensors.values():
+            a.fill(gen)
+        write_safetensors(path, tensors, {"gen": str(gen)})
+        os.write(out_fd, f"{gen}\n".encode())
+
+
+def adapter_like(gen):
+    """48 LoRA-shaped float32 tensors (6 MiB in all) filled with the generation number."""
+    keys = [f"base_model.model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.weight"
+            for i in range(8) for m in "qkv" for ab in "AB"]
+    return {k: np.full((16, 2048) if k.endswith("A.weight") else (2048, 16), gen, np.float32) for k in keys}
+
+
+def fork_writer(path, gen):
+    """A forked child running write_forever (fork: no interpreter start-up per trial). Returns (pid, reader)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            os.close(r)
+            write_forever(path, gen, w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, os.fdopen(r, "r")
 
 
 def check_whole(path, lo, hi):
@@ -153,21 +166,18 @@ def check_whole(path, lo, hi):
 @pytest.mark.slow
 def test_sigkill_while_writing_never_leaves_half_a_file(tmp_path, capsys):
     path = tmp_path / "adapter_model.safetensors"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     gen, trials, mid_write, rng, start = 0, 0, 0, random.Random(0), time.monotonic()
-    subprocess.run([sys.executable, "-c", CHILD.replace("while True", "for _ in range(1)"), str(path), "0"],
-                   env=env, check=True, capture_output=True)
+    write_safetensors(path, adapter_like(1), {"gen": "1"})
     gen = check_whole(path, 1, 1)
     while trials < 20 or (trials < 60 and time.monotonic() - start < 15):
         before = set(leftovers(tmp_path))
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(gen)], env=env,
-                                 stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline() == "ready\n"
+        pid, out = fork_writer(str(path), gen)
+        assert out.readline() == "ready\n"
         time.sleep(rng.uniform(0.0, 0.25))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        done = [int(line) for line in child.stdout.read().split()]
-        child.stdout.close()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        done = [int(line) for line in out.read().split()]
+        out.close()
         last_done = done[-1] if done else gen
         mid_write += len(set(leftovers(tmp_path)) - before) > 0  # a temp file left: killed mid-write
         gen = check_whole(path, last_done, last_done + 1)  # the last completed write, or the next

@@ -79,7 +79,8 @@ def disjoint_mean(ts, ws, method: str):
     xp = backend.xp_of(ts[0])
     signs = [xp.sign(t) for t in ts]
     votes = sum(ts) if method == "total" else sum(signs)
-    elected = xp.where(votes >= 0, 1.0, -1.0)
+    one = xp.ones_like(votes)
+    elected = xp.where(votes >= 0, one, -one)
     agree = [xp.astype(sg == elected, ts[0].dtype) for sg in signs]
     count = sum(agree)
     return sum(w * t * a for w, t, a in zip(ws, ts, agree)) / xp.where(count < 1, 1.0, count)

@@ -1,4 +1,4 @@
-"""BERT: a post-norm encoder with learned absolute positions and token types (spec/models.md MODEL-5).
+"""BERT: a post-norm encoder with learned absolute positions and token types (spec/transformer.md MODEL-5).
 
     x0 = LayerNorm(word(ids) + token_type(tt) + position(pos))
     a  = LayerNorm(dense(attn(query(x), key(x), value(x))) + x)       attention.self / attention.output

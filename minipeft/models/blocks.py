@@ -1,5 +1,5 @@
 """Pieces every architecture shares: rotary tables, the attention mask, the attention core with a
-KV cache and optional prefix keys/values, and the causal-LM loss (spec/models.md).
+KV cache and optional prefix keys/values, and the causal-LM loss (spec/transformer.md).
 
 Shapes: B batch, T new tokens, P past (cached) tokens, S = P + T keys, H query heads,
 Hkv key/value heads, D head size.

@@ -1,4 +1,4 @@
-"""ModelConfig: the architecture fields minipeft reads from an HF config.json (spec/models.md MODEL-1).
+"""ModelConfig: the architecture fields minipeft reads from an HF config.json (spec/transformer.md MODEL-1).
 
 One dataclass for every architecture; each family names its fields differently in config.json
 (GPT-2 says n_embd where llama says hidden_size), so `FIELD_NAMES` maps our field to the keys

@@ -1,5 +1,5 @@
 """Generation with a KV cache: greedy (temperature 0), or sampling with temperature, top-k, top-p
-(spec/models.md MODEL-10). Greedy output equals transformers' greedy output token for token."""
+(spec/transformer.md MODEL-10). Greedy output equals transformers' greedy output token for token."""
 from __future__ import annotations
 
 import numpy as np

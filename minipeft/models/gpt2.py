@@ -1,4 +1,4 @@
-"""GPT-2: a pre-norm decoder with learned absolute positions and a tanh-GELU MLP (spec/models.md MODEL-5).
+"""GPT-2: a pre-norm decoder with learned absolute positions and a tanh-GELU MLP (spec/transformer.md MODEL-5).
 
     x0 = wte(ids) + wpe(position_ids)
     h  = x + c_proj(attn(split3(c_attn(ln_1(x)))))      split3: the fused output cut into q | k | v

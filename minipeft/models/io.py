@@ -1,4 +1,4 @@
-"""HF checkpoint folders in and out (spec/models.md MODEL-7..MODEL-9).
+"""HF checkpoint folders in and out (spec/transformer.md MODEL-7..MODEL-9).
 
 A folder holds config.json, model.safetensors (or shards listed in model.safetensors.index.json)
 and optionally tokenizer.json. A Hub repo id is resolved through huggingface_hub's local cache

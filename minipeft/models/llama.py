@@ -1,4 +1,4 @@
-"""Llama, Mistral and Qwen2: pre-norm decoder, RoPE, grouped KV heads, SwiGLU MLP (spec/models.md MODEL-2).
+"""Llama, Mistral and Qwen2: pre-norm decoder, RoPE, grouped KV heads, SwiGLU MLP (spec/transformer.md MODEL-2).
 
     h = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))   n1 = RMSNorm(x)
     y = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                     n2 = RMSNorm(h)

@@ -1,5 +1,5 @@
 """Phi (phi-1, phi-1.5, phi-2): a pre-norm decoder whose attention and MLP read the same LayerNorm
-output and add in parallel, with rotary embedding on part of each head (spec/models.md MODEL-5).
+output and add in parallel, with rotary embedding on part of each head (spec/transformer.md MODEL-5).
 
     n = LayerNorm(x)
     y = x + dense(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))) + fc2(gelu_tanh(fc1(n)))
@@ -32,7 +32,7 @@ def per_head(norm, x, head_dim):
 class PhiAttention(Module):
     def __init__(self, cfg):
         H, Hkv, D, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.head_dim = D
+        self.head_dim, self.qk_layernorm = D, cfg.qk_layernorm
         self.q_proj = Linear(d, H * D)
         self.k_proj = Linear(d, Hkv * D)
         self.v_proj = Linear(d, Hkv * D)
@@ -43,7 +43,7 @@ class PhiAttention(Module):
 
     def forward(self, x, ctx, layer_idx, rope):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*D), (B, T, Hkv*D) x2
-        if hasattr(self, "q_layernorm"):
+        if self.qk_layernorm:
             q, k = per_head(self.q_layernorm, q, self.head_dim), per_head(self.k_layernorm, k, self.head_dim)
         return self.dense(attend(q, k, v, ctx, layer_idx, rope))
 

@@ -37,7 +37,7 @@ def _multi_row_sum(xp, rows):
     zero = xp.zeros(rows.shape[1:], dtype=rows.dtype)
     level1, level2, level3 = zero, zero, zero
     if full:
-        chunks = xp.reshape(rows[: full * step], (full, step, -1))
+        chunks = xp.reshape(rows[: full * step, :], (full, step, -1))
         sums = zero
         for j in range(step):  # every chunk, one row at a time from 0
             sums = sums + chunks[:, j, :]  # (full, W)
@@ -58,7 +58,7 @@ def _row_sum(xp, elems):
     size, width = elems.shape
     n4 = size // 4
     if n4:
-        acc = xp.reshape(_multi_row_sum(xp, xp.reshape(elems[: 4 * n4], (n4, 4 * width))), (4, width))
+        acc = xp.reshape(_multi_row_sum(xp, xp.reshape(elems[: 4 * n4, :], (n4, 4 * width))), (4, width))
     else:
         acc = xp.zeros((4, width), dtype=elems.dtype)
     first = acc[0, :]

@@ -116,20 +116,19 @@ def _quantize_blocks(xp, x, block_size: int, quant_type: str):
     """NF4-3, NF4-4: (absmax (nb,) float32, patterns (n,) uint8) of x (n,) float32."""
     n = x.shape[0]
     full = n - n % block_size
-    absmax, patterns = [], []
-    if full:
-        blocks = xp.reshape(x[:full], (-1, block_size))  # (nb_full, B)
-        a = xp.max(xp.abs(blocks), axis=1)  # (nb_full,)
-        s = blocks * (1.0 / xp.maximum(a, TINY))[:, None]  # x * fl(1/a), no clip: every m_k is inside (-1, 1)
-        absmax.append(a)
-        patterns.append(_ranks(xp, xp.reshape(s, (-1,)), quant_type))
-    if n > full:  # the last, partial block: bitsandbytes divides, and stores the clamped absmax
-        tail = x[full:]
-        a = xp.maximum(xp.max(xp.abs(tail)), TINY)
-        absmax.append(xp.reshape(a, (1,)))
-        patterns.append(_ranks(xp, tail / a, quant_type))
-    join = lambda parts: parts[0] if len(parts) == 1 else xp.concat(parts)  # noqa: E731
-    return join(absmax), join(patterns)
+    blocks = xp.reshape(x[:full], (-1, block_size))  # (nb_full, B)
+    absmax = xp.max(xp.abs(blocks), axis=1)  # (nb_full,)
+    tail = x[full:]
+    if n > full:  # the last, partial block stores its absmax clamped to TINY, and divides by it
+        a_tail = xp.maximum(xp.max(xp.abs(tail)), TINY)
+        absmax = xp.concat([absmax, xp.reshape(a_tail, (1,))])
+    if not bool(xp.all(xp.isfinite(absmax))):
+        raise ConfigError("nf4_quantize got non-finite values (inf or nan): they have no 4-bit code")
+    s = blocks * (1.0 / xp.maximum(absmax[: full // block_size], TINY))[:, None]  # no clip: all m_k are in (-1, 1)
+    q = _ranks(xp, xp.reshape(s, (-1,)), quant_type)  # (full,)
+    if n > full:
+        q = xp.concat([q, _ranks(xp, tail / a_tail, quant_type)])
+    return absmax, q
 
 
 def _pack(xp, q, quant_type: str):
@@ -151,8 +150,6 @@ def nf4_quantize(w, block_size: int = 64, double_quantization: bool = True, quan
     if x.shape[0] == 0:
         raise ConfigError("nf4_quantize got an empty array")
     absmax, q = _quantize_blocks(xp, x, block_size, quant_type)
-    if not bool(xp.all(xp.isfinite(absmax))):
-        raise ConfigError("nf4_quantize got non-finite values (inf or nan): they have no 4-bit code")
     packed = _pack(xp, q, quant_type)
     shape = tuple(w.shape)
     if not double_quantization:

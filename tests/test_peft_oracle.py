@@ -1,0 +1,335 @@
+"""LoRA against HF PEFT (spec/lora.md, spec/peft-format.md): adapters saved by PEFT load in minipeft
+and vice versa with equal logits, merged models load in transformers, and merge_adapters agrees
+with PEFT's add_weighted_adapter. The base is a tiny random Llama with q/k/v/o biases (so that
+bias="all", "lora_only" and lora_bias have something to act on), weights drawn with std 0.3.
+Every LoRA tensor is perturbed with seeded noise, so B != 0 and a wrong key, orientation or
+scaling shows in the logits. Run with `pytest -s` to see each case's max relative error."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import minipeft
+from helpers import max_rel_err
+from minipeft.adapters.lora import LoRAConfig
+
+pytestmark = pytest.mark.oracle
+
+V, TOL = 64, 1e-5
+IDS = np.random.default_rng(1).integers(0, V, (2, 9))
+LLAMA = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, attention_bias=True, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    return torch, transformers, peft
+
+
+@pytest.fixture(scope="module")
+def base(lib, tmp_path_factory):
+    """kind -> folder of a tiny random HF model saved with save_pretrained."""
+    torch, transformers, _ = lib
+    folders = {}
+
+    def get(kind="llama"):
+        if kind not in folders:
+            torch.manual_seed(0)
+            if kind == "llama":
+                cfg, cls = transformers.LlamaConfig(**LLAMA), transformers.LlamaForCausalLM
+            else:
+                cfg, cls = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128), \
+                    transformers.GPT2LMHeadModel
+            cfg._attn_implementation = "eager"
+            m = cls(cfg).eval()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.normal_(0.0, 0.3)
+            folders[kind] = str(tmp_path_factory.mktemp(kind))
+            m.save_pretrained(folders[kind])
+        return folders[kind]
+    return get
+
+
+def hf_model(lib, folder):
+    torch, transformers, _ = lib
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def hf_logits(lib, m):
+    torch = lib[0]
+    with torch.no_grad():
+        return m(torch.tensor(IDS)).logits.numpy()
+
+
+def perturb_peft(lib, pm, seed=0):
+    """Seeded noise on every trainable tensor (LoRA A/B, trained biases, modules_to_save copies)."""
+    torch = lib[0]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name or p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def perturb_minipeft(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, p in model.net.named_parameters():
+        if p.requires_grad:
+            p.data = (p.data + rng.standard_normal(p.shape) * 0.2).astype(np.float32)
+
+
+def report(label, err):
+    print(f"\n  {label}: max rel err {err:.2e}")
+    assert err < TOL, f"{label}: {err:.3e} >= {TOL}"
+
+
+# PEFT LoraConfig kwargs for each case; minipeft reads the same dict through LoRAConfig.from_peft
+CASES = {
+    "basic": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"q_proj": 32}),
+    "bias_all": dict(r=4, lora_alpha=8, bias="all", target_modules=["q_proj", "v_proj"]),
+    "bias_lora_only": dict(r=4, lora_alpha=8, bias="lora_only", target_modules=["q_proj", "v_proj"]),
+    "lora_bias": dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "k_proj"]),
+    "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    "regex": dict(r=4, lora_alpha=8, target_modules=r".*\.(q|v|up)_proj"),
+    "all_linear": dict(r=2, lora_alpha=4, target_modules="all-linear"),
+    "layers_to_transform": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+    "layers_pattern": dict(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=0,
+                           layers_pattern="layers"),
+    "pissa": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], init_lora_weights="pissa"),
+    "olora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], init_lora_weights="olora"),
+}
+
+
+@pytest.mark.spec("PEFT-1", "PEFT-2", "PEFT-3", "PEFT-5", "PEFT-6", "LORA-2", "LORA-3", "LORA-6", "LORA-10")
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
+    """(a), (e): get_peft_model + perturbation + save_pretrained -> minipeft.load_adapters: equal logits."""
+    torch, _, peft = lib
+    pm = peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(task_type="CAUSAL_LM", **CASES[case]))
+    perturb_peft(lib, pm)
+    pm.eval()
+    pm.save_pretrained(tmp_path)
+    model = minipeft.load_model(base())
+    model.load_adapters(str(tmp_path))
+    report(f"PEFT->minipeft {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
+
+
+@pytest.mark.spec("PEFT-1", "PEFT-2", "PEFT-3", "PEFT-5", "PEFT-6", "LORA-2", "LORA-3", "LORA-6", "LORA-10")
+@pytest.mark.parametrize("case", list(CASES))
+def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
+    """(b), (e): minipeft apply_adapter + perturbation + save_adapters -> PeftModel.from_pretrained."""
+    _, _, peft = lib
+    model = minipeft.load_model(base())
+    model.apply_adapter(LoRAConfig.from_peft(dict(peft_type="LORA", **CASES[case])))
+    perturb_minipeft(model)
+    model.save_adapters(str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(hf_model(lib, base()), str(tmp_path)).eval()
+    report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
+
+
+@pytest.mark.spec("PEFT-5")
+def test_bias_keys_match_peft(lib, base, tmp_path):
+    """bias="all"/"lora_only": the saved key names are PEFT's (an adapted layer's bias is base_layer.bias)."""
+    _, _, peft = lib
+    from minipeft.safetensors_io import read_safetensors
+    for case in ("bias_all", "bias_lora_only", "lora_bias", "modules_to_save"):
+        pm = peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(task_type="CAUSAL_LM", **CASES[case]))
+        pm.save_pretrained(tmp_path / "peft" / case)
+        model = minipeft.load_model(base())
+        model.apply_adapter(LoRAConfig.from_peft(dict(peft_type="LORA", **CASES[case])))
+        model.save_adapters(str(tmp_path / "ours" / case))
+        theirs, _ = read_safetensors(str(tmp_path / "peft" / case / "adapter_model.safetensors"))
+        ours, _ = read_safetensors(str(tmp_path / "ours" / case / "adapter_model.safetensors"))
+        assert sorted(ours) == sorted(theirs), case
+        assert all(ours[k].shape == theirs[k].shape for k in ours), case
+
+
+@pytest.mark.spec("LORA-4", "PEFT-6")
+@pytest.mark.parametrize("case", ["basic", "lora_bias", "modules_to_save", "rslora"])
+def test_merge_and_unload_loads_in_transformers(lib, base, tmp_path, case):
+    """(c): minipeft merge_and_unload().save() -> transformers: equal logits to the unmerged adapter."""
+    model = minipeft.load_model(base())
+    model.apply_adapter(LoRAConfig.from_peft(dict(peft_type="LORA", **CASES[case])))
+    perturb_minipeft(model)
+    before = model(IDS).data
+    model.merge_and_unload().save(str(tmp_path))
+    report(f"merged->transformers {case}", max_rel_err(hf_logits(lib, hf_model(lib, str(tmp_path))), before))
+
+
+@pytest.mark.spec("LORA-4", "PEFT-2", "PEFT-6")
+def test_gpt2_conv1d_fan_in_fan_out(lib, base, tmp_path):
+    """(d): GPT-2 Conv1D (fan_in_fan_out): both directions, and the merged model in transformers."""
+    pytest.importorskip("minipeft.models.gpt2", reason="minipeft.models.gpt2 is not written yet")
+    _, _, peft = lib
+    folder = base("gpt2")
+    kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    pm = peft.get_peft_model(hf_model(lib, folder), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+    perturb_peft(lib, pm)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    model = minipeft.load_model(folder)
+    model.load_adapters(str(tmp_path / "peft"))
+    report("gpt2 PEFT->minipeft", max_rel_err(model(IDS), hf_logits(lib, pm)))
+
+    ours = minipeft.load_model(folder)
+    ours.apply_adapter(LoRAConfig.from_peft(dict(peft_type="LORA", **kw)))
+    perturb_minipeft(ours, seed=3)
+    ours.save_adapters(str(tmp_path / "ours"))
+    pm2 = peft.PeftModel.from_pretrained(hf_model(lib, folder), str(tmp_path / "ours")).eval()
+    before = ours(IDS).data
+    report("gpt2 minipeft->PEFT", max_rel_err(before, hf_logits(lib, pm2)))
+    ours.merge_and_unload().save(str(tmp_path / "merged"))
+    report("gpt2 merged->transformers", max_rel_err(hf_logits(lib, hf_model(lib, str(tmp_path / "merged"))), before))
+
+
+@pytest.mark.spec("PEFT-1")
+def test_named_adapters_in_subfolders(lib, base, tmp_path):
+    """(g): a non-default adapter saved into <dir>/<name>/ loads in PEFT; PEFT's own layout loads here."""
+    _, _, peft = lib
+    model = minipeft.load_model(base())
+    model.apply_adapter(LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    model.apply_adapter(LoRAConfig(rank=2, alpha=8, target_modules=("k_proj", "o_proj")), "other")
+    perturb_minipeft(model)
+    model.set_active_adapter("other")
+    perturb_minipeft(model, seed=1)
+    model.save_adapters(str(tmp_path / "ours"))
+    assert os.path.isfile(tmp_path / "ours" / "other" / "adapter_model.safetensors")
+    pm = peft.PeftModel.from_pretrained(hf_model(lib, base()), str(tmp_path / "ours"))
+    pm.load_adapter(str(tmp_path / "ours" / "other"), adapter_name="other")
+    pm.set_adapter("other")
+    pm.eval()
+    report("subfolder 'other' minipeft->PEFT", max_rel_err(model(IDS), hf_logits(lib, pm)))
+    pm.save_pretrained(tmp_path / "peft")  # PEFT writes default at the top, other in other/
+    back = minipeft.load_model(base())
+    back.load_adapters(str(tmp_path / "peft"))
+    back.load_adapters(str(tmp_path / "peft" / "other"), "other")
+    back.set_active_adapter("other")
+    report("subfolder 'other' PEFT->minipeft", max_rel_err(back(IDS), hf_logits(lib, pm)))
+
+
+# ---- (f) add_weighted_adapter ---------------------------------------------------------------------------
+TYPES = ["linear", "cat", "svd", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd",
+         "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(lib, base, tmp_path_factory):
+    """A PEFT model with adapters a (q, v; r=4, alpha=8) and b (q, k; r=4, alpha=16), perturbed, and
+    the same two adapters loaded into minipeft from PEFT's files."""
+    _, _, peft = lib
+    pm = peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules=["q_proj", "k_proj"]))
+    perturb_peft(lib, pm)
+    folder = tmp_path_factory.mktemp("two")
+    pm.save_pretrained(folder)
+    model = minipeft.load_model(base())
+    for n in ("a", "b"):
+        model.load_adapters(str(folder / n), n)
+    return pm, model
+
+
+def factors(lib, pm, model, name):
+    """{layer path: (A', B') of PEFT, (A', B') of minipeft} for the combined adapter."""
+    out = {}
+    for path, m in model.net.named_modules():
+        if hasattr(m, "adapters") and name in m.adapters:
+            t = pm.base_model.model.get_submodule(path)
+            theirs = (t.lora_A[name].weight.detach().numpy(), t.lora_B[name].weight.detach().numpy())
+            d = m.adapters[name]
+            out[path] = theirs, (np.asarray(d.lora_A.weight.data), np.asarray(d.lora_B.weight.data))
+    return out
+
+
+@pytest.mark.spec("LORA-7", "LORA-8", "LORA-9", "LORA-12")
+@pytest.mark.parametrize("combination", TYPES)
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_add_weighted_adapter_agrees(lib, two_adapters, combination, density):
+    """(f): deterministic types compare A' and B' (SVD types: B'A', free of the SVD's sign choice)
+    within 1e-5; dare_* with density 1 are deterministic and compared the same way; dare_* with
+    density 0.5 draw different masks (torch vs PCG64) and are compared by structure: every entry
+    is one of the values a keep/drop pattern can give, and the kept fraction is close."""
+    if density < 1 and combination in ("linear", "cat", "svd"):
+        pytest.skip("density does not apply")
+    pm, model = two_adapters
+    name = f"{combination}_{density}".replace(".", "")
+    w = {"a": 0.7, "b": -0.4}
+    pm.add_weighted_adapter(list(w), list(w.values()), name, combination_type=combination, density=density)
+    model.merge_adapters(w, name, combination, density=density)
+    pairs = factors(lib, pm, model, name)
+    assert set(pairs) == {p for p, m in model.net.named_modules() if hasattr(m, "adapters") and
+                          ("a" in m.adapters or "b" in m.adapters)}
+    worst = 0.0
+    for path, ((At, Bt), (A, B)) in pairs.items():
+        if "dare" in combination and density < 1:
+            check_dare_structure(model, path, combination, w, density, (At, Bt), (A, B))
+            continue
+        if combination.endswith("svd") or A.shape != At.shape:
+            # SVD: B'A' is free of the sign choice. cat: PEFT gives every layer rank sum_i r_i (config
+            # ranks), zero-padded where a source is absent; minipeft sums the ranks present (LORA-12)
+            assert combination.endswith("svd") or not np.any(At[A.shape[0]:]), "PEFT's padding is not zero"
+            worst = max(worst, max_rel_err(B @ A, Bt @ At))
+        else:
+            worst = max(worst, max_rel_err(A, At), max_rel_err(B, Bt))
+    if "dare" not in combination or density == 1:
+        report(f"add_weighted_adapter {combination} density={density}", worst)
+
+
+def check_dare_structure(model, path, combination, w, density, theirs, ours):
+    layer = model.net.get_submodule(path)
+    srcs = [(layer.adapters[n], w[n]) for n in w if n in layer.adapters]
+    if combination.endswith("svd"):
+        kept = [np.mean(np.abs(B @ A) > 0) for A, B in (theirs, ours)]
+        assert abs(kept[0] - kept[1]) < 0.1, kept
+        return
+    for i, (mine, peft_t) in enumerate(zip(ours, theirs)):
+        ts = [np.asarray((d.lora_A if i == 0 else d.lora_B).weight.data) for d, _ in srcs]
+        root = [np.sqrt(abs(wi * d.s)) * (np.sign(wi * d.s) if i == 0 else 1) for d, wi in srcs]
+        for got in (mine, peft_t):
+            if len(ts) == 1 or combination == "dare_linear":
+                terms = [r * t / density for r, t in zip(root, ts)]
+                candidates = [np.zeros_like(ts[0]), *terms, sum(terms)] if len(ts) > 1 else [np.zeros_like(ts[0]), *terms]
+                ok = np.min([np.abs(got - c) for c in candidates], axis=0) <= 1e-5 * np.abs(np.stack(candidates)).max()
+                assert ok.all(), f"{path} {combination}: entries outside the keep/drop values"
+        z = [np.mean(m == 0) for m in (mine, peft_t)]
+        assert abs(z[0] - z[1]) < 0.2, f"{path} {combination}: zero fraction {z[0]:.2f} vs PEFT {z[1]:.2f}"
+
+
+@pytest.mark.spec("LORA-9")
+def test_svd_clamp_agrees(lib, two_adapters):
+    """svd with svd_clamp=0.9: where the SVDs pick the same signs (compared first) A', B' agree."""
+    pm, model = two_adapters
+    w = {"a": 0.7, "b": -0.4}
+    pm.add_weighted_adapter(list(w), list(w.values()), "clamped", combination_type="svd", svd_clamp=0.9, svd_rank=3)
+    model.merge_adapters(w, "clamped", "svd", svd_clamp=0.9, svd_rank=3)
+    worst, compared, pairs = 0.0, 0, factors(lib, pm, model, "clamped")
+    for path, ((At, Bt), (A, B)) in pairs.items():
+        if np.all(np.sum(At * A, axis=1) > 0):  # torch and NumPy chose the same singular-vector signs
+            worst, compared = max(worst, max_rel_err(A, At), max_rel_err(B, Bt)), compared + 1
+    if not compared:
+        pytest.skip("torch and NumPy chose different singular-vector signs at every layer; clamp quantiles differ")
+    report(f"add_weighted_adapter svd clamp=0.9 rank=3 ({compared}/{len(pairs)} layers with equal signs)", worst)
+
+
+@pytest.mark.spec("LORA-12")
+def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
+    """The combined adapter (cat: ranks 4+4 at q_proj, 4 elsewhere -> rank_pattern) saves and loads in PEFT."""
+    _, _, peft = lib
+    _, model = two_adapters
+    if "cat_10" not in model.peft_configs:
+        model.merge_adapters({"a": 0.7, "b": -0.4}, "cat_10", "cat")
+    model.set_active_adapter("cat_10")
+    ours = model(IDS).data
+    model.save_adapters(str(tmp_path), "cat_10")
+    cfg = json.loads((tmp_path / "cat_10" / "adapter_config.json").read_text())
+    pm = peft.PeftModel.from_pretrained(hf_model(lib, base()), str(tmp_path / "cat_10")).eval()
+    model.set_active_adapter("a")
+    report(f"combined cat (rank_pattern {cfg['rank_pattern']}) minipeft->PEFT", max_rel_err(ours, hf_logits(lib, pm)))
