@@ -51,7 +51,8 @@ def run_minipeft(folder, case, seq, batch, repeats):
     model.net.train()
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq))
     named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
-    opt = AdamW(named, lr=1e-4) if named else None
+    opt = AdamW(named, lr=1e-4) if case == "lora" else None  # full: forward + backward, as torch's case
+
 
     def step():
         logits = model(ids)
@@ -59,7 +60,8 @@ def run_minipeft(folder, case, seq, batch, repeats):
         loss.backward()
         if opt:
             opt.step()
-            opt.zero_grad()
+        for p in named.values():
+            p.grad = None
 
     return timed(step, repeats)
 
@@ -76,7 +78,7 @@ def run_torch(folder, case, seq, batch, repeats):
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params and case != "full" else None
+    opt = torch.optim.AdamW(params, lr=1e-4) if case == "lora" else None
 
     def step():
         out = model(input_ids=ids, labels=ids)
