@@ -1,9 +1,11 @@
 """minipeft: a small, exact, readable reference implementation of parameter-efficient fine-tuning."""
 from .adapters.lora import LoRAConfig
+from .adapters.qlora import QLoRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .errors import BackendError, CheckpointError, ConfigError, MiniPeftError, TrainingError
 from .model import Model, load_model
+from .quant import QuantizationConfig, nf4_dequantize, nf4_quantize
 from .train import TrainingConfig
 
 import os as _os
@@ -12,4 +14,5 @@ DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "tiny-llama-chars
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
+           "QLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

@@ -17,6 +17,7 @@ from .errors import ConfigError, MiniPeftError
 from .models import generate as gen
 from .models.io import load_net, save_net
 from .models.tokenizer import Tokenizer
+from .quant.linear4bit import Linear4bit, dequantize_model, is_quantized, quantize_model
 
 
 class Model:
@@ -69,6 +70,9 @@ class Model:
         if inject.adapted_layers(self.net):
             raise MiniPeftError("the model still has adapter layers; call merge_and_unload() (or unload()) "
                                 "first, or save_adapters() to save the adapters alone")
+        if is_quantized(self.net):
+            raise MiniPeftError("the model is 4-bit quantized and save() writes float checkpoints: call "
+                                "merge_and_unload() first (it dequantizes), or save_adapters() for the adapters alone")
         save_net(self.net, path, self.tokenizer.path if self.tokenizer else None)
 
     # ---- adapters --------------------------------------------------------------------------
@@ -97,6 +101,14 @@ class Model:
     def apply_lora(self, cfg=None, name: str = "default", **fields):
         from .adapters.lora import LoRAConfig
         return self.apply_adapter(cfg or LoRAConfig(**fields), name)
+
+    def apply_qlora(self, cfg=None, name: str = "default", **fields):
+        """LoRA over the 4-bit linear layers of a model loaded with quantization= (spec/qlora.md)."""
+        from .adapters.qlora import QLoRAConfig
+        if not is_quantized(self.net):
+            raise ConfigError("apply_qlora needs a 4-bit model: load it with minipeft.load_model(path, "
+                              "quantization=minipeft.QuantizationConfig(...)), or use apply_lora on a float model")
+        return self.apply_adapter(cfg or QLoRAConfig(**fields), name)
 
     def _trained_copy_paths(self, entry: str) -> list:
         paths = [p for p, m in self.net.named_modules() if p and (p == entry or p.endswith("." + entry))
@@ -186,6 +198,9 @@ class Model:
 
     def merge_adapter(self) -> None:
         """Fold the active adapters into the base weights (undo with unmerge_adapter)."""
+        if any(isinstance(layer.base_layer, Linear4bit) for _, layer in inject.adapted_layers(self.net)):
+            raise ConfigError("a 4-bit weight cannot hold W0 + s B A without requantizing it; "
+                              "merge_and_unload() dequantizes the model and merges in float (QLORA-8)")
         with no_grad():
             for _, layer in inject.adapted_layers(self.net):
                 for n in self.active_adapters:
@@ -200,7 +215,9 @@ class Model:
 
     def merge_and_unload(self) -> "Model":
         """Merge the active adapters into the weights and return the plain model (this object),
-        with trained copies of modules_to_save in place of the originals."""
+        with trained copies of modules_to_save in place of the originals. A 4-bit model is
+        dequantized first, so every layer comes back as a float Linear (QLORA-8)."""
+        dequantize_model(self.net)
         self.merge_adapter()
         return self._unload()
 
@@ -250,6 +267,5 @@ def load_model(path_or_id: str, dtype: str = "float32", quantization=None, seed:
     """Load an HF folder or cached Hub repo id (config.json + safetensors [+ tokenizer.json])."""
     net, folder = load_net(path_or_id, dtype)
     if quantization is not None:
-        from .quant.linear4bit import quantize_model
         quantize_model(net, quantization)
     return Model(net, Tokenizer.from_folder(folder), path_or_id, seed)

@@ -3,7 +3,8 @@
 target_modules:
   - a list: a module matches when its path equals an entry or ends with "." + entry;
   - a string: a regex that must match the whole path (re.fullmatch);
-  - "all-linear": every Linear/Conv1D except the output head (lm_head).
+  - "all-linear": every Linear/Conv1D/Linear4bit except the output head (lm_head).
+A 4-bit Linear4bit (quant/linear4bit.py) counts as a linear layer and is wrapped like one (QLORA-5).
 layers_to_transform keeps only layers whose index (the number after "layers."/"h."/"layer.")
 is listed; exclude_modules removes matches by the same rules.
 """
@@ -13,6 +14,7 @@ import re
 
 from ..errors import ConfigError
 from ..nn.layers import Linear
+from ..quant.linear4bit import Linear4bit
 from .base import AdaptedLayer
 
 OUTPUT_HEADS = ("lm_head",)
@@ -31,8 +33,8 @@ def _layer_index(path: str, pattern: str | None):
 
 
 def linear_paths(net) -> list[str]:
-    """Paths of every Linear (or already adapted Linear) in the model."""
-    return [p for p, m in net.named_modules() if isinstance(m, (Linear, AdaptedLayer)) and
+    """Paths of every Linear or Linear4bit (or already adapted one) in the model."""
+    return [p for p, m in net.named_modules() if isinstance(m, (Linear, Linear4bit, AdaptedLayer)) and
             ".base_layer" not in p and ".adapters." not in p and ".modules_to_save" not in p]
 
 

@@ -89,6 +89,8 @@ class LoRALinear(Delta):
         r, alpha = cfg.rank_alpha_for(path)
         n, m = base.in_features, base.out_features
         check(r <= min(n, m), f"rank (for {path})", r, f"must be <= min(in={n}, out={m})")
+        check(cfg.init not in MUTATING or isinstance(base, Linear), f"init (for {path})", cfg.init,
+              "rewrites W0, which a 4-bit layer cannot hold; use 'default' or 'gaussian'")
         delta = cls(n, m, r, lora_scaling(alpha, r, cfg.use_rslora), cfg.dropout, cfg.lora_bias, rng)
         if init_weights or cfg.init in MUTATING:  # a loaded PiSSA/OLoRA adapter needs W0's residual, as in PEFT
             INITS[cfg.init](delta, base, rng)
