@@ -257,9 +257,10 @@ class Model:
         return self.net.trainable_parameters()
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts."""
+        """(trainable, total) parameter counts; a 4-bit weight counts its elements, as a float one."""
         params = self.net.parameters()
         total = sum(int(np.prod(p.shape)) for p in params)
+        total += sum(m.weight.numel for _, m in self.net.named_modules() if isinstance(m, Linear4bit))
         return sum(int(np.prod(p.shape)) for p in params if p.requires_grad), total
 
 

@@ -133,6 +133,7 @@ def test_quantize_model_replaces_every_linear_but_lm_head(qcfg):
     float_model = tiny_llama(0, attention_bias=True)
     weights = {p: np.array(m.weight.data) for p, m in float_model.net.named_modules() if isinstance(m, Linear)}
     biases = {p: m.bias for p, m in float_model.net.named_modules() if isinstance(m, Linear)}
+    counts = float_model.parameter_counts()
     quantize_model(float_model.net, qcfg)
     net = float_model.net
     assert isinstance(net.lm_head, Linear) and set(linear4bit_paths(net)) == set(weights) - {"lm_head"}
@@ -145,6 +146,7 @@ def test_quantize_model_replaces_every_linear_but_lm_head(qcfg):
         assert (layer.weight.block_size, layer.weight.quant_type) == (qcfg.block_size, qcfg.quant_type)
         assert layer.bias is biases[path] and layer.compute_dtype == qcfg.compute_dtype
     assert not any(n.endswith("proj.weight") for n, _ in net.named_parameters())
+    assert float_model.parameter_counts() == counts
 
 
 # ---- QLORA-4: forward -----------------------------------------------------------------------------
@@ -319,3 +321,16 @@ def test_bad_inputs_raise_minipeft_errors():
     m.apply_lora(target_modules=ATTN)
     with pytest.raises(ConfigError, match="before applying adapters"):
         quantize_model(m.net, F32)
+
+
+@pytest.mark.spec("QLORA-4")
+@pytest.mark.parametrize("cd", ["float32", "bfloat16"])
+def test_linear4bit_is_backend_neutral(any_backend, cd):
+    """The same bytes and outputs on NumPy and on the array_api_strict guard (which has no float16)."""
+    from minipeft import backend
+    rng = np.random.default_rng(0)
+    W0, x, b = (rng.standard_normal(s).astype(np.float32) for s in ((12, 40), (2, 3, 40), (12,)))
+    t = mp.nf4_quantize(backend.asarray(W0, "float32"), 32)
+    y = Linear4bit(t, Tensor(backend.asarray(b, "float32")), cd)(Tensor(backend.asarray(x, "float32")))
+    ref = rd(rd(x, cd).reshape(-1, 40) @ rd(mp.nf4_dequantize(mp.nf4_quantize(W0, 32)), cd).T + rd(b, cd), cd)
+    assert_close(backend.to_host(y.data), ref.reshape(2, 3, 12), rtol=ULP[cd], label=f"{any_backend} {cd}")
