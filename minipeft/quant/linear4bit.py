@@ -23,7 +23,8 @@ from ..errors import ConfigError
 from ..nn.layers import Linear
 from ..nn.module import Module
 from .config import QuantizationConfig
-from .nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
+from .nf4 import COMPUTE_DTYPES, NF4Tensor, nf4_dequantize, nf4_quantize
+
 
 def round_to(a, compute_dtype: str):
     """rd(a): a's values rounded to the compute dtype, as a float32 array (exact for every cd)."""
@@ -56,8 +57,8 @@ class Linear4bit(Module):
                  float_class=Linear):
         if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
             raise ConfigError(f"Linear4bit needs a 2-D NF4Tensor weight (out, in), got {weight!r:.80}")
-        if compute_dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"unsupported compute dtype {compute_dtype!r}; use float32, float16 or bfloat16")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"unsupported compute dtype {compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
         self.out_features, self.in_features = weight.shape
         self.weight = weight  # an NF4Tensor, not a Tensor: no parameter, no gradient (QLORA-6)
         self.bias = bias
@@ -71,7 +72,8 @@ class Linear4bit(Module):
 
     def forward(self, x):  # QLORA-4
         cd = self.compute_dtype
-        W = Tensor(round_to(nf4_dequantize(self.weight, cd), cd))  # (out, in), frozen, dropped after the call
+        W = nf4_dequantize(self.weight, cd)  # (out, in) dequant(t, cd), NF4-7; float16 for cd = float16
+        W = Tensor(backend.xp_of(W).astype(W, backend.xp_of(W).float32, copy=False))  # frozen, dropped after the call
         b = None if self.bias is None else RoundTo.apply(self.bias, compute_dtype=cd)  # (out,)
         y = F.linear(RoundTo.apply(x, compute_dtype=cd), W, b)  # (..., out) float32
         y = RoundTo.apply(y, compute_dtype=cd)
