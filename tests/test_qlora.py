@@ -6,6 +6,7 @@ nf4_dequantize, which spec/nf4.md and tests/test_nf4.py cover. Whole-model claim
 plain float model whose weights are dequant(t) (+ s B A): QLoRA is right when the 4-bit model
 computes what that float model computes."""
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -248,26 +249,29 @@ def test_training_leaves_the_4bit_weight_alone_and_keeps_no_float_copy():
 
 # ---- QLORA-8: merge ---------------------------------------------------------------------------
 @pytest.mark.spec("QLORA-8")
-@pytest.mark.parametrize("cd", ["float32", "bfloat16"])
-def test_merge_and_unload_dequantizes_and_merges(tmp_path, cd):
-    m = quantized_llama(mp.QuantizationConfig(compute_dtype=cd))
-    m.apply_qlora(target_modules=("q_proj", "v_proj"), rank=4, alpha=8)
-    deltas = randomize_lora(m)
+@SETTINGS
+@given(cd=st.sampled_from(["float32", "float16", "bfloat16"]), qt=st.sampled_from(["nf4", "fp4"]), dq=st.booleans(),
+       block=st.sampled_from([32, 64, 128, 256]), rank=st.integers(1, 8), seed=st.integers(0, 2 ** 16))
+def test_merge_and_unload_dequantizes_and_merges(cd, qt, dq, block, rank, seed):
+    m = quantized_llama(mp.QuantizationConfig(qt, cd, dq, block), seed=seed % 7)
+    m.apply_qlora(target_modules=("q_proj", "v_proj", "down_proj"), rank=rank, alpha=2 * rank)
+    deltas = randomize_lora(m, seed=seed)
     twin = float_twin(m, deltas)
     dequant = {p.replace(".base_layer", ""): np.asarray(mp.nf4_dequantize(m.net.get_submodule(p).weight))
                for p in linear4bit_paths(m.net)}
     with pytest.raises(ConfigError, match="merge_and_unload"):
         m.merge_adapter()
-    with pytest.raises(MiniPeftError):
-        m.save(str(tmp_path / "no"))
+    with pytest.raises(MiniPeftError, match="merge_and_unload"):
+        m.save("never-written")
     m.merge_and_unload()
     assert not linear4bit_paths(m.net) and not m.peft_configs
     for path, W in dequant.items():
         np.testing.assert_allclose(m.net.get_submodule(path).weight.data, W + deltas.get(path, 0.0), rtol=0,
                                    atol=1e-6 * max(1.0, np.abs(W).max()))
     assert_close(m(IDS), twin(IDS), rtol=1e-6, label="merged")
-    m.save(str(tmp_path / "merged"))
-    assert_close(mp.load_model(str(tmp_path / "merged"))(IDS), m(IDS), rtol=0.0, label="saved merged")
+    with tempfile.TemporaryDirectory() as folder:
+        m.save(folder + "/merged")
+        assert_close(mp.load_model(folder + "/merged")(IDS), m(IDS), rtol=0.0, label="saved merged")
 
 
 @pytest.mark.spec("QLORA-8", "QLORA-3")
