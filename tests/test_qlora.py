@@ -296,6 +296,18 @@ def test_gpt2_conv1d_quantizes_out_in_and_comes_back_as_conv1d():
     np.testing.assert_array_equal(layer.weight.data, np.asarray(mp.nf4_dequantize(t)).T)
 
 
+@pytest.mark.spec("QLORA-8")
+def test_unload_keeps_the_4bit_layers():
+    m = quantized_llama()
+    layers = {p: m.net.get_submodule(p) for p in linear4bit_paths(m.net)}
+    ref = m(IDS).data
+    m.apply_qlora(target_modules="all-linear", rank=2, alpha=4)
+    randomize_lora(m)
+    m.unload()
+    assert {p: m.net.get_submodule(p) for p in linear4bit_paths(m.net)} == layers and not m.peft_configs
+    np.testing.assert_array_equal(m(IDS).data, ref)
+
+
 # ---- QLORA-9, QLORA-10: errors ----------------------------------------------------------------------
 @pytest.mark.spec("QLORA-9")
 def test_apply_qlora_on_a_float_model_says_to_quantize():
