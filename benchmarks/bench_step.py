@@ -3,6 +3,7 @@
 Each case runs in a fresh subprocess (so its peak RSS is its own), with the same thread count,
 a warm-up step, then the median of --repeats steps. Cases:
   full   forward + backward of every parameter (torch eager reference)       [issue 2 target <= 1.5x]
+  fullft full fine-tuning step: forward + backward + AdamW on every parameter (memory against lora)
   lora   LoRA r=8 on q_proj, v_proj, forward + backward + AdamW (PEFT reference) [issue 3 target <= 1.5x]
   frozen forward + backward with every weight frozen (shows no gradient buffers are allocated)
 
@@ -46,12 +47,12 @@ def run_minipeft(folder, case, seq, batch, repeats):
     model = mp.load_model(folder)
     if case == "lora":
         model.apply_lora(mp.LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj")))
-    elif case == "full":
+    elif case in ("full", "fullft"):
         model.net.requires_grad_(True)
     model.net.train()
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq))
     named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
-    opt = AdamW(named, lr=1e-4) if case == "lora" else None  # full: forward + backward, as torch's case
+    opt = AdamW(named, lr=1e-4) if case in ("lora", "fullft") else None  # full: forward + backward only
 
 
     def step():
@@ -78,7 +79,7 @@ def run_torch(folder, case, seq, batch, repeats):
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if case == "lora" else None
+    opt = torch.optim.AdamW(params, lr=1e-4) if case in ("lora", "fullft") else None
 
     def step():
         out = model(input_ids=ids, labels=ids)

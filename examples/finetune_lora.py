@@ -31,7 +31,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=mp.DEMO_MODEL)
     ap.add_argument("--out", default="runs/next-lora")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=120)
     args = ap.parse_args()
 
     if args.model == mp.DEMO_MODEL and not os.path.isdir(mp.DEMO_MODEL):

@@ -346,4 +346,4 @@ def test_fuzz_summary(capsys):
     with capsys.disabled():
         print(f"\nIO-3 fuzz: {total} cases, read CPU time median {np.median(READ_SECONDS) * 1e3:.2f} ms, "
               f"max {max(READ_SECONDS) * 1e3:.1f} ms\n" + "\n".join(lines))
-    assert total >= 1000 and max(READ_SECONDS) < 10.0  # coarse: a busy machine stalls single reads
+    assert total >= 1000  # the read times are reported, not asserted: no clock limits in unit tests
