@@ -230,3 +230,34 @@ def test_seeded_rng_is_equal_on_every_backend_and_replays(any_backend):
     r.set_state(state)
     assert all(a.tobytes() == b.tobytes() for a, b in zip(draws(r), first))
     assert not np.array_equal(draws(backend.RNG(8))[0], draws(backend.RNG(7))[0])
+
+
+ALLOC_PROBE = """
+import resource, numpy as np, minipeft.backend as b
+def round_():  # a step's worth of buffers: 40 arrays of 1 MiB, written, then all freed
+    bufs = [np.ones(1 << 18, np.float32) for _ in range(40)]
+    del bufs
+round_()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    round_()
+print(b.HOST_ALLOCATOR, "|", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.spec("BACKEND-7")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_freed_buffers_are_reused_without_page_faults():
+    def faults(tuning):
+        env = dict(os.environ, MINIPEFT_MALLOC_TUNING=tuning)
+        out = subprocess.run([sys.executable, "-c", ALLOC_PROBE], env=env, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        state, count = out.rsplit("|", 1)
+        return state.strip(), int(count)
+    (tuned_state, tuned), (plain_state, plain) = faults("1"), faults("0")
+    if tuned_state.startswith("untouched (no glibc"):
+        pytest.skip("not glibc")
+    assert tuned_state.startswith("glibc:") and plain_state.startswith("untouched")
+    # 5 rounds x 40 MiB = 51,200 pages: malloc's default maps and faults them in afresh every round
+    assert plain > 40_000, plain
+    assert tuned < 0.01 * plain, (tuned, plain)
