@@ -1,4 +1,4 @@
-"""The `minipeft` command: train, merge, generate, inspect (each with --help)."""
+"""The `minipeft` command: train, merge, generate, inspect, memory (each with --help)."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,20 @@ def cmd_inspect(args):
               f"\n  targets: {cfg.get('target_modules')}\n  tensors: {len(header)}  parameters: {n:,}{share}")
 
 
+def cmd_memory(args):
+    from .memory import estimate
+    targets = args.target_modules if args.target_modules != ["all-linear"] else "all-linear"
+    est = estimate(args.model, args.method, rank=args.rank, target_modules=targets, seq=args.seq,
+                   batch=args.batch, gradient_checkpointing=args.checkpointing, dtype=args.dtype,
+                   compute_dtype=args.compute_dtype)
+    print(f"{args.model}: {args.method}, rank {args.rank}, seq {args.seq}, batch {args.batch}, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, {args.dtype}"
+          f"{', compute ' + args.compute_dtype if args.method == 'qlora' else ''}")
+    print(f"parameters: {est.base_params:,}  trainable: {est.trainable:,}")
+    for name, n in est.rows():
+        print(f"  {name:<20}{n / 1e9:10.2f} GB")
+
+
 def _numel(shape):
     out = 1
     for s in shape:
@@ -130,6 +144,18 @@ def build_parser():
     i.add_argument("folder")
     i.add_argument("--model", default=None, help="base model, to print the adapters' share of its parameters")
     i.set_defaults(fn=cmd_inspect)
+    me = sub.add_parser("memory", help="estimate the memory of one training step (spec/memory.md), in GB")
+    me.add_argument("--model", required=True, help="config.json, or a folder holding one")
+    me.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
+    me.add_argument("--rank", type=int, default=8)
+    me.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="names, or all-linear")
+    me.add_argument("--seq", type=int, default=512, help="tokens per example")
+    me.add_argument("--batch", type=int, default=4)
+    me.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    me.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"])
+    me.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
+                    help="qlora's compute dtype")
+    me.set_defaults(fn=cmd_memory)
     return ap
 
 
