@@ -193,3 +193,16 @@ def test_estimate_matches_the_traced_peak_of_a_step(raw, method, seq, ckpt, cd):
           f"{measured['after_forward'] / 1e6:.2f} MB ({100 * err_fwd:+.2f}%)")
     assert abs(err) < 0.15
     assert abs(err_fwd) < 0.03
+
+
+@pytest.mark.spec("MEM-8", "MEM-10")
+def test_readme_memory_table_is_what_estimate_gives():
+    readme = open(os.path.join(os.path.dirname(CONFIGS), "..", "..", "README.md"), encoding="utf-8").read()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:8] for line in readme.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in ("7B", "13B", "70B")}
+    assert sorted(rows) == ["13B", "70B", "7B"]
+    for size, cells in rows.items():
+        path = os.path.join(CONFIGS, f"llama-2-{size.lower()}.json")
+        for cell, (method, ckpt) in zip(cells, [(m, c) for m in ("full", "lora", "qlora") for c in (False, True)]):
+            gb = estimate(path, method, gradient_checkpointing=ckpt).total / 1e9
+            assert cell.strip() == (f"{gb:.0f}" if gb >= 10 else f"{gb:.1f}"), (size, method, ckpt)
