@@ -4,11 +4,12 @@ Symbols: B batch, T tokens (= S keys), N = B T, d hidden, I intermediate, H / Hk
 size, dq = H D, dkv = Hkv D, V vocabulary, L layers, r rank, e bytes per float.
 Weights (MEM-1): float parameters e each; 4-bit linears at NF4's stored bytes (NF4-10).
 Gradients, optimizer (MEM-2): e per trainable parameter, and 2 e more for AdamW's m and v.
-Activations (MEM-3..MEM-6): a recorded op keeps its inputs (Function.parents) and what it saves;
+Activations (MEM-3..MEM-5): a recorded op keeps its inputs (Function.parents) and what it saves;
     an op is recorded when an input needs a gradient or it owns a trainable parameter (AG-2).
     The forward below replays llama's ops on sizes and sums what the recorded ones keep.
-Workspace (MEM-7): max(2 N V, 4 N I, 3 B H T S) e, the largest buffer a backward makes at once.
-Total (MEM-8): weights + gradients + optimizer + activations + workspace.
+Backward buffers (MEM-6): 2 N V e for the loss, max(4 N I, 3 B H T S) e for a layer.
+Backward peak (MEM-7): the worst stage of live activations + gradients made + buffers.
+Total (MEM-8): weights + optimizer + max(backward peak, gradients + AdamW's temporaries).
 """
 from __future__ import annotations
 
@@ -228,6 +229,8 @@ def estimate(config, method="full", rank=8, target_modules=("q_proj", "v_proj"),
     if optimizer != "adamw":
         raise ConfigError(f"optimizer={optimizer!r}: minipeft trains with adamw")
     targets = LINEARS if target_modules == "all-linear" else tuple(target_modules)
+    if method != "full" and not set(targets) <= set(LINEARS):
+        raise ConfigError(f"target_modules={target_modules!r}: use names among {', '.join(LINEARS)}, or all-linear")
     e, N = ITEMSIZE[dtype], batch * seq
     p = _Plan(c, method, targets if method != "full" else (), rank, N, e, compute_dtype)
     emb, head, other, linear, quant, lora = _param_counts(c, p)

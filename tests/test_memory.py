@@ -106,7 +106,7 @@ def test_bad_input_raises_config_error(tmp_path):
     gpt2 = {"model_type": "gpt2", "vocab_size": 50, "n_embd": 32, "n_layer": 2, "n_head": 4}
     with pytest.raises(ConfigError, match="llama family"):
         estimate(config_from_dict(gpt2))
-    for kw in ({"method": "dora"}, {"optimizer": "sgd"}, {"dtype": "int8"}):
+    for kw in ({"method": "dora"}, {"optimizer": "sgd"}, {"dtype": "int8"}, {"method": "lora", "target_modules": ["lm_head"]}):
         with pytest.raises(ConfigError):
             estimate(config_from_dict(SMALL), **kw)
     with pytest.raises(ConfigError):
