@@ -56,14 +56,19 @@ def main():
     after, answers = exact_match(model, held, show=3)
     print(f"held-out exact match after LoRA: {after:.0%}")
 
-    model.save_adapters(args.out)
-    fresh = mp.load_model(args.model)
-    fresh.load_adapters(args.out)
+    same = save_and_reload(model, lambda: mp.load_model(args.model), held, answers, args.out, "a fresh model")
+    return 0 if same and after > before else 1
+
+
+def save_and_reload(model, load_fresh, held, answers, out, where):
+    """Save the adapters, load them into load_fresh(), and say whether the answers are the same."""
+    model.save_adapters(out)
+    fresh = load_fresh()
+    fresh.load_adapters(out)
     again, answers2 = exact_match(fresh, held)
     same = answers == answers2
-    print(f"adapter saved to {args.out}; reloaded into a fresh model: exact match {again:.0%}, "
-          f"same answers: {same}")
-    return 0 if same and after > before else 1
+    print(f"adapter saved to {out}; reloaded into {where}: exact match {again:.0%}, same answers: {same}")
+    return same
 
 
 if __name__ == "__main__":
