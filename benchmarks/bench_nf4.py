@@ -13,17 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
-
-def fastest(fn, repeats):
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from bench_step import timed  # one timing loop for every benchmark (fastest run, warm-up first)
 
 
 def main():
@@ -58,7 +49,7 @@ def main():
             "dequantize": (lambda: nf4_dequantize(t, "float32"), lambda: F.dequantize_4bit(q, state)),
         }
         for op, (mine, ref) in cases.items():
-            a, b = fastest(mine, args.repeats), fastest(ref, args.repeats)
+            a, b = timed(mine, args.repeats)["seconds"], timed(ref, args.repeats)["seconds"]
             name = f"{op}{' +dq' if dq else ''}"
             rows.append({"case": name, "minipeft_s": a, "bnb_s": b, "ratio": a / b})
             print(f"{name:18} {a:10.4f} {b:8.4f} {gb / a:13.2f} {gb / b:9.2f} {a / b:6.2f}")
