@@ -102,6 +102,16 @@ class Model:
         from .adapters.lora import LoRAConfig
         return self.apply_adapter(cfg or LoRAConfig(**fields), name)
 
+    def apply_dora(self, cfg=None, name: str = "default", **fields):
+        """LoRA with a learned per-row magnitude (spec/dora.md)."""
+        from .adapters.dora import DoRAConfig
+        return self.apply_adapter(cfg or DoRAConfig(**fields), name)
+
+    def apply_ia3(self, cfg=None, name: str = "default", **fields):
+        """Learned vectors scaling layer outputs, or inputs of feed-forward layers (spec/ia3.md)."""
+        from .adapters.ia3 import IA3Config
+        return self.apply_adapter(cfg or IA3Config(**fields), name)
+
     def apply_qlora(self, cfg=None, name: str = "default", **fields):
         """LoRA over the 4-bit linear layers of a model loaded with quantization= (spec/qlora.md)."""
         from .adapters.qlora import QLoRAConfig

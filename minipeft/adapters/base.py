@@ -38,6 +38,7 @@ class AdapterConfig:
     peft_type = "BASE"  # PEFT's enum string, set by each method
     PEFT_FIELDS: typing.ClassVar[dict] = {}  # our field -> PEFT's adapter_config.json key
     PEFT_VALUES: typing.ClassVar[dict] = {}  # our field -> {our value: PEFT's value} where they differ
+    PEFT_FLAGS: typing.ClassVar[dict] = {}  # PEFT boolean keys that tell methods sharing a peft_type apart
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -65,6 +66,7 @@ class AdapterConfig:
             v = list(getattr(self, ours)) if isinstance(getattr(self, ours), tuple) else getattr(self, ours)
             table = {json_key(k): pv for k, pv in self.PEFT_VALUES.get(ours, {}).items()}
             out[theirs] = table.get(json_key(v), v)
+        out.update(self.PEFT_FLAGS)
         return out
 
     @classmethod
@@ -120,10 +122,13 @@ class AdaptedLayer(Module):
         self.merged: list[str] = []
 
     def forward(self, x):
-        y = self.base_layer(x)
-        for name in self.active:
-            if name in self.adapters and name not in self.merged:
-                y = self.adapters[name].adapt(x, y, self.base_layer)
+        live = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+        h = x
+        for delta in live:
+            h = delta.adapt_input(h)
+        y = self.base_layer(h)
+        for delta in live:
+            y = delta.adapt(x, y, self.base_layer)
         return y
 
     # merge/unmerge add or subtract delta_weight() in the base weight's own layout
@@ -143,6 +148,9 @@ class AdaptedLayer(Module):
 class Delta(Module):
     """Base of delta modules: merge adds delta_weight() to W, unmerge subtracts it.
     Methods whose merge is not additive (IA3, DoRA) override merge_into / unmerge_from."""
+
+    def adapt_input(self, x):
+        return x
 
     def delta_weight(self):
         raise NotImplementedError

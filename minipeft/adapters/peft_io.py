@@ -103,7 +103,7 @@ def read_adapter_config(folder: str):
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(d, dict) or not isinstance(d.get("peft_type"), str):
         raise CheckpointError(f"{path}: field 'peft_type' is missing or not a string")
-    cls = config_class(d["peft_type"], path)
+    cls = config_class(d["peft_type"], path, d)
     try:
         return cls.from_peft(d)
     except (ConfigError, TypeError, ValueError) as e:

@@ -1,12 +1,19 @@
 """The registry: each adapter config class -> its layer class. Dispatch is on config types, and
-PEFT's `peft_type` strings map back to config classes when an adapter folder is loaded."""
+PEFT's `peft_type` strings map back to config classes when an adapter folder is loaded; where
+several classes share one peft_type (LORA, and DoRA as LORA + use_dora), their PEFT_FLAGS decide."""
 from __future__ import annotations
 
 from ..errors import CheckpointError
+from .dora import DoRAConfig, DoRALinear
+from .ia3 import IA3Config, IA3Linear
+from .loha import LoHaConfig, LoHaLinear
 from .lora import LoRAConfig, LoRALinear
 
 REGISTRY = {
     LoRAConfig: LoRALinear,
+    LoHaConfig: LoHaLinear,
+    DoRAConfig: DoRALinear,
+    IA3Config: IA3Linear,
 }
 
 
@@ -17,9 +24,12 @@ def layer_class(cfg):
     raise CheckpointError(f"no adapter method is registered for {type(cfg).__name__}")
 
 
-def config_class(peft_type: str, where: str = "adapter_config.json"):
-    for cls in REGISTRY:
-        if cls.peft_type == peft_type:
-            return cls
+def config_class(peft_type: str, where: str = "adapter_config.json", fields: dict | None = None):
+    """The config class for an adapter_config.json: its peft_type, then the class whose PEFT_FLAGS
+    all hold in `fields` (an absent key counts as false), the one with the most flags winning."""
+    fits = [cls for cls in REGISTRY if cls.peft_type == peft_type and
+            all(bool((fields or {}).get(k, False)) == v for k, v in cls.PEFT_FLAGS.items())]
+    if fits:
+        return max(fits, key=lambda cls: len(cls.PEFT_FLAGS))
     known = sorted({c.peft_type for c in REGISTRY})
     raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported; minipeft reads {', '.join(known)}")
