@@ -102,6 +102,11 @@ class Model:
         from .adapters.lora import LoRAConfig
         return self.apply_adapter(cfg or LoRAConfig(**fields), name)
 
+    def apply_loha(self, cfg=None, name: str = "default", **fields):
+        """LoHa, dW = s (W1a W1b) * (W2a W2b) (spec/loha.md)."""
+        from .adapters.loha import LoHaConfig
+        return self.apply_adapter(cfg or LoHaConfig(**fields), name)
+
     def apply_dora(self, cfg=None, name: str = "default", **fields):
         """LoRA with a learned per-row magnitude (spec/dora.md)."""
         from .adapters.dora import DoRAConfig
@@ -111,6 +116,11 @@ class Model:
         """Learned vectors scaling layer outputs, or inputs of feed-forward layers (spec/ia3.md)."""
         from .adapters.ia3 import IA3Config
         return self.apply_adapter(cfg or IA3Config(**fields), name)
+
+    def apply_lokr(self, cfg=None, name: str = "default", **fields):
+        """LoKr, dW = s kron(W1, W2) (spec/lokr.md)."""
+        from .adapters.lokr import LoKrConfig
+        return self.apply_adapter(cfg or LoKrConfig(**fields), name)
 
     def apply_qlora(self, cfg=None, name: str = "default", **fields):
         """LoRA over the 4-bit linear layers of a model loaded with quantization= (spec/qlora.md)."""

@@ -48,20 +48,25 @@ class LoRAConfig(AdapterConfig):
     PEFT_VALUES = {"init": {"default": True}}
 
     def validate(self):
-        check(isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "must be a positive integer")
-        check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        check_rank_alpha(self)
         check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout,
               "must be in [0, 1)")
         check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "use 'none', 'all' or 'lora_only'")
         check(self.init in INITS, "init", self.init, f"use one of {', '.join(INITS)}")
-        for field in ("rank_pattern", "alpha_pattern"):
-            for k, v in getattr(self, field).items():
-                check(isinstance(v, (int, float)) and v > 0, f"{field}[{k!r}]", v, "must be > 0")
 
     def rank_alpha_for(self, path: str):
         """(r, alpha) of one module: the first rank_pattern/alpha_pattern key matching
         `(.*\\.)?(key)$` wins (PEFT's rule), else the config's own."""
         return (_first_match(self.rank_pattern, path, self.rank), _first_match(self.alpha_pattern, path, self.alpha))
+
+
+def check_rank_alpha(cfg):
+    """rank, alpha, rank_pattern and alpha_pattern (LORA-11); LoHa and LoKr check theirs with it too."""
+    check(isinstance(cfg.rank, int) and cfg.rank > 0, "rank", cfg.rank, "must be a positive integer")
+    check(isinstance(cfg.alpha, (int, float)) and cfg.alpha > 0, "alpha", cfg.alpha, "must be > 0")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for k, v in getattr(cfg, field).items():
+            check(isinstance(v, (int, float)) and v > 0, f"{field}[{k!r}]", v, "must be > 0")
 
 
 def _first_match(pattern: dict, path: str, default):

@@ -7,11 +7,13 @@ from ..errors import CheckpointError
 from .dora import DoRAConfig, DoRALinear
 from .ia3 import IA3Config, IA3Linear
 from .loha import LoHaConfig, LoHaLinear
+from .lokr import LoKrConfig, LoKrLinear
 from .lora import LoRAConfig, LoRALinear
 
 REGISTRY = {
     LoRAConfig: LoRALinear,
     LoHaConfig: LoHaLinear,
+    LoKrConfig: LoKrLinear,
     DoRAConfig: DoRALinear,
     IA3Config: IA3Linear,
 }

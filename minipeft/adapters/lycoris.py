@@ -1,0 +1,97 @@
+"""What LoHa (loha.py) and LoKr (lokr.py) share: PEFT's LycorisConfig / LycorisLayer, without the rest.
+
+Config: rank r and alpha, with per-module rank_pattern / alpha_pattern (LoRA's rule, LORA-2);
+    rank_dropout, module_dropout; init_weights (PEFT's values; each method maps them to the leaves
+    it zeroes).
+Scaling (LOHA-2, LOKR-2): s = alpha / r.
+Training-time dropouts (LOHA-4, LOKR-5): the adapter's output term t (..., out) becomes
+    0                          with probability module_dropout (one draw per call), else
+    t * m                      m (out,) = [u_i > rank_dropout], u_i ~ U(0, 1), one draw per call;
+                               divided by mean(m) (LoHa always, LoKr with rank_dropout_scale).
+    PEFT applies m to the rows of dW before x dW^T, which is the same as scaling t's columns.
+Init: each leaf is zero or kaiming-uniform(a=sqrt 5), U(-1/sqrt(cols), 1/sqrt(cols)) for a (rows, cols) leaf.
+PEFT parity: peft/tuners/lycoris_utils.py (LycorisConfig, LycorisLayer.merge/unmerge), the
+    rank-dropout lines of get_delta_weight and the module-dropout test of forward in
+    peft/tuners/loha/layer.py and peft/tuners/lokr/layer.py.
+Deviations: when every row is dropped, PEFT divides 0 by mean(m) = 0 and gets NaN; here the term is 0.
+    The random draws come from minipeft's RNG (NumPy PCG64), not torch's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .. import backend
+from ..autograd.tensor import Tensor
+from .base import AdapterConfig, Delta, check, trainable
+from .lora import LoRAConfig, check_rank_alpha
+
+
+@dataclasses.dataclass
+class LycorisConfig(AdapterConfig):
+    rank: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0  # drop rows of dW (output features) in training
+    module_dropout: float = 0.0  # skip the whole adapter in training
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    init_weights: bool | str = True  # a key of the method's ZEROED table
+
+    PEFT_FIELDS = {"rank": "r", "alpha": "alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout",
+                   "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "init_weights": "init_weights"}
+    ZEROED = {}  # init_weights value -> names of the leaves it sets to zero (the rest: kaiming)
+
+    def validate(self):
+        check_rank_alpha(self)
+        for field, top in (("rank_dropout", "1)"), ("module_dropout", "1]")):
+            v = getattr(self, field)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v and (v <= 1 if top == "1]" else v < 1)
+            check(ok, field, v, f"must be in [0, {top}")
+        known = any(self.init_weights is k or (isinstance(k, str) and self.init_weights == k) for k in self.ZEROED)
+        check(known, "init_weights", self.init_weights, f"use one of {', '.join(map(repr, self.ZEROED))}")
+
+    rank_alpha_for = LoRAConfig.rank_alpha_for  # (r, alpha) of one module: LoRA's pattern rule
+
+
+def scaling(alpha, r) -> float:
+    """LOHA-2 / LOKR-2, the one place the LyCORIS scaling rule is written."""
+    return alpha / r
+
+
+def init_leaves(delta, zeroed, rng) -> None:
+    """Each leaf zero (its name in `zeroed`) or kaiming-uniform with a = sqrt 5: U(+-1/sqrt(cols))."""
+    for name, t in delta.named_parameters():
+        bound = 1.0 / math.sqrt(t.shape[1])
+        t.data = backend.xp().zeros(t.shape, dtype=t.data.dtype) if name in zeroed else rng.uniform(t.shape, -bound, bound)
+
+
+class LycorisDelta(Delta):
+    """Base of LoHaLinear and LoKrLinear: the dropouts around the method's own `term(x)`."""
+
+    rescale_rank_dropout = True
+
+    def __init__(self, s, cfg: LycorisConfig, rng):
+        self.s, self.rng = s, rng
+        self.rank_dropout, self.module_dropout = cfg.rank_dropout, cfg.module_dropout
+
+    def leaf(self, name, shape) -> Tensor:
+        t = trainable(backend.xp().zeros(shape, dtype=backend.dtype("float32")))
+        setattr(self, name, t)
+        return t
+
+    def adapt(self, x, y, base):
+        if self.training and self.module_dropout > 0 and float(self.rng.uniform((), 0.0, 1.0)) <= self.module_dropout:
+            return y  # PEFT applies the adapter when rand > module_dropout
+        t = self.term(x)  # (..., out)
+        if self.training and self.rank_dropout > 0:
+            t = t * Tensor(self.rank_mask(t.shape[-1]))
+        return y + t
+
+    def rank_mask(self, out):
+        xp = backend.xp()
+        m = xp.astype(self.rng.uniform((out,), 0.0, 1.0) > self.rank_dropout, backend.dtype("float32"))  # (out,)
+        mean = float(xp.mean(m))
+        return m / mean if self.rescale_rank_dropout and mean > 0 else m
+
+    def term(self, x):
+        raise NotImplementedError
