@@ -10,13 +10,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_close
+from one_layer import probe_backward, random_base
 from minipeft import backend
 from minipeft.adapters.base import AdaptedLayer
 from minipeft.adapters.dora import DoRAConfig, DoRALinear
 from minipeft.adapters.lora import LoRAConfig
 from minipeft.autograd import Tensor
 from minipeft.errors import CheckpointError, ConfigError
-from minipeft.nn.layers import Conv1D, Linear
 from minipeft.safetensors_io import read_safetensors
 from test_lora import D, IDS, NAMES, SHAPES, layers, make_model, plain_logits, snapshot
 
@@ -123,10 +123,7 @@ def test_gradients_with_detached_norm(r, learn_m, bias):
 
     # one layer, L = Σ G ⊙ h with n a constant: dm = Σ_rows G ⊙ (V x) / n, dA = s Bᵀ (g G)ᵀ X, dB = s (g G)ᵀ X Aᵀ
     layer = model.net.get_submodule(adapted[0])
-    rng = np.random.default_rng(5)
-    X = rng.standard_normal((4, D)).astype(np.float32)
-    G = rng.standard_normal((4, D)).astype(np.float32)
-    (layer(Tensor(X)) * Tensor(G)).sum().backward()
+    X, G = probe_backward(layer, D, D)
     delta = layer.adapters["default"]
     A, B, s, m, V, n = parts(delta, layer.base_layer.weight.data)
     gG = G * (m / n)
@@ -178,10 +175,7 @@ def test_conv1d_layer_forward_and_merge(r, fan_in_fan_out, seed):
     """GPT-2's Conv1D stores W as (in, out); A, B, m keep their shapes and W^T gets the formula."""
     n_in, n_out = 12, 20
     rng = np.random.default_rng(seed)
-    base = (Conv1D if fan_in_fan_out else Linear)(n_in, n_out)
-    base.weight.data = (rng.standard_normal(base.weight.shape) * 0.3).astype(np.float32)
-    base.bias.data = (rng.standard_normal((n_out,)) * 0.3).astype(np.float32)
-    W0 = base.weight.data.T.astype(np.float64) if fan_in_fan_out else base.weight.data.astype(np.float64)
+    base, W0 = random_base(fan_in_fan_out, rng, n_in, n_out)
     layer = AdaptedLayer(base)
     layer.adapters["default"] = DoRALinear.create(base, DoRAConfig(rank=r, alpha=2 * r), "c_attn", backend.RNG(0))
     layer.active = ["default"]

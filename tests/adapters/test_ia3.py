@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_close
+from one_layer import probe_backward, random_base
 from minipeft import backend
 from minipeft.adapters.base import AdaptedLayer
 from minipeft.adapters.ia3 import IA3Config, IA3Linear
 from minipeft.autograd import Tensor
 from minipeft.errors import ConfigError, MiniPeftError
-from minipeft.nn.layers import Conv1D, Linear
 from minipeft.safetensors_io import read_safetensors
 from test_lora import IDS, LINEAR, NAMES, SHAPES, layers, make_model, plain_logits, snapshot
 
@@ -153,10 +153,7 @@ def test_conv1d_layer_forward_and_merge(ff, fan_in_fan_out, seed):
     """GPT-2's Conv1D stores W as (in, out); l keeps PEFT's shape and scales the matching axis."""
     n_in, n_out = 12, 20
     rng = np.random.default_rng(seed)
-    base = (Conv1D if fan_in_fan_out else Linear)(n_in, n_out)
-    base.weight.data = (rng.standard_normal(base.weight.shape) * 0.3).astype(np.float32)
-    base.bias.data = (rng.standard_normal((n_out,)) * 0.3).astype(np.float32)
-    W0 = base.weight.data.T.astype(np.float64) if fan_in_fan_out else base.weight.data.astype(np.float64)
+    base, W0 = random_base(fan_in_fan_out, rng, n_in, n_out)
     b0 = base.bias.data.astype(np.float64)
     layer = AdaptedLayer(base)
     cfg = IA3Config(target_modules=("c_fc",), feedforward_modules=("c_fc",) if ff else ())
@@ -190,13 +187,10 @@ def test_gradients_reach_only_l(sets):
     adapted = [p for p, _ in layers(model, "default")]
     assert {n for n, p in model.net.named_parameters() if p.requires_grad} == {f"{p}.adapters.default.ia3_l"
                                                                                 for p in adapted}
-    rng = np.random.default_rng(5)
     for path in adapted:
         layer = model.net.get_submodule(path)
         out, n_in = SHAPES[path.split(".", 3)[3]]
-        X = rng.standard_normal((4, n_in)).astype(np.float32)
-        G = rng.standard_normal((4, out)).astype(np.float32)
-        (layer(Tensor(X)) * Tensor(G)).sum().backward()
+        X, G = probe_backward(layer, n_in, out)
         d = layer.adapters["default"]
         W0, b0 = (np.asarray(t.data, np.float64) for t in (layer.base_layer.weight, layer.base_layer.bias))
         if d.feedforward:  # h = W0 (l ⊙ x) + b: dl_i = Σ_rows x_i (G W0)_i

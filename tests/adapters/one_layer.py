@@ -1,0 +1,24 @@
+"""One adapted layer outside a model, for the DoRA and IA3 tests: a random Linear or GPT-2 Conv1D
+base, and a backward probe L = Σ G ⊙ layer(X) whose gradients the tests rebuild in NumPy."""
+import numpy as np
+
+from minipeft.autograd import Tensor
+from minipeft.nn.layers import Conv1D, Linear
+
+
+def random_base(fan_in_fan_out: bool, rng, n_in: int = 12, n_out: int = 20):
+    """(base, W0 as (out, in) float64): a Linear, or a Conv1D whose weight is stored (in, out)."""
+    base = (Conv1D if fan_in_fan_out else Linear)(n_in, n_out)
+    base.weight.data = (rng.standard_normal(base.weight.shape) * 0.3).astype(np.float32)
+    base.bias.data = (rng.standard_normal((n_out,)) * 0.3).astype(np.float32)
+    W0 = base.weight.data.T if fan_in_fan_out else base.weight.data
+    return base, W0.astype(np.float64)
+
+
+def probe_backward(layer, n_in: int, n_out: int, seed: int = 5):
+    """Backward of L = Σ G ⊙ layer(X) for seeded X (4, n_in), G (4, n_out); returns X, G."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((4, n_in)).astype(np.float32)
+    G = rng.standard_normal((4, n_out)).astype(np.float32)
+    (layer(Tensor(X)) * Tensor(G)).sum().backward()
+    return X, G
