@@ -90,8 +90,8 @@ class Model:
             deltas[path] = cls.create(getattr(m, "base_layer", m), cfg, path, self.rng, init_weights)
         copies = {entry: self._trained_copy_paths(entry) for entry in cfg.modules_to_save}
         self.net.requires_grad_(False)
-        for path, delta in deltas.items():
-            inject.wrap(self.net, path).adapters[name] = delta
+        for path, delta in deltas.items():  # a new delta takes the model's mode (eval: no dropout)
+            inject.wrap(self.net, path).adapters[name] = delta.train(self.net.training)
         for paths in copies.values():
             self._add_trained_copy(paths, name)
         self.peft_configs[name] = cfg
