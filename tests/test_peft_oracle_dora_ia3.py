@@ -108,7 +108,6 @@ def test_training_step_gradients_agree(lib, base, tmp_path, case):
 @pytest.mark.spec("DORA-5", "IA3-4")
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_and_unload_equals_peft(lib, base, tmp_path, case):
-    torch = lib[0]
     pm = peft_model(lib, base, case).eval()
     pm.save_pretrained(tmp_path)
     unmerged = hf_logits(lib, pm)
