@@ -43,10 +43,11 @@ class LycorisConfig(AdapterConfig):
 
     def validate(self):
         check_rank_alpha(self)
-        for field, top in (("rank_dropout", "1)"), ("module_dropout", "1]")):
+        for field, closed in (("rank_dropout", False), ("module_dropout", True)):
             v = getattr(self, field)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v and (v <= 1 if top == "1]" else v < 1)
-            check(ok, field, v, f"must be in [0, {top}")
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            rule = "must be in [0, 1]" if closed else "must be in [0, 1)"
+            check(number and 0.0 <= v and (v <= 1 if closed else v < 1), field, v, rule)
         known = any(self.init_weights is k or (isinstance(k, str) and self.init_weights == k) for k in self.ZEROED)
         check(known, "init_weights", self.init_weights, f"use one of {', '.join(map(repr, self.ZEROED))}")
 
@@ -62,7 +63,8 @@ def init_leaves(delta, zeroed, rng) -> None:
     """Each leaf zero (its name in `zeroed`) or kaiming-uniform with a = sqrt 5: U(+-1/sqrt(cols))."""
     for name, t in delta.named_parameters():
         bound = 1.0 / math.sqrt(t.shape[1])
-        t.data = backend.xp().zeros(t.shape, dtype=t.data.dtype) if name in zeroed else rng.uniform(t.shape, -bound, bound)
+        zero = backend.xp().zeros(t.shape, dtype=t.data.dtype)
+        t.data = zero if name in zeroed else rng.uniform(t.shape, -bound, bound)
 
 
 class LycorisDelta(Delta):

@@ -13,8 +13,8 @@ from minipeft.adapters.base import AdaptedLayer
 from minipeft.adapters.loha import LoHaLinear
 from minipeft.autograd import Tensor
 from minipeft.backend import RNG
-from minipeft.nn.layers import Conv1D, Linear
 from minipeft.safetensors_io import read_safetensors
+from one_layer import random_base
 from test_lora import D, IDS, layers, make_model, plain_logits, randomize, snapshot  # noqa: F401 (re-exported)
 
 
@@ -94,10 +94,9 @@ def check_merge_unmerge(cfg):
     assert_close(model(IDS), unmerged, 1e-5, label="merge_and_unload")
 
 
-def one_layer(base, cls, cfg, rng):
-    """An AdaptedLayer around `base` (random W0, b) with one active adapter of class cls, random leaves."""
-    base.weight.data = rng.standard_normal(base.weight.shape).astype(np.float32)
-    base.bias.data = rng.standard_normal(base.bias.shape).astype(np.float32)
+def one_layer(fan_in_fan_out, n_in, n_out, cls, cfg, rng):
+    """An AdaptedLayer around a random Linear or Conv1D with one active adapter of class cls, random leaves."""
+    base, _ = random_base(fan_in_fan_out, rng, n_in, n_out)
     layer = AdaptedLayer(base)
     layer.adapters["default"] = delta = cls.create(base, cfg, "layer", RNG(int(rng.integers(1000))))
     for t in delta.parameters():
@@ -109,7 +108,7 @@ def one_layer(base, cls, cfg, rng):
 def check_conv1d(cls, cfg, n_in, n_out, seed=0):
     """gpt2's Conv1D stores W0 as (in, out): the forward is x W0 + x ΔWᵀ, and merge adds ΔWᵀ."""
     rng = np.random.default_rng(seed)
-    layer, delta = one_layer(Conv1D(n_in, n_out), cls, cfg, rng)
+    layer, delta = one_layer(True, n_in, n_out, cls, cfg, rng)
     base = layer.base_layer
     x = rng.standard_normal((3, n_in)).astype(np.float32)
     W0 = np.asarray(base.weight.data, np.float64)
@@ -134,7 +133,7 @@ def check_dropouts(cls, cfg, n_out=32, rescale=True, seed=3):
     """Training mode: one module draw u (term kept when u > q), then one rank draw per output feature,
     mask m = [u_i > p], divided by mean(m) when rescaled (0 when every feature is dropped)."""
     rng = np.random.default_rng(seed)
-    layer, delta = one_layer(Linear(D, n_out), cls, cfg, rng)
+    layer, delta = one_layer(False, D, n_out, cls, cfg, rng)
     base = layer.base_layer
     x = rng.standard_normal((4, D)).astype(np.float32)
     plain = x @ np.asarray(base.weight.data, np.float64).T + base.bias.data
@@ -173,3 +172,23 @@ def check_save_load(cfg, tmp, peft_type, keys_shapes):
         assert np.array_equal(again.net.get_submodule(path).adapters["default"].__dict__[leaf].data, v)
     assert np.array_equal(again(IDS).data, model(IDS).data)
     return conf
+
+
+def check_array_api(cls, cfg):
+    """Forward (train mode, both dropouts live), backward and merge run on the current backend with
+    array-API calls only (the array_api_strict guard) and give NumPy's values."""
+    from minipeft import backend
+    layer, delta = one_layer(False, 12, 20, cls, cfg, np.random.default_rng(0))
+    for t in layer.parameters():
+        t.data = backend.asarray(np.asarray(t.data))
+    x = np.random.default_rng(1).standard_normal((2, 3, 12)).astype(np.float32)
+    layer.train()
+    y = layer(Tensor(backend.asarray(x)))
+    y.sum().backward()
+    assert all(t.grad is not None for t in delta.parameters())
+    layer.eval()
+    ref = x @ (np.asarray(layer.base_layer.weight.data, np.float64) + ref_delta(delta)).T + \
+        np.asarray(layer.base_layer.bias.data)
+    assert_close(backend.to_host(layer(Tensor(backend.asarray(x))).data), ref, 1e-5, label="eval forward")
+    layer.merge("default")
+    assert_close(backend.to_host(layer(Tensor(backend.asarray(x))).data), ref, 1e-5, label="merged forward")
