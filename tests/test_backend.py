@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from minipeft import backend
 from minipeft.autograd import Tensor
@@ -191,6 +192,31 @@ def test_bf16_rounding_is_the_same_on_every_backend(any_backend):
     assert np.array_equal(got, ref)
     back = backend.to_host(backend.float32_from_bf16_bits(backend.asarray(ref)))
     assert np.array_equal(back.view(np.uint32), ref.astype(np.uint32) << 16)
+
+
+# ---- BACKEND-8 ---------------------------------------------------------------------------------
+@pytest.mark.spec("BACKEND-8")
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 50), st.integers(0, 2**32 - 1))
+def test_bitcast_pairs_and_round_trip(n, seed):
+    words = np.random.default_rng(seed).integers(0, 2**63, n, dtype=np.uint64)
+    for name in ("numpy", "array_api_strict"):
+        backend.set_backend(name)
+        try:
+            a = backend.asarray(words)
+            halves = backend.to_host(backend.bitcast(a, "float32"))
+            assert halves.shape == (2 * n,)
+            assert halves.tobytes() == words.tobytes()  # element 2k, 2k + 1: the halves of k in memory order
+            assert backend.to_host(backend.bitcast(backend.bitcast(a, "float32"), "uint64")).tobytes() == words.tobytes()
+        finally:
+            backend.set_backend("numpy")
+
+
+@pytest.mark.spec("BACKEND-8")
+def test_chunk_length_is_the_host_chunk_on_the_cpu(any_backend):
+    a = backend.asarray(np.zeros(1000, np.float32))
+    assert backend.chunk_length(a, 64) == 64
+    assert backend.chunk_length(a, 4096) == 4096
 
 
 @pytest.mark.oracle

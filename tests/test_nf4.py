@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from minipeft import backend
 from minipeft.errors import CheckpointError, ConfigError
 from minipeft.quant import NF4Tensor, nf4_dequantize, nf4_quantize, storage_bits
+from minipeft.quant import nf4 as nf4_module
 from minipeft.quant.cascade_sum import torch_mean, torch_sum
 from minipeft.quant.codebooks import FP4_CODE, NF4_CODE, dynamic_map, normal_float_code
 
@@ -205,6 +206,23 @@ def test_dequantize_is_code_times_absmax(x, B, qt):
     bits = y.view(np.uint32).astype(np.uint64)
     bf16 = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(f32)
     assert np.asarray(nf4_dequantize(t, "bfloat16")).tobytes() == bf16.tobytes()
+
+
+@pytest.mark.spec("NF4-7", "BACKEND-8")
+@FAST
+@given(weights(), blocks, st.booleans(), qtypes, st.sampled_from([128, 256, 1024]))
+def test_dequantize_in_chunks_equals_one_pass(x, B, dq, qt, chunk):
+    t = nf4_quantize(x, B, dq, qt)
+    whole = np.asarray(nf4_dequantize(t))
+    saved = nf4_module.DEQUANT_CHUNK
+    nf4_module.DEQUANT_CHUNK = chunk  # bytes: many chunks, a partial block and an odd tail at the end
+    try:
+        assert np.asarray(nf4_dequantize(t)).tobytes() == whole.tobytes()
+    finally:
+        nf4_module.DEQUANT_CHUNK = saved
+    q = unpack(np.asarray(t.packed), x.size)
+    a = np.asarray(nf4_module._absmax(t))
+    assert whole.reshape(-1).tobytes() == (code_of(qt)[q] * np.repeat(a, B)[: x.size]).tobytes()
 
 
 @pytest.mark.spec("NF4-8")

@@ -195,21 +195,39 @@ def _absmax(t: NF4Tensor):
 
 
 # ---- dequantize (NF4-7) ------------------------------------------------------------------------
+DEQUANT_CHUNK = 65536  # packed bytes per step on the CPU: 512 KB of float32 output stays in cache
+
+
+def _pair_table(xp, quant_type: str):
+    """(256,) uint64: the bits of each byte's two float32 values (high nibble first), so that one
+    gather per byte reads both of its values."""
+    code = xp.asarray(CODES[quant_type], dtype=xp.float32)  # (16,)
+    byte = xp.arange(256)
+    pairs = xp.stack([xp.take(code, byte >> 4), xp.take(code, byte & 15)], axis=1)  # (256, 2)
+    return xp.reshape(backend.bitcast(pairs, "uint64"), (256,))
+
+
 def nf4_dequantize(t: NF4Tensor, dtype: str = "float32"):
-    """The array t stands for, in float32, float16, or bfloat16 (as float32 values)."""
+    """The array t stands for, in float32, float16, or bfloat16 (as float32 values).
+    y_i = fl(c[q_i] * a_b), computed in chunks of DEQUANT_CHUNK bytes on the CPU (BACKEND-8)."""
     if dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"unsupported compute dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     xp = backend.xp_of(t.packed)
-    code = xp.asarray(CODES[t.quant_type], dtype=xp.float32)  # (16,)
-    byte = xp.arange(256)
-    pairs = xp.stack([xp.take(code, byte >> 4), xp.take(code, byte & 15)], axis=1)  # (256, 2): each byte's two values
-    v = xp.reshape(xp.take(pairs, xp.astype(t.packed, xp.int64), axis=0), (-1,))  # (2 * len(packed),)
+    pairs = _pair_table(xp, t.quant_type)  # (256,)
     a = _absmax(t)  # (nb,)
     n, b = t.numel, t.block_size
-    full = n - n % b
-    y = xp.reshape(xp.reshape(v[:full], (-1, b)) * a[: full // b, None], (-1,))  # (full,)
-    if n > full:
-        y = xp.concat([y, v[full:n] * a[-1]])
+    y = xp.empty((n,), dtype=xp.float32)
+    step = backend.chunk_length(t.packed, DEQUANT_CHUNK)  # 2 * step is a multiple of b on the CPU
+    m = t.packed.shape[0]
+    for start in range(0, m, step):
+        v = backend.bitcast(xp.take(pairs, t.packed[start:min(start + step, m)]), "float32")
+        lo = 2 * start  # v holds values lo .. lo + len(v) - 1 (the last one padding when n is odd)
+        hi = min(lo + v.shape[0], n)
+        full = (hi - lo) // b * b  # whole blocks in this chunk; a partial one only at the very end
+        k = lo // b
+        y[lo:lo + full] = xp.reshape(xp.reshape(v[:full], (-1, b)) * a[k:k + full // b, None], (-1,))
+        if lo + full < hi:
+            y[lo + full:hi] = v[full:hi - lo] * a[k + full // b]
     y = xp.reshape(y, t.shape)
     if dtype == "float16":
         return xp.astype(y, xp.float16)
