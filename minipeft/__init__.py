@@ -5,6 +5,7 @@ from .adapters.dora import DoRAConfig
 from .adapters.ia3 import IA3Config
 from .adapters.lora import LoRAConfig
 from .adapters.qlora import QLoRAConfig
+from .adapters.vera import VeRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .errors import BackendError, CheckpointError, ConfigError, MiniPeftError, TrainingError
@@ -18,5 +19,5 @@ DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "tiny-llama-chars
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
-           "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
+           "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

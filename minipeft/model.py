@@ -26,6 +26,7 @@ class Model:
         self.config = net.config
         self.peft_configs: dict = {}  # adapter name -> config
         self.active_adapters: list[str] = []
+        self.shared_tensors: dict = {}  # adapter name -> {name: frozen Tensor its layers share} (VeRA's A, B)
         self.rng = backend.RNG(seed)  # adapter init and dropout draw from here, explicitly
         net.dropout_rng = self.rng
         net.requires_grad_(False)  # frozen until an adapter (or the user, for full fine-tuning) says otherwise
@@ -83,18 +84,19 @@ class Model:
             raise ConfigError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
         if name in self.peft_configs:
             raise ConfigError(f"an adapter named {name!r} exists already; pick another name or delete_adapter() it")
-        cls = layer_class(cfg)
-        deltas = {}  # every delta and modules_to_save match first: a bad rank or entry leaves the model as it was
+        bases = {}
         for path in inject.find_targets(self.net, cfg):
             m = self.net.get_submodule(path)
-            deltas[path] = cls.create(getattr(m, "base_layer", m), cfg, path, self.rng, init_weights)
+            bases[path] = getattr(m, "base_layer", m)
+        # every delta and modules_to_save match first: a bad rank or entry leaves the model as it was
+        deltas, shared = layer_class(cfg).create_all(bases, cfg, self.rng, init_weights)
         copies = {entry: self._trained_copy_paths(entry) for entry in cfg.modules_to_save}
         self.net.requires_grad_(False)
         for path, delta in deltas.items():  # a new delta takes the model's mode (eval: no dropout)
             inject.wrap(self.net, path).adapters[name] = delta.train(self.net.training)
         for paths in copies.values():
             self._add_trained_copy(paths, name)
-        self.peft_configs[name] = cfg
+        self.peft_configs[name], self.shared_tensors[name] = cfg, shared
         self.set_active_adapter(self.active_adapters or [name])
         return self
 
@@ -116,6 +118,11 @@ class Model:
         """Learned vectors scaling layer outputs, or inputs of feed-forward layers (spec/ia3.md)."""
         from .adapters.ia3 import IA3Config
         return self.apply_adapter(cfg or IA3Config(**fields), name)
+
+    def apply_vera(self, cfg=None, name: str = "default", **fields):
+        """VeRA, dW = diag(lam_b) B diag(lam_d) A with A, B frozen, random and shared (spec/vera.md)."""
+        from .adapters.vera import VeRAConfig
+        return self.apply_adapter(cfg or VeRAConfig(**fields), name)
 
     def apply_lokr(self, cfg=None, name: str = "default", **fields):
         """LoKr, dW = s kron(W1, W2) (spec/lokr.md)."""
@@ -172,7 +179,7 @@ class Model:
         for path, m in self.net.named_modules():
             if getattr(m, "bias", None) is None or not isinstance(m.bias, Tensor) or ".adapters." in path:
                 continue
-            if mode == "all" or (mode == "lora_only" and path.endswith(".base_layer")):
+            if mode == "all" or (mode.endswith("_only") and path.endswith(".base_layer")):  # lora_only, vera_only
                 m.bias.requires_grad = True
 
     @contextlib.contextmanager
@@ -209,6 +216,7 @@ class Model:
                 if not m.modules_to_save.keys():
                     self.net.set_submodule(path, m.original_module)
         del self.peft_configs[name]
+        self.shared_tensors.pop(name, None)
         rest = [n for n in self.active_adapters if n != name] or list(self.peft_configs)[:1]
         self.active_adapters = []
         if rest:
@@ -251,7 +259,7 @@ class Model:
         for path, m in list(self.net.named_modules()):
             if isinstance(m, TrainedCopy):
                 self.net.set_submodule(path, m.current())
-        self.peft_configs, self.active_adapters = {}, []
+        self.peft_configs, self.active_adapters, self.shared_tensors = {}, [], {}
         self.net.requires_grad_(False)
         return self
 

@@ -7,6 +7,7 @@ saves is `base_model.model.<layer path>.<parameter path inside the delta module>
 loading is one generic walk, with no per-method key table.
 
 A delta module implements:
+    create_all(bases, cfg, rng, init_weights) -> ({path: delta}, {name: shared Tensor})
     adapt(x, y, base) -> y'   the layer's output with this adapter applied (y = base(x) so far)
     delta_weight()   -> dW    (out, in) in W's orientation, for merge/unmerge (None: not mergeable)
 """
@@ -151,6 +152,12 @@ class Delta(Module):
 
     def adapt_input(self, x):
         return x
+
+    @classmethod
+    def create_all(cls, bases: dict, cfg, rng, init_weights: bool = True):
+        """({path: delta} for the targeted base layers {path: base}, {name: Tensor} of frozen tensors
+        the deltas share, saved once as base_model.<name>). Most methods share nothing (VeRA does)."""
+        return {p: cls.create(b, cfg, p, rng, init_weights) for p, b in bases.items()}, {}
 
     def delta_weight(self):
         raise NotImplementedError

@@ -9,6 +9,7 @@ from .ia3 import IA3Config, IA3Linear
 from .loha import LoHaConfig, LoHaLinear
 from .lokr import LoKrConfig, LoKrLinear
 from .lora import LoRAConfig, LoRALinear
+from .vera import VeRAConfig, VeRALinear
 
 REGISTRY = {
     LoRAConfig: LoRALinear,
@@ -16,6 +17,7 @@ REGISTRY = {
     LoKrConfig: LoKrLinear,
     DoRAConfig: DoRALinear,
     IA3Config: IA3Linear,
+    VeRAConfig: VeRALinear,
 }
 
 

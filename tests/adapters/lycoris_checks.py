@@ -31,12 +31,12 @@ def ref_delta(delta) -> np.ndarray:
     return delta.s * np.kron(W1, W2)
 
 
-def updates(model, names) -> dict:
-    """{param name: Σ ΔW} over adapters `names`."""
+def updates(model, names, delta_of=ref_delta) -> dict:
+    """{param name: Σ ΔW} over adapters `names` (delta_of: a delta's reference ΔW; VeRA passes its own)."""
     up = {}
     for n in names:
         for path, layer in layers(model, n):
-            up[path + ".weight"] = up.get(path + ".weight", 0) + ref_delta(layer.adapters[n])
+            up[path + ".weight"] = up.get(path + ".weight", 0) + delta_of(layer.adapters[n])
     return up
 
 
@@ -73,13 +73,13 @@ def check_forward_and_disable(cfg_a, cfg_b, active):
     assert_close(model(IDS), ref, 1e-5, label="re-enabled")
 
 
-def check_merge_unmerge(cfg):
+def check_merge_unmerge(cfg, perturb=randomize, delta_of=ref_delta):
     model = make_model()
     weights = snapshot(model)
     model.apply_adapter(cfg)
-    randomize(model, "default")
+    perturb(model, "default")
     unmerged = model(IDS).data
-    up = updates(model, ["default"])
+    up = updates(model, ["default"], delta_of)
     model.merge_adapter()
     params = dict(model.net.named_parameters())
     for path, _ in layers(model, "default"):
@@ -90,7 +90,7 @@ def check_merge_unmerge(cfg):
     for path, _ in layers(model, "default"):
         assert_close(params[path + ".base_layer.weight"], weights[path + ".weight"], 1e-6, label="unmerge")
     model.merge_and_unload()
-    assert not any(isinstance(m, AdaptedLayer) for _, m in model.net.named_modules())
+    assert not any(isinstance(m, AdaptedLayer) for _, m in model.net.named_modules()) and not model.shared_tensors
     assert_close(model(IDS), unmerged, 1e-5, label="merge_and_unload")
 
 
