@@ -1,0 +1,101 @@
+"""VeRA against HF PEFT (spec/vera.md), in the set-up of test_peft_oracle.py: a tiny random Llama or
+GPT-2 (Conv1D, fan_in_fan_out), the trainable vectors λ_b, λ_d perturbed with seeded noise (so
+λ_b != 0). A and B come from the file in both directions (save_projection=True), which is what makes
+the two libraries agree although they draw them from different generators. Checked: PEFT's save
+loads here with equal logits and the reverse; one training step's gradients from the same state;
+merge_and_unload against PEFT's merged model. Run with `pytest -s` for the errors."""
+import re
+
+import numpy as np
+import pytest
+
+import minipeft
+from helpers import max_rel_err
+from minipeft.adapters.vera import VeRAConfig
+from minipeft.autograd import Tensor
+from minipeft.autograd import functional as F
+from test_peft_oracle import IDS, V, base, hf_logits, hf_model, lib, perturb_minipeft, perturb_peft, report  # noqa: F401
+
+pytestmark = pytest.mark.oracle
+GRAD_TOL = 1e-4
+
+# name -> (base kind, PEFT VeraConfig kwargs); minipeft reads the same dict via VeRAConfig.from_peft
+CASES = {
+    "llama": ("llama", dict(r=16, target_modules=["q_proj", "k_proj", "down_proj"], projection_prng_key=3)),
+    "gpt2": ("gpt2", dict(r=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+}
+
+
+def peft_model(lib, base, case):
+    _, _, peft = lib
+    kind, kw = CASES[case]
+    pm = peft.get_peft_model(hf_model(lib, base(kind)), peft.VeraConfig(task_type="CAUSAL_LM", **kw))
+    perturb_peft(lib, pm)
+    return pm
+
+
+@pytest.mark.spec("VERA-2", "VERA-6")
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
+    pm = peft_model(lib, base, case).eval()
+    pm.save_pretrained(tmp_path)
+    model = minipeft.load_model(base(CASES[case][0]))
+    model.load_adapters(str(tmp_path))
+    assert type(model.peft_configs["default"]) is VeRAConfig
+    assert np.array_equal(model.shared_tensors["default"]["vera_A"].data, pm.base_model.vera_A["default"].numpy())
+    report(f"PEFT->minipeft {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
+
+
+@pytest.mark.spec("VERA-2", "VERA-6")
+@pytest.mark.parametrize("case", list(CASES))
+def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
+    _, _, peft = lib
+    kind, kw = CASES[case]
+    model = minipeft.load_model(base(kind))
+    model.apply_adapter(VeRAConfig.from_peft(dict(peft_type="VERA", **kw)))
+    perturb_minipeft(model)
+    model.save_adapters(str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(hf_model(lib, base(kind)), str(tmp_path)).eval()
+    assert np.array_equal(pm.base_model.vera_B["default"].numpy(), model.shared_tensors["default"]["vera_B"].data)
+    report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
+
+
+LEAF = re.compile(r"base_model\.model\.(.+)\.(vera_lambda_b|vera_lambda_d)\.default$")
+
+
+@pytest.mark.spec("VERA-5")
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_step_gradients_agree(lib, base, tmp_path, case):
+    """Mean next-token cross-entropy on IDS from the same state: every trainable gradient (eval mode:
+    GPT-2's own dropout draws from different generators in train mode)."""
+    torch = lib[0]
+    pm = peft_model(lib, base, case).eval()
+    pm.save_pretrained(tmp_path)
+    logits = pm(torch.tensor(IDS)).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), torch.tensor(IDS[:, 1:]).reshape(-1)).backward()
+    theirs = {"{}.adapters.default.{}".format(*LEAF.match(n).groups()): p.grad.numpy()
+              for n, p in pm.named_parameters() if p.requires_grad}
+    model = minipeft.load_model(base(CASES[case][0]))
+    model.load_adapters(str(tmp_path))
+    out = model(IDS)
+    F.cross_entropy(out[:, :-1].reshape(-1, V), Tensor(IDS[:, 1:].reshape(-1))).backward()
+    ours = {n: p.grad for n, p in model.net.named_parameters() if p.requires_grad}
+    assert sorted(ours) == sorted(theirs)
+    worst = max(max_rel_err(ours[n], theirs[n]) for n in ours)
+    print(f"\n  gradients {case} ({len(ours)} tensors): max rel err {worst:.2e}")
+    assert worst < GRAD_TOL
+
+
+@pytest.mark.spec("VERA-3")
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_and_unload_equals_peft(lib, base, tmp_path, case):
+    pm = peft_model(lib, base, case).eval()
+    pm.save_pretrained(tmp_path)
+    merged = pm.merge_and_unload()
+    theirs = hf_logits(lib, merged)
+    model = minipeft.load_model(base(CASES[case][0]))
+    model.load_adapters(str(tmp_path))
+    report(f"merge_and_unload vs PEFT {case}", max_rel_err(model.merge_and_unload()(IDS).data, theirs))
+    sd = {k: v.detach().numpy() for k, v in merged.state_dict().items()}
+    mine = {k: np.asarray(v) for k, v in model.net.state_dict().items()}
+    report(f"merged weights vs PEFT {case}", max(max_rel_err(mine[k], sd[k]) for k in mine if k in sd))
