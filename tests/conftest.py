@@ -1,7 +1,13 @@
 """Shared test set-up: the `spec` and `oracle` markers, backends, seeded RNGs."""
 import importlib.util
+import os
 
-import numpy as np
+# One BLAS / OpenMP thread per test process: pytest runs one worker per core (pyproject addopts),
+# and spinning BLAS threads on busy cores cost up to 17x the CPU time (measured, bench_step.py).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402  (after the thread settings, which numpy reads at import)
 import pytest
 
 ORACLE_PACKAGES = ("torch", "transformers", "peft")
