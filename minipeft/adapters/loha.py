@@ -27,7 +27,7 @@ import dataclasses
 
 from ..autograd import functional as F
 from ..autograd.function import no_grad
-from .lycoris import LycorisConfig, LycorisDelta, init_leaves, scaling
+from .lycoris import LycorisConfig, LycorisDelta
 
 
 @dataclasses.dataclass
@@ -42,15 +42,6 @@ class LoHaLinear(LycorisDelta):
         for i in ("1", "2"):
             self.leaf(f"hada_w{i}_a", (out_features, r))  # (out, r)
             self.leaf(f"hada_w{i}_b", (r, in_features))  # (r, in)
-
-    @classmethod
-    def create(cls, base, cfg: LoHaConfig, path: str, rng, init_weights: bool = True):
-        """The delta for the layer at `path`; init_weights=False leaves zeros for a load to fill."""
-        r, alpha = cfg.rank_alpha_for(path)
-        delta = cls(base.in_features, base.out_features, r, scaling(alpha, r), cfg, rng)
-        if init_weights:
-            init_leaves(delta, cfg.ZEROED[cfg.init_weights], rng)
-        return delta
 
     def weight(self):  # LOHA-1: s (W1a W1b) * (W2a W2b), a Tensor (out, in)
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.s

@@ -27,7 +27,7 @@ import dataclasses
 from .. import backend
 from ..autograd.function import no_grad
 from .base import check
-from .lycoris import LycorisConfig, LycorisDelta, init_leaves, scaling
+from .lycoris import LycorisConfig, LycorisDelta
 
 
 @dataclasses.dataclass
@@ -80,15 +80,6 @@ class LoKrLinear(LycorisDelta):
             self.leaf("lokr_w2_a", (b, r)), self.leaf("lokr_w2_b", (r, d))
         else:
             self.leaf("lokr_w2", (b, d))
-
-    @classmethod
-    def create(cls, base, cfg: LoKrConfig, path: str, rng, init_weights: bool = True):
-        """The delta for the layer at `path`; init_weights=False leaves zeros for a load to fill."""
-        r, alpha = cfg.rank_alpha_for(path)
-        delta = cls(base.in_features, base.out_features, r, scaling(alpha, r), cfg, rng)
-        if init_weights:
-            init_leaves(delta, cfg.ZEROED[cfg.init_weights], rng)
-        return delta
 
     def kron_factor(self, i):  # W1 (a, c) or W2 (b, d), a Tensor
         full = getattr(self, f"lokr_w{i}", None)

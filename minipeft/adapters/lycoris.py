@@ -76,6 +76,16 @@ class LycorisDelta(Delta):
         self.s, self.rng = s, rng
         self.rank_dropout, self.module_dropout = cfg.rank_dropout, cfg.module_dropout
 
+    @classmethod
+    def create(cls, base, cfg: LycorisConfig, path: str, rng, init_weights: bool = True):
+        """The delta for the layer at `path`; init_weights=False leaves zeros for a load to fill.
+        Subclasses take (in_features, out_features, r, s, cfg, rng)."""
+        r, alpha = cfg.rank_alpha_for(path)
+        delta = cls(base.in_features, base.out_features, r, scaling(alpha, r), cfg, rng)
+        if init_weights:
+            init_leaves(delta, cfg.ZEROED[cfg.init_weights], rng)
+        return delta
+
     def leaf(self, name, shape) -> Tensor:
         t = trainable(backend.xp().zeros(shape, dtype=backend.dtype("float32")))
         setattr(self, name, t)
