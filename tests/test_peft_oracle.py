@@ -333,3 +333,27 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
     pm = peft.PeftModel.from_pretrained(hf_model(lib, base()), str(tmp_path / "cat_10")).eval()
     model.set_active_adapter("a")
     report(f"combined cat (rank_pattern {cfg['rank_pattern']}) minipeft->PEFT", max_rel_err(ours, hf_logits(lib, pm)))
+
+
+@pytest.mark.spec("PEFT-3")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp_path, kind):
+    """PEFT warns on and ignores keys its config class lacks: each method writes only keys PEFT reads."""
+    import dataclasses
+    import warnings
+    from minipeft.adapters.registry import REGISTRY
+    _, _, peft = lib
+    targets = {"llama": ("q_proj", "v_proj", "down_proj"), "gpt2": ("c_attn", "c_fc")}[kind]
+    for cfg_cls in REGISTRY:
+        model = minipeft.load_model(base(kind))
+        extra = {"feedforward_modules": targets[-1:]} if "feedforward_modules" in cfg_cls.__dataclass_fields__ else {}
+        model.apply_adapter(cfg_cls(target_modules=targets, **extra))
+        folder = tmp_path / cfg_cls.__name__
+        model.save_adapters(str(folder))
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        theirs = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[saved["peft_type"]]
+        unknown = set(saved) - {f.name for f in dataclasses.fields(theirs)}
+        assert not unknown, (cfg_cls.__name__, sorted(unknown))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert theirs.from_pretrained(str(folder)).peft_type.value == saved["peft_type"]

@@ -24,6 +24,8 @@ from ..errors import ConfigError
 from ..nn.module import Module
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# the layer-selection fields every AdapterConfig has, saved under these names in adapter_config.json
+COMMON_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "exclude_modules")
 
 
 @dataclasses.dataclass
@@ -40,6 +42,9 @@ class AdapterConfig:
     PEFT_FIELDS: typing.ClassVar[dict] = {}  # our field -> PEFT's adapter_config.json key
     PEFT_VALUES: typing.ClassVar[dict] = {}  # our field -> {our value: PEFT's value} where they differ
     PEFT_FLAGS: typing.ClassVar[dict] = {}  # PEFT boolean keys that tell methods sharing a peft_type apart
+    # the common keys PEFT's config class for this method has (PEFT warns on and ignores others): a common
+    # field missing here must stay unset, since PEFT would read the saved adapter without it
+    PEFT_COMMON: typing.ClassVar[tuple] = COMMON_FIELDS + ("fan_in_fan_out",)
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -55,6 +60,10 @@ class AdapterConfig:
                               f"got {self.target_modules!r}")
         if isinstance(self.layers_to_transform, list):
             self.layers_to_transform = tuple(self.layers_to_transform)
+        for field in COMMON_FIELDS:
+            check(field in self.PEFT_COMMON or getattr(self, field) in (None, ()), field, getattr(self, field),
+                  f"PEFT's {self.peft_type} config has no {field}, so a saved adapter would be read without it; "
+                  f"leave it unset")
         self.validate()
 
     def validate(self):
@@ -74,7 +83,7 @@ class AdapterConfig:
     def from_peft(cls, d: dict):
         """A config from PEFT's adapter_config.json dict (unknown keys ignored, as PEFT does)."""
         kwargs = {}
-        for field in ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "exclude_modules"):
+        for field in COMMON_FIELDS:
             if d.get(field) is not None:
                 kwargs[field] = d[field]
         for ours, theirs in cls.PEFT_FIELDS.items():

@@ -35,6 +35,7 @@ class IA3Config(AdapterConfig):
 
     peft_type = "IA3"
     PEFT_FIELDS = {"feedforward_modules": "feedforward_modules"}
+    PEFT_COMMON = ("target_modules", "modules_to_save", "exclude_modules", "fan_in_fan_out")  # no layer selection
 
     def validate(self):
         if isinstance(self.feedforward_modules, list):
@@ -44,8 +45,6 @@ class IA3Config(AdapterConfig):
               "feedforward_modules", ff, "must be a list of module names or a regex")
         check(isinstance(ff, str) or isinstance(tm, str) or set(ff) <= set(tm), "feedforward_modules", ff,
               f"must be a subset of target_modules {tm!r} (PEFT's rule)")
-        check(self.layers_to_transform is None and self.layers_pattern is None, "layers_to_transform",
-              self.layers_to_transform, "is not an IA3 field in PEFT (its IA3Config has none); leave it None")
 
     def is_feedforward(self, path: str) -> bool:  # IA3-2
         ff = self.feedforward_modules

@@ -37,6 +37,7 @@ class LycorisConfig(AdapterConfig):
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     init_weights: bool | str = True  # a key of the method's ZEROED table
 
+    PEFT_COMMON = AdapterConfig.PEFT_COMMON[:-1]  # PEFT's LoHa/LoKr configs have no fan_in_fan_out
     PEFT_FIELDS = {"rank": "r", "alpha": "alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout",
                    "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "init_weights": "init_weights"}
     ZEROED = {}  # init_weights value -> names of the leaves it sets to zero (the rest: kaiming)

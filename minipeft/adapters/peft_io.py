@@ -19,7 +19,7 @@ from .. import backend
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_save_dir, atomic_write_json
 from ..safetensors_io import read_safetensors, write_safetensors
-from .base import AdaptedLayer
+from .base import COMMON_FIELDS, AdaptedLayer
 from .modules_to_save import TrainedCopy
 from .registry import config_class
 
@@ -68,6 +68,7 @@ def config_dict(model, cfg) -> dict:
          "layers_to_transform": _list_or_none(cfg.layers_to_transform), "layers_pattern": cfg.layers_pattern,
          "modules_to_save": list(cfg.modules_to_save) or None, "exclude_modules": list(cfg.exclude_modules) or None,
          "fan_in_fan_out": model.config.model_type == "gpt2"}
+    d = {k: v for k, v in d.items() if k not in COMMON_FIELDS + ("fan_in_fan_out",) or k in cfg.PEFT_COMMON}
     d.update(cfg.to_peft())
     return d
 

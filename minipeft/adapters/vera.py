@@ -45,6 +45,7 @@ class VeRAConfig(AdapterConfig):
     shared_across_layers: bool = True  # one A and B for every layer: what VeRA is (False is refused)
 
     peft_type = "VERA"
+    PEFT_COMMON = ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "fan_in_fan_out")
     PEFT_FIELDS = {"rank": "r", "projection_prng_key": "projection_prng_key", "save_projection": "save_projection",
                    "dropout": "vera_dropout", "d_initial": "d_initial", "bias": "bias"}
 

@@ -232,7 +232,7 @@ BAD = [
     (dict(feedforward_modules=3), "feedforward_modules"),
     (dict(feedforward_modules=("down_proj", 1)), "feedforward_modules"),
     (dict(layers_to_transform=[0]), "layers_to_transform"),
-    (dict(layers_pattern="layers"), "layers_to_transform"),
+    (dict(layers_pattern="layers"), "layers_pattern.*has no layers_pattern"),
     (dict(target_modules=5), "target_modules"),
 ]
 
