@@ -1,0 +1,159 @@
+"""The seed's method comparison table, measured: every adapter on the model minipeft carries, one task,
+one training budget, each method at its config's defaults (the seed's: LoRA r=8, alpha 16 on q_proj and v_proj, ...).
+
+The model is minipeft/data/tiny-llama-chars (llama, hidden 96, 2 layers, 32-character vocabulary);
+the task is the demo's `next` (examples/tasks.py: "next abc =" -> " bcd"), which the base model
+cannot do. Every method trains the same number of optimizer steps on the same batches (AdamW, cosine
+schedule, 10% warm-up) at its own learning rate (the LR column: adapters with few parameters need a
+larger one, as their papers say). Each method runs in a fresh process and reports:
+
+  params    trainable share of all parameters
+  memory    traced peak of the training run (weights + adapter + gradients + AdamW + activations,
+            tracemalloc, in a separate run of 2 steps), and as a share of full fine-tuning
+  step      median seconds per optimizer step, and relative to LoRA (> 1 is slower)
+  eval      held-out loss on the completions after training, and greedy exact match on 50 held-out words
+
+    python benchmarks/bench_methods.py                    # every method, 150 steps (about 15 min on 2 cores)
+    python benchmarks/bench_methods.py --methods lora ia3 --steps 40
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+
+# the seed's table (../shared/seed/lora-adapters-reference.md): Params, Memory, Quality, Speed
+SEED = {
+    "lora": ("0.1%", "Low", "High", "Fast"), "qlora": ("0.1%", "Very Low", "High", "Medium"),
+    "dora": ("0.1%", "Low", "Higher", "Fast"), "adalora": ("0.1%", "Low", "High", "Medium"),
+    "vera": ("0.01%", "Very Low", "Good", "Fast"), "lokr": ("0.05%", "Low", "Good", "Fast"),
+    "loha": ("0.1%", "Low", "Good", "Fast"), "ia3": ("0.01%", "Very Low", "Good", "Very Fast"),
+    "prefix_tuning": ("0.1%", "Low", "Good", "Medium"), "prompt_tuning": ("0.01%", "Very Low", "Moderate", "Fast"),
+    "full": ("100%", "-", "-", "-"),
+}
+
+
+def configs(mp, steps: int):
+    """method -> (learning rate, a function that applies the method to a model, load_model kwargs);
+    steps is the run's length (AdaLoRA's rank budget schedule ends there)."""
+    def adapter(cfg):
+        return lambda model: model.apply_adapter(cfg)
+
+    def full(model):
+        model.net.requires_grad_(True)
+    table = {
+        "full": (1e-3, full, {}),
+        "lora": (5e-3, adapter(mp.LoRAConfig()), {}),
+        "qlora": (5e-3, adapter(mp.QLoRAConfig()),
+                  {"quantization": mp.QuantizationConfig(compute_dtype="float32")}),
+        "dora": (5e-3, adapter(mp.DoRAConfig()), {}),
+        "vera": (5e-2, adapter(mp.VeRAConfig()), {}),
+        "lokr": (5e-3, adapter(mp.LoKrConfig()), {}),
+        "loha": (5e-3, adapter(mp.LoHaConfig()), {}),
+        "ia3": (5e-2, adapter(mp.IA3Config()), {}),
+    }
+    optional = {  # methods whose modules may not be in this version
+        "adalora": lambda: (5e-3, adapter(mp.AdaLoRAConfig(tinit=steps // 10,
+                                                            tfinal=steps // 5, total_step=steps)), {}),
+        "prefix_tuning": lambda: (3e-2, adapter(mp.PrefixTuningConfig(num_virtual_tokens=20)), {}),
+        "prompt_tuning": lambda: (3e-2, adapter(mp.PromptTuningConfig(num_virtual_tokens=10)), {}),
+    }
+    for name, make in optional.items():
+        try:
+            table[name] = make()
+        except AttributeError:
+            pass
+    return table
+
+
+def child(method: str, steps: int, batch: int, memory_only: bool) -> dict:
+    import tracemalloc
+    import minipeft as mp
+    from tasks import examples
+    lr, apply, load_kw = configs(mp, steps)[method]
+    held = examples("next", 200, seed=123)
+    train = examples("next", steps * batch, seed=7, exclude={e["prompt"] for e in held})
+    if memory_only:  # from here: the weights, the adapter, gradients, optimizer state and activations
+        tracemalloc.start()
+    model = mp.load_model(mp.DEMO_MODEL, **load_kw)
+    apply(model)
+    trainable, total = model.parameter_counts()
+    cfg = dict(learning_rate=lr, batch_size=batch, max_steps=2 if memory_only else steps,
+               warmup_steps=max(steps // 10, 1), schedule="cosine", seed=0, progress=False)
+    if memory_only:
+        model.train(train[:2 * batch], mp.TrainingConfig(**cfg))
+        return {"peak_mb": tracemalloc.get_traced_memory()[1] / 1e6}
+    hist = model.train(train, mp.TrainingConfig(**cfg, eval_data=held))
+    step_s = statistics.median(
+        sum(len(e["prompt"]) + len(e["completion"]) for e in train[:batch]) / r for r in hist["tokens_per_s"][1:])
+    eval_loss = hist["eval_loss"][-1][1]
+    answers = [model.generate(e["prompt"], max_new_tokens=8).strip() for e in held[:50]]
+    match = sum(a == e["completion"].strip() for a, e in zip(answers, held)) / 50
+    return {"trainable": trainable, "total": total, "lr": lr, "step_s": step_s, "eval_loss": eval_loss,
+            "exact_match": match, "final_train_loss": hist["loss"][-1]}
+
+
+def run(method, steps, batch, memory_only):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--steps", str(steps), "--batch", str(batch)]
+    out = subprocess.run(cmd + (["--memory-only"] if memory_only else []), capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: dict) -> str:
+    full_mb = rows.get("full", {}).get("peak_mb")
+    lora_s = rows.get("lora", {}).get("step_s")
+    lines = ["| Method | LR | Params (measured / seed) | Peak memory MB (share of full / seed) | Step s (vs LoRA / seed) "
+             "| Eval loss | Exact match (seed quality) |", "|:--|--:|:--|:--|:--|--:|:--|"]
+    for m, r in rows.items():
+        p, mem, q, sp = SEED[m]
+        share = f"{100 * r['trainable'] / r['total']:.2f}%"
+        memshare = f"{100 * r['peak_mb'] / full_mb:.0f}%" if full_mb else "-"
+        speed = f"{r['step_s'] / lora_s:.2f}x" if lora_s else "-"
+        lines.append(f"| {m} | {r['lr']:g} | {share} / {p} | {r['peak_mb']:.2f} ({memshare} / {mem}) | "
+                     f"{r['step_s']:.3f} ({speed} / {sp}) | {r['eval_loss']:.4f} | {100 * r['exact_match']:.0f}% ({q}) |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every method this version has")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.batch, args.memory_only)))
+        return 0
+    import minipeft as mp
+    have = configs(mp, args.steps)
+    methods = args.methods or list(have)
+    unknown = [m for m in methods if m not in have]
+    if unknown:
+        raise SystemExit(f"unknown or unavailable methods {unknown}; this version has {sorted(have)}")
+    rows = {}
+    for m in methods:
+        t0 = time.time()
+        rows[m] = dict(run(m, args.steps, args.batch, False), **run(m, args.steps, args.batch, True))
+        print(f"{m}: {rows[m]} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    print(f"{args.steps} steps of batch {args.batch} on {os.path.basename(mp.DEMO_MODEL)}, task `next`\n")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
