@@ -1,4 +1,5 @@
 """minipeft: a small, exact, readable reference implementation of parameter-efficient fine-tuning."""
+from .adapters.adalora import AdaLoRAConfig
 from .adapters.loha import LoHaConfig
 from .adapters.lokr import LoKrConfig
 from .adapters.dora import DoRAConfig
@@ -19,5 +20,5 @@ DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "tiny-llama-chars
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
-           "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
+           "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

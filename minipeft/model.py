@@ -129,6 +129,11 @@ class Model:
         from .adapters.lokr import LoKrConfig
         return self.apply_adapter(cfg or LoKrConfig(**fields), name)
 
+    def apply_adalora(self, cfg=None, name: str = "default", **fields):
+        """AdaLoRA, dW = s P Λ Q with ranks pruned to a budget while training (spec/adalora.md)."""
+        from .adapters.adalora import AdaLoRAConfig
+        return self.apply_adapter(cfg or AdaLoRAConfig(**fields), name)
+
     def apply_qlora(self, cfg=None, name: str = "default", **fields):
         """LoRA over the 4-bit linear layers of a model loaded with quantization= (spec/qlora.md)."""
         from .adapters.qlora import QLoRAConfig
@@ -283,6 +288,26 @@ class Model:
 
     def trainable_parameters(self):
         return self.net.trainable_parameters()
+
+    # hooks of methods that train with more than the loss (AdaLoRA): a class-level `regularization(deltas,
+    # cfg)` or `after_step(deltas, cfg, step)` on the method's layer class, given {path: delta} of one adapter
+    def _method_hooks(self, hook: str):
+        for name in self.active_adapters:
+            cfg = self.peft_configs[name]
+            fn = getattr(layer_class(cfg), hook, None)
+            if fn is not None:
+                yield fn, {p: m.adapters[name] for p, m in inject.adapted_layers(self.net) if name in m.adapters}, cfg
+
+    def regularization(self):
+        """The term the active adapters add to the training loss (AdaLoRA's orthogonality penalty), or None."""
+        terms = [fn(deltas, cfg) for fn, deltas, cfg in self._method_hooks("regularization")]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def update_and_allocate(self, step: int) -> None:
+        """Call after optimizer step `step` (0-based), before the gradients are cleared: each active adapter's
+        per-step update (AdaLoRA's rank allocation, PEFT's update_and_allocate). model.train calls it."""
+        for fn, deltas, cfg in self._method_hooks("after_step"):
+            fn(deltas, cfg, step)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts its elements, as a float one."""

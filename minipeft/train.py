@@ -134,6 +134,9 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                 for ids, mask, labels in batches:
                     share = count_targets(labels) / n_total
                     loss = _loss(model, ids, mask, labels)
+                    reg = model.regularization()  # a method's own loss term (AdaLoRA's penalty), or None
+                    if reg is not None:
+                        loss = loss + reg
                     lv = loss.item()
                     if not math.isfinite(lv):
                         raise TrainingError(f"step {step}: the loss is {lv}; training stopped. "
@@ -146,6 +149,7 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                     raise TrainingError(f"step {step}: the gradient norm is {norm}; training stopped. "
                                         f"Last good checkpoint: {last_ckpt or 'none'}")
                 opt.step()
+                model.update_and_allocate(step)  # a method's per-step update (AdaLoRA's rank allocation)
                 opt.zero_grad()
                 step += 1
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)

@@ -33,7 +33,8 @@ def adapter_tensors(model, name: str) -> dict:
     out = {}
     for path, m in model.net.named_modules():
         if isinstance(m, AdaptedLayer) and name in m.adapters:
-            for pname, p in m.adapters[name].named_parameters():
+            delta = m.adapters[name]  # a delta may save a layout of its own (AdaLoRA prunes by rank_pattern)
+            for pname, p in getattr(delta, "saved_parameters", delta.named_parameters)():
                 out[f"{PREFIX}{path}.{pname}"] = p
         if isinstance(m, TrainedCopy) and name in m.modules_to_save:
             for pname, p in m.modules_to_save[name].named_parameters():

@@ -4,6 +4,7 @@ several classes share one peft_type (LORA, and DoRA as LORA + use_dora), their P
 from __future__ import annotations
 
 from ..errors import CheckpointError
+from .adalora import AdaLoRAConfig, AdaLoRALinear
 from .dora import DoRAConfig, DoRALinear
 from .ia3 import IA3Config, IA3Linear
 from .loha import LoHaConfig, LoHaLinear
@@ -18,6 +19,7 @@ REGISTRY = {
     DoRAConfig: DoRALinear,
     IA3Config: IA3Linear,
     VeRAConfig: VeRALinear,
+    AdaLoRAConfig: AdaLoRALinear,
 }
 
 

@@ -15,6 +15,22 @@ def random_base(fan_in_fan_out: bool, rng, n_in: int = 12, n_out: int = 20):
     return base, W0.astype(np.float64)
 
 
+def check_dropout_forward(model, p: float, delta_of, label: str, path="model.layers.0.self_attn.k_proj"):
+    """Train mode, one adapted layer of a model: h = W0 x + b + (x ⊙ mask) ΔWᵀ, with the mask that
+    backend.RNG(0) draws first and ΔW = delta_of(the layer's default delta)."""
+    from minipeft import backend
+    from helpers import assert_close
+    layer = model.net.get_submodule(path)
+    layer.train()
+    d = layer.adapters["default"]
+    n = layer.base_layer.in_features
+    x = np.random.default_rng(3).standard_normal((5, n)).astype(np.float32)
+    mask = np.asarray(backend.RNG(0).keep_mask((5, n), p))
+    d.rng = backend.RNG(0)
+    W0, b = (np.asarray(t.data, np.float64) for t in (layer.base_layer.weight, layer.base_layer.bias))
+    assert_close(layer(Tensor(x)), x @ W0.T + b + (x * mask) @ delta_of(d).T, 1e-5, label=label)
+
+
 def probe_backward(layer, n_in: int, n_out: int, seed: int = 5):
     """Backward of L = Σ G ⊙ layer(X) for seeded X (4, n_in), G (4, n_out); returns X, G."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import assert_close
-from one_layer import probe_backward, random_base
+from one_layer import check_dropout_forward, probe_backward, random_base
 from minipeft import backend
 from minipeft.adapters.base import AdaptedLayer
 from minipeft.adapters.vera import VeRAConfig, VeRALinear
@@ -21,7 +21,7 @@ from minipeft.autograd import Tensor
 from minipeft.safetensors_io import read_safetensors, write_safetensors
 from lycoris_checks import check_merge_unmerge, updates
 from test_dora import SETTINGS, targets  # 12 examples, no shrinking; 1-3 target names
-from test_lora import D, IDS, SHAPES, layers, make_model, plain_logits, snapshot
+from test_lora import IDS, SHAPES, layers, make_model, plain_logits, snapshot
 
 
 
@@ -104,14 +104,7 @@ def test_dropout_forward_one_layer(p, r):
     model = make_model()
     model.apply_vera(rank=r, dropout=p, target_modules=("up_proj", "k_proj"))
     perturb(model)
-    layer = model.net.get_submodule("model.layers.0.self_attn.k_proj")
-    layer.train()
-    d = layer.adapters["default"]
-    x = np.random.default_rng(3).standard_normal((5, D)).astype(np.float32)
-    mask = np.asarray(backend.RNG(0).keep_mask((5, D), p))
-    d.rng = backend.RNG(0)
-    W0, b = (np.asarray(t.data, np.float64) for t in (layer.base_layer.weight, layer.base_layer.bias))
-    assert_close(layer(Tensor(x)), x @ W0.T + b + (x * mask) @ delta_np(d).T, 1e-5, label="VeRA dropout forward")
+    check_dropout_forward(model, p, delta_np, "VeRA dropout forward")
 
 
 @pytest.mark.spec("VERA-3")
