@@ -55,7 +55,7 @@ def main():
             print(f"{name:18} {a:10.4f} {b:8.4f} {gb / a:13.2f} {gb / b:9.2f} {a / b:6.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, **vars(args)}, f, indent=2)
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

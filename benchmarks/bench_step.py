@@ -8,6 +8,8 @@ step (process time of all threads: immune to stalls, and a fair basis with --thr
   fullft full fine-tuning step: forward + backward + AdamW on every parameter (memory against lora)
   lora   LoRA r=8 on q_proj, v_proj, forward + backward + AdamW (PEFT reference) [issue 3 target <= 1.5x]
   frozen forward + backward with every weight frozen (shows no gradient buffers are allocated)
+  qlora  QLoRA: NF4 base (double quantization, float32 compute) + LoRA r=8 on q_proj, v_proj, with AdamW
+         (reference: PEFT over transformers' bitsandbytes 4-bit base on the CPU)
 
     python benchmarks/bench_step.py                 # hidden 256, 4 layers, seq 128, batch 4
     python benchmarks/bench_step.py --size tiny
@@ -46,15 +48,16 @@ def run_minipeft(folder, case, seq, batch, repeats):
     import minipeft as mp
     from minipeft.models.blocks import causal_lm_loss
     from minipeft.nn.optim import AdamW
-    model = mp.load_model(folder)
-    if case == "lora":
+    quant = mp.QuantizationConfig(compute_dtype="float32") if case == "qlora" else None
+    model = mp.load_model(folder, quantization=quant)
+    if case in ("lora", "qlora"):
         model.apply_lora(mp.LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj")))
     elif case in ("full", "fullft"):
         model.net.requires_grad_(True)
     model.net.train()
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq))
     named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
-    opt = AdamW(named, lr=1e-4) if case in ("lora", "fullft") else None  # full: forward + backward only
+    opt = AdamW(named, lr=1e-4) if case in ("lora", "qlora", "fullft") else None  # full: forward + backward only
 
 
     def step():
@@ -72,8 +75,12 @@ def run_minipeft(folder, case, seq, batch, repeats):
 def run_torch(folder, case, seq, batch, repeats):
     import torch
     import transformers
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
-    if case == "lora":
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32) if case == "qlora" else None
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa", quantization_config=quant,
+                                                          device_map="cpu" if quant else None)
+    if case in ("lora", "qlora"):
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     elif case == "frozen":
@@ -81,7 +88,7 @@ def run_torch(folder, case, seq, batch, repeats):
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if case in ("lora", "fullft") else None
+    opt = torch.optim.AdamW(params, lr=1e-4) if case in ("lora", "qlora", "fullft") else None
 
     def step():
         out = model(input_ids=ids, labels=ids)

@@ -347,6 +347,7 @@ def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp
     for cfg_cls in REGISTRY:
         model = minipeft.load_model(base(kind))
         extra = {"feedforward_modules": targets[-1:]} if "feedforward_modules" in cfg_cls.__dataclass_fields__ else {}
+        extra.update({"total_step": 10} if "total_step" in cfg_cls.__dataclass_fields__ else {})  # PEFT's AdaLoRA needs it
         model.apply_adapter(cfg_cls(target_modules=targets, **extra))
         folder = tmp_path / cfg_cls.__name__
         model.save_adapters(str(folder))
@@ -357,3 +358,27 @@ def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert theirs.from_pretrained(str(folder)).peft_type.value == saved["peft_type"]
+
+
+@pytest.mark.spec("PEFT-6")
+def test_training_continues_in_peft_and_comes_back(lib, base, tmp_path):
+    """The path beyond one machine (README): an adapter trained in minipeft loads in PEFT, trains one more
+    AdamW step there (as PEFT + accelerate would, on many GPUs), and loads back here with PEFT's logits."""
+    torch, _, peft = lib
+    model = minipeft.load_model(base())
+    model.apply_lora(minipeft.LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    rows = [{"input_ids": [int(t) for t in r]} for r in IDS]
+    model.train(rows, minipeft.TrainingConfig(learning_rate=1e-2, batch_size=2, max_steps=3, progress=False))
+    model.save_adapters(str(tmp_path / "ours"))
+    pm = peft.PeftModel.from_pretrained(hf_model(lib, base()), str(tmp_path / "ours"), is_trainable=True)
+    report("minipeft-trained adapter in PEFT", max_rel_err(model(IDS), hf_logits(lib, pm.eval())))
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm(input_ids=torch.tensor(IDS), labels=torch.tensor(IDS)).loss.backward()
+    opt.step()
+    assert before and all(not torch.equal(before[n], p) for n, p in pm.named_parameters() if p.requires_grad)
+    pm.eval().save_pretrained(str(tmp_path / "theirs"))
+    back = minipeft.load_model(base())
+    back.load_adapters(str(tmp_path / "theirs"))
+    report("PEFT-continued adapter back in minipeft", max_rel_err(back(IDS), hf_logits(lib, pm)))

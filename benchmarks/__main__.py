@@ -1,0 +1,141 @@
+"""The speed suite (issue 6): every case against its reference in one run, a table, JSON and a chart.
+
+    python -m benchmarks                 # about 10 minutes on 2 cores
+    python -m benchmarks --quick         # tiny and small only, no long sequences (about 3 minutes)
+    python -m benchmarks --threads 1
+
+Cases (each minipeft and reference pair runs in fresh processes with the same threads, warm-up first):
+  step-<size>-lora    LoRA r=8 on q_proj, v_proj: forward, backward, AdamW (PEFT on torch)   target <= 1.0 (tiny <= 1.2)
+  step-small-fullft   full fine-tuning step (torch)
+  step-<size>-qlora   NF4 base + LoRA (PEFT over bitsandbytes' 4-bit base on the CPU)
+  generate-<size>     greedy, KV cache, 64 new tokens, batch 1 (transformers generate)        target tokens/s >= 1.0x
+  nf4 (de)quantize    4096 x 4096 float32, with and without double quantization (bitsandbytes) target <= 1.0
+  memory              peak RSS of the LoRA step against PEFT's                                  target <= 1.0
+  curve               LoRA step time at small size as the sequence doubles from 64 to 1024
+
+Ratios are minipeft / reference of the fastest run (time: below 1 is faster; tokens/s: above 1 is
+faster). The table, the machine and the command go to benchmarks/results/latest.json, the chart to
+benchmarks/results/latest.png (needs matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGETS = {"step-tiny-lora": 1.2, "step-small-lora": 1.0, "step-medium-lora": 1.0, "quantize": 1.0, "dequantize": 1.0,
+           "quantize +dq": 1.0, "dequantize +dq": 1.0, "memory-small-lora": 1.0, "memory-medium-lora": 1.0}
+FASTER_IS_HIGHER = ("generate",)
+
+
+def script(name, args, threads):
+    """Run benchmarks/<name>.py with --json; its rows."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "rows.json")
+        cmd = [sys.executable, os.path.join(HERE, f"{name}.py"), *args, "--threads", str(threads), "--json", out]
+        print("  $ python benchmarks/" + " ".join([f"{name}.py", *args]), file=sys.stderr)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            data = json.load(f)
+    return data["rows"] if "rows" in data else [data]
+
+
+def suite(quick: bool, threads: int) -> list[dict]:
+    rows = []
+    sizes = ["tiny", "small"] if quick else ["tiny", "small", "medium"]
+    for size in sizes:
+        cases = {"tiny": ["lora"], "small": ["lora", "fullft", "qlora"], "medium": ["lora", "qlora"]}[size]
+        for r in script("bench_step", ["--size", size, "--cases", *cases, "--repeats", "3" if size == "medium" else "5"],
+                        threads):
+            rows.append(dict(r, case=f"step-{size}-{r['case']}", minipeft=r["minipeft_seconds"],
+                             reference=r["torch_seconds"], unit="s"))
+            if r["case"] == "lora":
+                rows.append({"case": f"memory-{size}-lora", "minipeft": r["minipeft_peak_rss_mb"],
+                             "reference": r["torch_peak_rss_mb"], "unit": "MB RSS",
+                             "ratio": r["minipeft_peak_rss_mb"] / r["torch_peak_rss_mb"]})
+    for size in sizes[1:]:
+        for r in script("bench_generate", ["--size", size], threads):
+            rows.append(dict(r, minipeft=r["minipeft_tokens_per_s"], reference=r["transformers_tokens_per_s"],
+                             unit="tok/s"))
+    for r in script("bench_nf4", [] if not quick else ["--rows", "2048", "--cols", "2048"], threads):
+        rows.append(dict(r, minipeft=r["minipeft_s"], reference=r["bnb_s"], unit="s"))
+    for seq in [64, 128, 256] if quick else [64, 128, 256, 512, 1024]:
+        for r in script("bench_step", ["--size", "small", "--cases", "lora", "--seq", str(seq), "--repeats", "3"],
+                        threads):
+            rows.append(dict(r, case=f"curve-seq{seq}", seq=seq, minipeft=r["minipeft_seconds"],
+                             reference=r["torch_seconds"], unit="s"))
+    for r in rows:
+        target = TARGETS.get(r["case"], 1.0 if r["case"].startswith(FASTER_IS_HIGHER) else None)
+        r["target"] = target
+        if target is not None:
+            r["met"] = r["ratio"] >= target if r["case"].startswith(FASTER_IS_HIGHER) else r["ratio"] <= target
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| case | minipeft | reference | unit | ratio | target | met |", "|---|--:|--:|---|--:|--:|---|"]
+    for r in rows:
+        target = "-" if r["target"] is None else (">= " if r["case"].startswith(FASTER_IS_HIGHER) else "<= ") + \
+            f"{r['target']:g}"
+        met = {True: "yes", False: "no"}.get(r.get("met"), "-")
+        lines.append(f"| {r['case']} | {r['minipeft']:.4g} | {r['reference']:.4g} | {r['unit']} | {r['ratio']:.2f} | "
+                     f"{target} | {met} |")
+    return "\n".join(lines)
+
+
+def chart(rows, path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    main = [r for r in rows if not r["case"].startswith("curve")]
+    colors = ["tab:green" if r.get("met") else ("tab:red" if r.get("met") is False else "tab:gray") for r in main]
+    a.barh([r["case"] for r in main], [r["ratio"] for r in main], color=colors)
+    a.axvline(1.0, color="black", lw=1)
+    a.set_xlabel("minipeft / reference (time and memory: lower is better; tok/s: higher)")
+    a.invert_yaxis()
+    curve = [r for r in rows if r["case"].startswith("curve")]
+    b.plot([r["seq"] for r in curve], [r["minipeft"] for r in curve], "o-", label="minipeft")
+    b.plot([r["seq"] for r in curve], [r["reference"] for r in curve], "s-", label="PEFT (torch)")
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("sequence length (small llama, LoRA step, batch 4)")
+    b.set_ylabel("seconds per step")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    rows = suite(args.quick, args.threads)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, threads {args.threads}"
+    print(f"{datetime.date.today()} on {machine}: python -m benchmarks{' --quick' if args.quick else ''}\n")
+    print(table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latest.json"), "w") as f:
+        json.dump({"date": str(datetime.date.today()), "machine": machine, "quick": args.quick, "rows": rows}, f,
+                  indent=1)
+    png = os.path.join(args.out, "latest.png")
+    print(f"\nwrote {os.path.join(args.out, 'latest.json')}" +
+          (f" and {png}" if chart(rows, png) else " (pip install matplotlib for the chart)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
