@@ -5,6 +5,10 @@ from .adapters.lokr import LoKrConfig
 from .adapters.dora import DoRAConfig
 from .adapters.ia3 import IA3Config
 from .adapters.lora import LoRAConfig
+from .adapters.prefix_tuning import PrefixTuningConfig
+from .adapters.prompt_tuning import PromptTuningConfig
+from .adapters.ptuning import PTuningConfig
+from .adapters.ptuning_v2 import PTuningV2Config
 from .adapters.qlora import QLoRAConfig
 from .adapters.vera import VeRAConfig
 from .autograd import Tensor, no_grad
@@ -21,4 +25,5 @@ DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "tiny-llama-chars
 __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
+           "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

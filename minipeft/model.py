@@ -8,7 +8,7 @@ import contextlib
 import numpy as np
 
 from . import backend
-from .adapters import inject, peft_io
+from .adapters import inject, peft_io, prompt_learning
 from .adapters.base import NAME_RE, AdaptedLayer
 from .adapters.modules_to_save import TrainedCopy
 from .adapters.registry import layer_class
@@ -68,7 +68,7 @@ class Model:
 
     def save(self, path: str) -> None:
         """An HF folder that transformers loads (adapters must be merged or unloaded first)."""
-        if inject.adapted_layers(self.net):
+        if inject.adapted_layers(self.net) or getattr(self.net, "prompt_encoder", None) is not None:
             raise MiniPeftError("the model still has adapter layers; call merge_and_unload() (or unload()) "
                                 "first, or save_adapters() to save the adapters alone")
         if is_quantized(self.net):
@@ -84,6 +84,8 @@ class Model:
             raise ConfigError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
         if name in self.peft_configs:
             raise ConfigError(f"an adapter named {name!r} exists already; pick another name or delete_adapter() it")
+        if getattr(cfg, "is_prompt_learning", False):  # virtual tokens or prefixes: no layer to wrap
+            return prompt_learning.attach(self, cfg, name, init_weights, layer_class(cfg))
         bases = {}
         for path in inject.find_targets(self.net, cfg):
             m = self.net.get_submodule(path)
@@ -134,6 +136,26 @@ class Model:
         from .adapters.adalora import AdaLoRAConfig
         return self.apply_adapter(cfg or AdaLoRAConfig(**fields), name)
 
+    def apply_prompt_tuning(self, cfg=None, name: str = "default", **fields):
+        """T soft tokens before the input embeddings (spec/prompt_tuning.md)."""
+        from .adapters.prompt_tuning import PromptTuningConfig
+        return self.apply_adapter(cfg or PromptTuningConfig(**fields), name)
+
+    def apply_prefix_tuning(self, cfg=None, name: str = "default", **fields):
+        """T trainable keys and values before every layer's own (spec/prefix_tuning.md)."""
+        from .adapters.prefix_tuning import PrefixTuningConfig
+        return self.apply_adapter(cfg or PrefixTuningConfig(**fields), name)
+
+    def apply_ptuning(self, cfg=None, name: str = "default", **fields):
+        """P-tuning: soft tokens produced by an MLP or LSTM prompt encoder (spec/ptuning.md)."""
+        from .adapters.ptuning import PTuningConfig
+        return self.apply_adapter(cfg or PTuningConfig(**fields), name)
+
+    def apply_ptuning_v2(self, cfg=None, name: str = "default", **fields):
+        """P-tuning v2: deep prompts in every layer from a prompt encoder (spec/ptuning_v2.md)."""
+        from .adapters.ptuning_v2 import PTuningV2Config
+        return self.apply_adapter(cfg or PTuningV2Config(**fields), name)
+
     def apply_qlora(self, cfg=None, name: str = "default", **fields):
         """LoRA over the 4-bit linear layers of a model loaded with quantization= (spec/qlora.md)."""
         from .adapters.qlora import QLoRAConfig
@@ -163,6 +185,7 @@ class Model:
         for n in names:
             if n not in self.peft_configs:
                 raise ConfigError(f"no adapter named {n!r}; the model has {sorted(self.peft_configs) or 'none'}")
+        prompt_learning.check_active(self.peft_configs, names)
         self.active_adapters = names
         self.net.requires_grad_(False)
         for _, m in self.net.named_modules():
@@ -178,6 +201,7 @@ class Model:
                         m.modules_to_save[n].requires_grad_(True)
         for n in names:
             self._set_bias_trainable(self.peft_configs[n])
+        prompt_learning.activate(self.net, names)
 
     def _set_bias_trainable(self, cfg):
         mode = getattr(cfg, "bias", "none")
@@ -204,6 +228,7 @@ class Model:
         for _, m in self.net.named_modules():
             if isinstance(m, (AdaptedLayer, TrainedCopy)):
                 m.active = list(names)
+        prompt_learning.activate(self.net, names, trainable=False)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_configs:
@@ -220,6 +245,7 @@ class Model:
                 del m.modules_to_save[name]
                 if not m.modules_to_save.keys():
                     self.net.set_submodule(path, m.original_module)
+        prompt_learning.delete(self.net, name)
         del self.peft_configs[name]
         self.shared_tensors.pop(name, None)
         rest = [n for n in self.active_adapters if n != name] or list(self.peft_configs)[:1]
@@ -231,6 +257,7 @@ class Model:
 
     def merge_adapter(self) -> None:
         """Fold the active adapters into the base weights (undo with unmerge_adapter)."""
+        prompt_learning.check_mergeable(self)
         if any(isinstance(layer.base_layer, Linear4bit) for _, layer in inject.adapted_layers(self.net)):
             raise ConfigError("a 4-bit weight cannot hold W0 + s B A without requantizing it; "
                               "merge_and_unload() dequantizes the model and merges in float (QLORA-8)")
@@ -261,6 +288,7 @@ class Model:
 
     def _unload(self) -> "Model":
         inject.unwrap_all(self.net)
+        prompt_learning.delete_all(self.net)
         for path, m in list(self.net.named_modules()):
             if isinstance(m, TrainedCopy):
                 self.net.set_submodule(path, m.current())

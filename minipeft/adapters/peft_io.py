@@ -21,6 +21,7 @@ from ..fileio import atomic_save_dir, atomic_write_json
 from ..safetensors_io import read_safetensors, write_safetensors
 from .base import COMMON_FIELDS, AdaptedLayer
 from .modules_to_save import TrainedCopy
+from .prompt_learning import check_loaded, fit_to_file, prompt_of
 from .registry import config_class
 
 PREFIX = "base_model.model."
@@ -30,6 +31,8 @@ TASK_TYPES = {"bert": "FEATURE_EXTRACTION"}  # every other family is a causal LM
 
 def adapter_tensors(model, name: str) -> dict:
     """{saved key: Tensor} of one adapter (PEFT-2)."""
+    if prompt_of(model.net, name) is not None:  # prompt learning: bare keys (adapters/prompt_learning.py)
+        return prompt_of(model.net, name).saved_tensors()
     out = {}
     for path, m in model.net.named_modules():
         if isinstance(m, AdaptedLayer) and name in m.adapters:
@@ -70,6 +73,8 @@ def config_dict(model, cfg) -> dict:
          "modules_to_save": list(cfg.modules_to_save) or None, "exclude_modules": list(cfg.exclude_modules) or None,
          "fan_in_fan_out": model.config.model_type == "gpt2"}
     d = {k: v for k, v in d.items() if k not in COMMON_FIELDS + ("fan_in_fan_out",) or k in cfg.PEFT_COMMON}
+    if getattr(cfg, "is_prompt_learning", False):  # PEFT's PromptLearningConfig has no target fields
+        d = {k: d[k] for k in ("peft_type", "task_type", "base_model_name_or_path", "inference_mode")}
     d.update(cfg.to_peft())
     return d
 
@@ -124,7 +129,9 @@ def load_adapters(model, path: str, name: str = "default", strict: bool = True) 
     except ConfigError as e:
         raise CheckpointError(f"{path}: this adapter does not fit the model: {e}") from e
     try:
+        fit_to_file(model, name, loaded)  # a PEFT prompt file has no encoder tensors
         report = _assign(model, name, loaded, weights_path, strict)
+        check_loaded(model, name, loaded, weights_path)
     except Exception:
         model.delete_adapter(name)  # leave no half-loaded adapter behind
         raise

@@ -10,6 +10,9 @@ from .ia3 import IA3Config, IA3Linear
 from .loha import LoHaConfig, LoHaLinear
 from .lokr import LoKrConfig, LoKrLinear
 from .lora import LoRAConfig, LoRALinear
+from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .ptuning import PromptEncoder, PTuningConfig
 from .vera import VeRAConfig, VeRALinear
 
 REGISTRY = {
@@ -19,6 +22,9 @@ REGISTRY = {
     DoRAConfig: DoRALinear,
     IA3Config: IA3Linear,
     VeRAConfig: VeRALinear,
+    PromptTuningConfig: PromptEmbedding,  # prompt learning: InputAdapters, no layer wrapped
+    PrefixTuningConfig: PrefixEncoder,  # also P-tuning v2 (PTuningV2Config is a PrefixTuningConfig)
+    PTuningConfig: PromptEncoder,
     AdaLoRAConfig: AdaLoRALinear,
 }
 

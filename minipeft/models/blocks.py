@@ -145,5 +145,7 @@ def causal_lm_loss(logits: Tensor, labels) -> Tensor:
     """HF causal LM loss: predict token t+1 from position t; labels -100 are ignored (MODEL-6)."""
     xp = backend.xp_of(labels)
     B, T, V = logits.shape
+    if labels.shape[1] < T:  # prompt learning's virtual tokens lead the logits and carry no label (PROMPT-3)
+        labels = xp.concat((xp.full((B, T - labels.shape[1]), -100, dtype=labels.dtype), labels), axis=1)
     shifted = xp.concat((labels[:, 1:], xp.full((B, 1), -100, dtype=labels.dtype)), axis=1)  # (B, T)
     return F.cross_entropy(logits.reshape(B * T, V), xp.reshape(shifted, (-1,)))

@@ -45,9 +45,10 @@ def generate(net, input_ids, attention_mask=None, max_new_tokens=32, temperature
     if ids.ndim == 1:
         ids = ids[None, :]
     B, T = ids.shape
+    lead = net.prompt_encoder.lead_tokens() if getattr(net, "prompt_encoder", None) is not None else 0  # virtual tokens
     if not isinstance(net, DecoderLM):
         raise ConfigError(f"generate needs a causal LM; {net.config.model_type} is an encoder")
-    if net.learned_positions and T + max_new_tokens > net.config.max_position_embeddings:
+    if net.learned_positions and lead + T + max_new_tokens > net.config.max_position_embeddings:
         raise ConfigError(f"{T} + {max_new_tokens} tokens exceed the {net.config.max_position_embeddings} "
                           f"positions of this {net.config.model_type} model")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
@@ -55,7 +56,7 @@ def generate(net, input_ids, attention_mask=None, max_new_tokens=32, temperature
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     rng = rng or backend.RNG(0)
     cfg = net.config
-    cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, T + max_new_tokens, cfg.head_dim,
+    cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, lead + T + max_new_tokens, cfg.head_dim,
                     backend.dtype("float32"), backend.xp())
     done = np.zeros(B, dtype=bool)
     step_ids, pos = ids, position_ids_from_mask(mask)

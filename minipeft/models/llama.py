@@ -69,6 +69,7 @@ class DecoderLM(Module):
     learned_positions = False  # a position embedding table (GPT-2) bounds the sequence length
     gradient_checkpointing = False
     dropout_rng = None  # the RNG adapters' dropout draws from; rewound under checkpointing
+    prompt_encoder = None  # prompt-learning adapters (adapters/prompt_learning.py PromptEncoders)
 
     def __init__(self, cfg):
         self.config = cfg
@@ -90,6 +91,9 @@ class DecoderLM(Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, prefix_kv=None):
         cfg, base = self.config, getattr(self, self.base_name)
+        if self.prompt_encoder is not None:  # virtual tokens before the input, or prefix keys/values
+            input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv = self.prompt_encoder.prepare(
+                self, input_ids, attention_mask, position_ids, cache, inputs_embeds, prefix_kv)
         first = input_ids if inputs_embeds is None else inputs_embeds.data
         B, T = first.shape[0], first.shape[1]
         xp = backend.xp_of(first)

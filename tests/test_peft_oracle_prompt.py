@@ -1,0 +1,133 @@
+"""Prompt learning against HF PEFT 0.21 (spec/prompt_tuning.md, prefix_tuning.md, ptuning.md,
+ptuning_v2.md), in the set-up of test_peft_oracle.py: a tiny random Llama (GQA: 4 heads, 2 KV heads)
+or GPT-2, every prompt parameter perturbed with seeded noise. Checked: PEFT's save loads here with
+equal logits on every position PEFT returns (virtual ones included for prompt tuning and P-tuning)
+and the reverse (PEFT ignores minipeft's extra prompt_encoder.* keys); one training step's
+gradients of every prompt parameter, encoder included, with PEFT's own label rule; greedy generate
+token for token. Run with `pytest -s` for the errors."""
+import numpy as np
+import pytest
+
+import minipeft
+from helpers import max_rel_err
+from minipeft.adapters.registry import config_class
+from minipeft.models.blocks import causal_lm_loss
+from minipeft.safetensors_io import write_safetensors
+from test_peft_oracle import IDS, base, hf_logits, hf_model, lib, perturb_minipeft, perturb_peft, report  # noqa: F401
+
+pytestmark = pytest.mark.oracle
+GRAD_TOL = 1e-4
+
+# name -> (base kind, PEFT config class, kwargs); minipeft reads the same dict through from_peft
+CASES = {
+    "prompt": ("llama", "PromptTuningConfig", dict(num_virtual_tokens=4)),
+    "prefix": ("llama", "PrefixTuningConfig", dict(num_virtual_tokens=3)),
+    "prefix_projection": ("llama", "PrefixTuningConfig", dict(num_virtual_tokens=3, prefix_projection=True,
+                                                                encoder_hidden_size=16)),
+    "ptuning_mlp": ("llama", "PromptEncoderConfig", dict(num_virtual_tokens=4, encoder_hidden_size=16)),
+    "ptuning_lstm": ("llama", "PromptEncoderConfig", dict(num_virtual_tokens=3, encoder_hidden_size=8,
+                                                          encoder_reparameterization_type="LSTM")),
+    "prefix_gpt2": ("gpt2", "PrefixTuningConfig", dict(num_virtual_tokens=3)),
+    "prompt_gpt2": ("gpt2", "PromptTuningConfig", dict(num_virtual_tokens=4)),
+}
+PEFT_TYPE = {"PromptTuningConfig": "PROMPT_TUNING", "PrefixTuningConfig": "PREFIX_TUNING",
+             "PromptEncoderConfig": "P_TUNING"}
+SPEC = {"prompt": "PROMPT", "prefix": "PREFIX", "ptuning": "PTUNING"}
+
+
+def peft_model(lib, base, case):
+    _, _, peft = lib
+    kind, cls, kw = CASES[case]
+    pm = peft.get_peft_model(hf_model(lib, base(kind)), getattr(peft, cls)(task_type="CAUSAL_LM", **kw))
+    perturb_peft(lib, pm)
+    return pm.eval()
+
+
+def minipeft_config(case):
+    _, cls, kw = CASES[case]
+    d = dict(peft_type=PEFT_TYPE[cls], **kw)
+    return config_class(d["peft_type"], fields=d).from_peft(d)
+
+
+@pytest.mark.spec("PROMPT-2", "PROMPT-5", "PREFIX-2", "PREFIX-3", "PREFIX-6", "PTUNING-1", "PTUNING-2",
+                  "PTUNING-3", "PTUNING-5")
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
+    pm = peft_model(lib, base, case)
+    pm.save_pretrained(tmp_path)
+    model = minipeft.load_model(base(CASES[case][0]))
+    model.load_adapters(str(tmp_path))
+    ours, theirs = model(IDS), hf_logits(lib, pm)
+    assert ours.shape == theirs.shape
+    report(f"PEFT->minipeft {case}", max_rel_err(ours, theirs))
+
+
+@pytest.mark.spec("PROMPT-2", "PROMPT-5", "PREFIX-3", "PREFIX-6", "PTUNING-3", "PTUNING-5", "PTV2-3")
+@pytest.mark.parametrize("case", list(CASES))
+def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
+    _, _, peft = lib
+    model = minipeft.load_model(base(CASES[case][0]))
+    model.apply_adapter(minipeft_config(case))
+    perturb_minipeft(model)
+    model.save_adapters(str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(hf_model(lib, base(CASES[case][0])), str(tmp_path)).eval()
+    report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
+
+
+def peft_state_as_minipeft_file(lib, pm, folder):
+    """PEFT's full prompt encoder (what save_pretrained drops) in minipeft's layout: the encoder's
+    tensors under prompt_encoder.<path> next to prompt_embeddings."""
+    enc = pm.prompt_encoder["default"]
+    tensors = {"prompt_embeddings": pm.get_prompt_embedding_to_save("default").detach().numpy()}
+    if len(list(enc.parameters())) > 1:
+        tensors.update({f"prompt_encoder.{k}": v.detach().numpy() for k, v in enc.state_dict().items()})
+    pm.save_pretrained(folder)  # adapter_config.json; the weights are replaced next
+    write_safetensors(str(folder / "adapter_model.safetensors"), tensors, {"format": "pt"})
+    return {k.removeprefix("prompt_encoder.default."): p for k, p in pm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.spec("PROMPT-3", "PROMPT-4", "PREFIX-5", "PTUNING-4", "PTV2-2")
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_step_gradients_agree(lib, base, tmp_path, case):
+    """PEFT's loss with labels = IDS (its -100 labels for virtual tokens) against causal_lm_loss on
+    minipeft's logits: the gradient of every prompt parameter, encoder weights included."""
+    torch = lib[0]
+    pm = peft_model(lib, base, case)
+    params = peft_state_as_minipeft_file(lib, pm, tmp_path)
+    pm(input_ids=torch.tensor(IDS), labels=torch.tensor(IDS)).loss.backward()
+    theirs = {k: p.grad.numpy() for k, p in params.items()}
+    model = minipeft.load_model(base(CASES[case][0]))
+    model.load_adapters(str(tmp_path))
+    causal_lm_loss(model(IDS), IDS).backward()
+    ours = {k.removeprefix("prompt_encoder.default."): p.grad for k, p in model.net.named_parameters()
+            if p.requires_grad}
+    assert sorted(ours) == sorted(theirs)
+    worst = max(max_rel_err(ours[k], theirs[k]) for k in ours)
+    print(f"\n  gradients {case} ({len(ours)} tensors): max rel err {worst:.2e}")
+    assert worst < GRAD_TOL
+
+
+def greedy_by_full_forward(torch, pm, n):
+    """Greedy decoding by definition: argmax of a full forward over the sequence so far, n times."""
+    seq = torch.tensor(IDS)
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, pm(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq.numpy()
+
+
+@pytest.mark.spec("PROMPT-6", "PREFIX-4", "PTUNING-3")
+@pytest.mark.parametrize("case", ["prompt", "prefix", "prefix_projection", "ptuning_mlp", "prefix_gpt2"])
+def test_greedy_generate_equals_peft_forward(lib, base, tmp_path, case):
+    """minipeft's cached generate against PEFT's full forward, step by step. Not against PEFT's own
+    generate: with transformers 5.24 it drops the prefix of prefix tuning (its tokens equal the base
+    model's) and its P-tuning tokens part from its own forward after a few steps (measured here)."""
+    torch = lib[0]
+    pm = peft_model(lib, base, case)
+    pm.save_pretrained(tmp_path)
+    theirs = greedy_by_full_forward(torch, pm, 5)
+    model = minipeft.load_model(base(CASES[case][0]))
+    model.load_adapters(str(tmp_path))
+    ours = model.generate(IDS, max_new_tokens=5, eos_token_id=[])
+    print(f"\n  generate {case}: {ours[:, IDS.shape[1]:].tolist()}")
+    assert ours.tolist() == theirs.tolist()
