@@ -88,6 +88,16 @@ def report(label, err):
     assert err < TOL, f"{label}: {err:.3e} >= {TOL}"
 
 
+def report_gradients(label, model, theirs: dict, tol=1e-4):
+    """Every trainable gradient of a minipeft model against {our name: PEFT's gradient}: same names and
+    max rel err < tol."""
+    ours = {n: p.grad for n, p in model.net.named_parameters() if p.requires_grad}
+    assert sorted(ours) == sorted(theirs)
+    worst = max(max_rel_err(ours[n], theirs[n]) for n in ours)
+    print(f"\n  gradients {label} ({len(ours)} tensors): max rel err {worst:.2e}")
+    assert worst < tol
+
+
 # PEFT LoraConfig kwargs for each case; minipeft reads the same dict through LoRAConfig.from_peft
 CASES = {
     "basic": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

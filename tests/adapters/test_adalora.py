@@ -273,7 +273,8 @@ def test_budget_schedule(tinit, tfinal, span, b0, frac, dt):
 # ---- ADALORA-8, ADALORA-9 ----------------------------------------------------------------------------------------
 @pytest.mark.spec("ADALORA-8")
 def test_sensitivity_hand_example():
-    """One 1x1 layer: w = 2, grads -1 then 3 (β1 = .5, β2 = .25): I = 2, 6; Ī = 1, 3.5; U = .75, .25·.75 + .75·2.5."""
+    """One 1x1 layer: w = 2, grads -1 then 3 (β1 = .5, β2 = .25): I = 2, 6; Ī = 1, 3.5;
+    U = .75, .25·.75 + .75·2.5."""
     cfg = AdaLoRAConfig(initial_rank=1, target_rank=1, beta_start=0.5, beta_end=0.25, total_step=10)
     base, _ = random_base(False, np.random.default_rng(0), 1, 1)
     d = AdaLoRALinear.create(base, cfg, "x", backend.RNG(0))
