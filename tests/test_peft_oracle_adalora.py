@@ -3,7 +3,8 @@ GPT-2 (Conv1D, fan_in_fan_out) with every lora_A, lora_B, lora_E perturbed by se
 Checked: PEFT's save loads here with equal logits and the reverse; one training step's gradients, with
 the orthogonality penalty in the loss; merge_and_unload; and the rank allocator: fed the same gradients
 at every step, both libraries keep the same E entries and rank_pattern, and the pruned files each one
-saves after allocation load in the other with equal logits. Run with `pytest -s` for the errors."""
+saves after allocation load in the other with equal logits; model.train against PEFT's documented loop.
+Run with `pytest -s` for the errors."""
 import re
 
 import numpy as np
@@ -141,3 +142,35 @@ def test_allocation_with_same_gradients_matches_peft(lib, base, tmp_path, case):
                                                             hf_logits(lib, pm)))
     again = peft.PeftModel.from_pretrained(hf_model(lib, base(CASES[case][0])), str(tmp_path / "mini")).eval()
     report(f"allocated, minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, again)))
+
+
+@pytest.mark.spec("ADALORA-12")
+def test_model_train_equals_peft_training_loop(lib, base, tmp_path):
+    """model.train (AdamW, constant lr, no clipping) against PEFT's documented loop from the same state:
+    loss = outputs.loss (penalty included); backward; optimizer.step(); update_and_allocate(t); zero_grad().
+    Same rank_pattern after total_step steps, and logits within GRAD_TOL."""
+    torch = lib[0]
+    kw = CASES["llama"][1]
+    pm = peft_model(lib, base, "llama")
+    pm.save_pretrained(tmp_path)
+    model = minipeft_from(base, "llama", tmp_path)
+    rows = [{"input_ids": [int(t) for t in r]} for r in IDS]
+    hist = model.train(rows, minipeft.TrainingConfig(learning_rate=1e-2, batch_size=len(rows), schedule="constant",
+                                                     max_steps=kw["total_step"], max_grad_norm=None, shuffle=False,
+                                                     progress=False))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    pm.train()
+    losses = []
+    for t in range(kw["total_step"]):
+        loss = pm(input_ids=torch.tensor(IDS), labels=torch.tensor(IDS)).loss
+        loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(t)
+        opt.zero_grad()
+        losses.append(loss.item())
+    report("training losses (penalty included)", max_rel_err(np.array(hist["loss"]), np.array(losses)))
+    pattern = pm.peft_config["default"].rank_pattern
+    assert model.peft_configs["default"].rank_pattern == {k.removesuffix(".default"): v for k, v in pattern.items()}
+    err = max_rel_err(model(IDS), hf_logits(lib, pm.eval()))
+    print(f"\n  logits after {kw['total_step']} steps of model.train vs PEFT's loop: max rel err {err:.2e}")
+    assert err < GRAD_TOL
