@@ -29,6 +29,9 @@ SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172, vocab_size=256, seq=64),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688, vocab_size=2048, seq=128),
     "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376, vocab_size=8192, seq=256),
+    # Qwen2.5-0.5B's shape as a llama (about 0.5B parameters): for the GPU check, too big for a quick CPU run
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936, seq=512),
 }
 
 
@@ -37,13 +40,13 @@ def make_checkpoint(size: str, folder: str) -> None:
     import transformers
     s = dict(SIZES[size])
     s.pop("seq")
-    cfg = transformers.LlamaConfig(**s, num_key_value_heads=s["num_attention_heads"], max_position_embeddings=1024,
-                                   tie_word_embeddings=False)
+    s.setdefault("num_key_value_heads", s["num_attention_heads"])
+    cfg = transformers.LlamaConfig(**s, max_position_embeddings=1024, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
 
 
-def run_minipeft(folder, case, seq, batch, repeats):
+def run_minipeft(folder, case, seq, batch, repeats, device):
     import numpy as np
     import minipeft as mp
     from minipeft.models.blocks import causal_lm_loss
@@ -55,38 +58,39 @@ def run_minipeft(folder, case, seq, batch, repeats):
     elif case in ("full", "fullft"):
         model.net.requires_grad_(True)
     model.net.train()
-    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq))
+    ids = mp.backend.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq)))
     named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
     opt = AdamW(named, lr=1e-4) if case in ("lora", "qlora", "fullft") else None  # full: forward + backward only
 
-
-    def step():
+    def step():  # on CuPy (MINIPEFT_BACKEND=cupy, --device cuda) reading the loss back waits for the stream
         logits = model(ids)
-        loss = causal_lm_loss(logits, mp.backend.asarray(ids))
+        loss = causal_lm_loss(logits, ids)
         loss.backward()
         if opt:
             opt.step()
         for p in named.values():
             p.grad = None
+        mp.backend.to_host(loss.data)
 
     return timed(step, repeats)
 
 
-def run_torch(folder, case, seq, batch, repeats):
+def run_torch(folder, case, seq, batch, repeats, device):
     import torch
     import transformers
     quant = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32) if case == "qlora" else None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     model = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa", quantization_config=quant,
-                                                          device_map="cpu" if quant else None)
+                                                          device_map=device)  # a 4-bit model cannot be moved later
     if case in ("lora", "qlora"):
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     elif case == "frozen":
         model.requires_grad_(False)
     model.train()
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if case in ("lora", "qlora", "fullft") else None
 
@@ -99,6 +103,7 @@ def run_torch(folder, case, seq, batch, repeats):
             opt.zero_grad()
         else:
             model.zero_grad(set_to_none=True)
+        sync()
 
     return timed(step, repeats)
 
@@ -121,7 +126,7 @@ def child(args):
     if args.impl != "minipeft":
         import torch
         torch.set_num_threads(args.threads)
-    print(json.dumps(fn(args.folder, args.case, args.seq, args.batch, args.repeats)))
+    print(json.dumps(fn(args.folder, args.case, args.seq, args.batch, args.repeats, args.device)))
 
 
 def main():
@@ -131,6 +136,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: minipeft on CuPy, torch on the GPU")
     ap.add_argument("--json", default=None, help="also write the table here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
@@ -144,7 +150,8 @@ def main():
     folder = os.path.join("/tmp", f"minipeft-bench-{args.size}")
     if not os.path.isdir(folder):
         make_checkpoint(args.size, folder)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
+               MINIPEFT_BACKEND="cupy" if args.device == "cuda" else os.environ.get("MINIPEFT_BACKEND", "numpy"))
     rows = []
     print(f"size={args.size} seq={seq} batch={args.batch} threads={args.threads}")
     print(f"{'case':8} {'minipeft s':>11} {'torch s':>9} {'ratio':>6} {'medians s':>15} {'cpu ratio':>9} {'minipeft MB':>12} {'torch MB':>9}")
@@ -153,7 +160,7 @@ def main():
         for impl in ("minipeft", "torch"):
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--case", case, "--folder", folder,
                    "--seq", str(seq), "--batch", str(args.batch), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--device", args.device]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             res[impl] = json.loads(out.strip().splitlines()[-1])
         ratio = res["minipeft"]["seconds"] / res["torch"]["seconds"]
