@@ -140,9 +140,11 @@ class AdaLoRALinear(Delta):
         mask = (self.cfg.rank_pattern or {}).get(self.key)
         if mask is None or all(mask) or len(mask) != self.lora_E.shape[0]:
             return list(self.named_parameters())
-        keep = backend.asarray(mask, "bool")  # (r,)
-        return [("lora_A", Tensor(self.lora_A.data[keep, :])), ("lora_B", Tensor(self.lora_B.data[:, keep])),
-                ("lora_E", Tensor(self.lora_E.data[keep, :]))]
+        xp = backend.xp_of(self.lora_E.data)
+        kept = backend.asarray([i for i, k in enumerate(mask) if k], "int64")  # (r',)
+        return [("lora_A", Tensor(xp.take(self.lora_A.data, kept, axis=0))),
+                ("lora_B", Tensor(xp.take(self.lora_B.data, kept, axis=1))),
+                ("lora_E", Tensor(xp.take(self.lora_E.data, kept, axis=0)))]
 
     # ---- training hooks (Model.regularization, Model.update_and_allocate) ---------------------------
     @staticmethod

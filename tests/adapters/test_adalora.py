@@ -469,3 +469,45 @@ def test_train_adds_penalty_and_allocates_each_step(monkeypatch):
     assert calls == [(t, True) for t in range(6)]  # once per optimizer step, gradients present
     E = [d.lora_E.data for d in deltas_of(model).values()]
     assert sum(int(np.count_nonzero(e)) for e in E) == 2 * 4  # target budget after total_step - tfinal
+
+
+@pytest.mark.spec("ADALORA-3", "ADALORA-6", "ADALORA-8", "ADALORA-9", "ADALORA-10")
+def test_array_api_only(any_backend):
+    """Forward (dropout live), backward, penalty, sensitivity, masking and the pruned save layout run on the
+    current backend with array-API calls only (the array_api_strict guard) and give NumPy's values."""
+    from minipeft.adapters.adalora import mask_to_budget
+    rng = np.random.default_rng(0)
+    cfg = AdaLoRAConfig(initial_rank=3, target_rank=1, total_step=4, dropout=0.3)
+    deltas, layers_ = {}, []
+    for p in ("a", "b"):
+        base, _ = random_base(False, rng, 12, 20)
+        for t in base.parameters():
+            t.data = backend.asarray(np.asarray(t.data))
+        base.requires_grad_(False)
+        layer = AdaptedLayer(base)
+        layer.adapters["default"] = deltas[p] = d = AdaLoRALinear.create(base, cfg, p, backend.RNG(1))
+        layer.active = ["default"]
+        for t in d.parameters():
+            t.data = backend.asarray(rng.standard_normal(t.shape).astype(np.float32) * 0.3)
+        layers_.append(layer)
+    x = rng.standard_normal((2, 3, 12)).astype(np.float32)
+    R = AdaLoRALinear.regularization(deltas, cfg)
+    assert_close(backend.to_host(R.data), penalty_np(list(deltas.values()), cfg.orth_reg_weight)[0], 1e-5, label="R")
+    for layer in layers_:
+        layer.train()
+        R = R + layer(Tensor(backend.asarray(x))).sum()
+        layer.eval()
+        ref = x @ (np.asarray(backend.to_host(layer.base_layer.weight.data), np.float64)
+                   + delta_np(layer.adapters["default"])).T + backend.to_host(layer.base_layer.bias.data)
+        assert_close(backend.to_host(layer(Tensor(backend.asarray(x))).data), ref, 1e-5, label="eval forward")
+    R.backward()
+    for d in deltas.values():
+        d.update_sensitivity(cfg)
+    pattern = mask_to_budget(deltas, 2)
+    assert sum(sum(v) for v in pattern.values()) == 4
+    cfg.rank_pattern = pattern
+    for p, d in deltas.items():
+        keep = np.array(pattern[p + ".lora_E"])
+        saved = dict(d.saved_parameters())
+        assert np.array_equal(backend.to_host(saved["lora_A"].data), backend.to_host(d.lora_A.data)[keep])
+        assert np.array_equal(backend.to_host(saved["lora_B"].data), backend.to_host(d.lora_B.data)[:, keep])
