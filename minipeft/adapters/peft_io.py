@@ -18,6 +18,7 @@ import numpy as np
 from .. import backend
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_save_dir, atomic_write_json
+from ..models.io import refuse_pickled
 from ..safetensors_io import read_safetensors, write_safetensors
 from .base import COMMON_FIELDS, AdaptedLayer
 from .modules_to_save import TrainedCopy
@@ -119,6 +120,8 @@ def read_adapter_config(folder: str):
 
 def load_adapters(model, path: str, name: str = "default", strict: bool = True) -> dict:
     """Add adapter `name` from a PEFT folder. Returns {"missing": [...], "unexpected": [...]}."""
+    refuse_pickled(path, WEIGHTS_NAME, "PEFT's PeftModel.from_pretrained(base_model, folder)"
+                   ".save_pretrained(folder, safe_serialization=True)")  # IO-5, before any file is read
     cfg = read_adapter_config(path)
     weights_path = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):

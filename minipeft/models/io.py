@@ -7,6 +7,7 @@ and optionally tokenizer.json. A Hub repo id is resolved through huggingface_hub
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -15,7 +16,7 @@ import numpy as np
 from .. import backend
 from ..errors import CheckpointError
 from ..fileio import atomic_save_dir, atomic_write_json
-from ..safetensors_io import read_safetensors, write_safetensors
+from ..safetensors_io import read_header, read_safetensors, write_safetensors
 from .config import read_config
 
 # buffers transformers writes that are not parameters here (recomputed instead)
@@ -63,13 +64,24 @@ def weight_files(folder: str) -> list[str]:
         return [os.path.join(folder, s) for s in shards]
     if os.path.isfile(single):
         return [single]
-    pickled = [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-    if pickled:
-        raise CheckpointError(
-            f"{folder}: only pickled weights ({', '.join(sorted(pickled)[:3])}); minipeft never unpickles files. "
-            "Convert them once where you trust the file: transformers' "
-            "AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)")
+    refuse_pickled(folder, "model.safetensors", MODEL_CONVERSION)
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MODEL_CONVERSION = ("transformers' AutoModelForCausalLM.from_pretrained(folder)"
+                    ".save_pretrained(folder, safe_serialization=True)")
+
+
+def refuse_pickled(folder: str, wanted: str, conversion: str) -> None:
+    """IO-5: a folder whose weights are only pickled files (pytorch_model.bin, adapter_model.bin) is
+    refused before anything in it is opened, with the one-time conversion that makes `wanted`."""
+    pickled = sorted(n for n in os.listdir(folder) if n.endswith(PICKLED)) if os.path.isdir(folder) else []
+    if pickled and not os.path.isfile(os.path.join(folder, wanted)):
+        raise CheckpointError(
+            f"{folder}: holds only pickled weights ({', '.join(pickled[:3])}) and no {wanted}; minipeft never "
+            f"unpickles files (loading a pickle can run code). Convert it once, where you trust the file: "
+            f"{conversion}")
 
 
 def read_weights(folder: str) -> dict:
@@ -123,6 +135,19 @@ def load_state(net, tensors: dict, dtype: str, folder: str) -> None:
                               f"{net.config.model_type} model that config.json describes")
 
 
+def check_sizes(cfg, folder: str) -> None:
+    """IO-6: before the model is allocated, config.json's sizes must fit the weights the folder holds
+    (read from the safetensors headers): every architecture has a vocab_size x hidden_size embedding and at
+    least hidden_size parameters per layer, so a config claiming more is refused at the cost of a header."""
+    need = cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * cfg.hidden_size
+    held = sum(math.prod(info.shape) for f in weight_files(folder) for info in read_header(f)[0].values())
+    if need > held:
+        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: fields vocab_size={cfg.vocab_size}, "
+                              f"hidden_size={cfg.hidden_size}, num_hidden_layers={cfg.num_hidden_layers} need at "
+                              f"least {need:,} parameters, but the weight files hold {held:,} values; refused before "
+                              f"allocating the model. Does config.json belong to these weights?")
+
+
 def build(cfg):
     from . import model_class
     return model_class(cfg.model_type)(cfg)
@@ -133,7 +158,10 @@ def load_net(path_or_id: str, dtype: str = "float32"):
     if dtype not in ("float32", "float64", "float16"):
         raise CheckpointError(f"dtype {dtype!r} is not supported for loading; use float32, float64 or float16")
     folder = resolve(path_or_id)
+    if not os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+        refuse_pickled(folder, "model.safetensors", MODEL_CONVERSION)
     cfg = read_config(folder)
+    check_sizes(cfg, folder)
     net = build(cfg)
     load_state(net, read_weights(folder), dtype, folder)
     return net, folder
