@@ -4,8 +4,9 @@ one training budget, each method at its config's defaults (the seed's: LoRA r=8,
 The model is minipeft/data/tiny-llama-chars (llama, hidden 96, 2 layers, 32-character vocabulary);
 the task is the demo's `next` (examples/tasks.py: "next abc =" -> " bcd"), which the base model
 cannot do. Every method trains the same number of optimizer steps on the same batches (AdamW, cosine
-schedule, 10% warm-up) at its own learning rate (the LR column: adapters with few parameters need a
-larger one, as their papers say). Each method runs in a fresh process and reports:
+schedule, 10% warm-up) at each learning rate of --lrs, and the table keeps the one with the lowest
+held-out loss (the LR column: adapters with few parameters need a larger one, as their papers say).
+Each run is a fresh process; each method reports:
 
   params    trainable share of all parameters
   memory    traced peak of the training run (weights + adapter + gradients + AdamW + activations,
@@ -36,48 +37,41 @@ SEED = {
     "vera": ("0.01%", "Very Low", "Good", "Fast"), "lokr": ("0.05%", "Low", "Good", "Fast"),
     "loha": ("0.1%", "Low", "Good", "Fast"), "ia3": ("0.01%", "Very Low", "Good", "Very Fast"),
     "prefix_tuning": ("0.1%", "Low", "Good", "Medium"), "prompt_tuning": ("0.01%", "Very Low", "Moderate", "Fast"),
+    "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
 
 def configs(mp, steps: int):
-    """method -> (learning rate, a function that applies the method to a model, load_model kwargs);
-    steps is the run's length (AdaLoRA's rank budget schedule ends there)."""
+    """method -> (a function that applies the method to a model, load_model kwargs); steps is the
+    run's length (AdaLoRA's rank budget schedule ends there)."""
     def adapter(cfg):
         return lambda model: model.apply_adapter(cfg)
 
     def full(model):
         model.net.requires_grad_(True)
-    table = {
-        "full": (1e-3, full, {}),
-        "lora": (5e-3, adapter(mp.LoRAConfig()), {}),
-        "qlora": (5e-3, adapter(mp.QLoRAConfig()),
-                  {"quantization": mp.QuantizationConfig(compute_dtype="float32")}),
-        "dora": (5e-3, adapter(mp.DoRAConfig()), {}),
-        "vera": (5e-2, adapter(mp.VeRAConfig()), {}),
-        "lokr": (5e-3, adapter(mp.LoKrConfig()), {}),
-        "loha": (5e-3, adapter(mp.LoHaConfig()), {}),
-        "ia3": (5e-2, adapter(mp.IA3Config()), {}),
+    return {
+        "full": (full, {}),
+        "lora": (adapter(mp.LoRAConfig()), {}),
+        "qlora": (adapter(mp.QLoRAConfig()), {"quantization": mp.QuantizationConfig(compute_dtype="float32")}),
+        "dora": (adapter(mp.DoRAConfig()), {}),
+        "adalora": (adapter(mp.AdaLoRAConfig(tinit=steps // 10, tfinal=steps // 5, total_step=steps)), {}),
+        "vera": (adapter(mp.VeRAConfig()), {}),
+        "lokr": (adapter(mp.LoKrConfig()), {}),
+        "loha": (adapter(mp.LoHaConfig()), {}),
+        "ia3": (adapter(mp.IA3Config()), {}),
+        "prefix_tuning": (adapter(mp.PrefixTuningConfig()), {}),
+        "prompt_tuning": (adapter(mp.PromptTuningConfig()), {}),
+        "ptuning": (adapter(mp.PTuningConfig()), {}),
+        "ptuning_v2": (adapter(mp.PTuningV2Config()), {}),
     }
-    optional = {  # methods whose modules may not be in this version
-        "adalora": lambda: (5e-3, adapter(mp.AdaLoRAConfig(tinit=steps // 10,
-                                                            tfinal=steps // 5, total_step=steps)), {}),
-        "prefix_tuning": lambda: (3e-2, adapter(mp.PrefixTuningConfig(num_virtual_tokens=20)), {}),
-        "prompt_tuning": lambda: (3e-2, adapter(mp.PromptTuningConfig(num_virtual_tokens=10)), {}),
-    }
-    for name, make in optional.items():
-        try:
-            table[name] = make()
-        except AttributeError:
-            pass
-    return table
 
 
-def child(method: str, steps: int, batch: int, memory_only: bool) -> dict:
+def child(method: str, steps: int, batch: int, lr: float, memory_only: bool) -> dict:
     import tracemalloc
     import minipeft as mp
     from tasks import examples
-    lr, apply, load_kw = configs(mp, steps)[method]
+    apply, load_kw = configs(mp, steps)[method]
     held = examples("next", 200, seed=123)
     train = examples("next", steps * batch, seed=7, exclude={e["prompt"] for e in held})
     if memory_only:  # from here: the weights, the adapter, gradients, optimizer state and activations
@@ -100,10 +94,13 @@ def child(method: str, steps: int, batch: int, memory_only: bool) -> dict:
             "exact_match": match, "final_train_loss": hist["loss"][-1]}
 
 
-def run(method, steps, batch, memory_only):
+def run(method, steps, batch, lr, memory_only=False):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--steps", str(steps), "--batch", str(batch)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--steps", str(steps), "--batch", str(batch),
+           "--lr", str(lr)]
     out = subprocess.run(cmd + (["--memory-only"] if memory_only else []), capture_output=True, text=True, env=env)
+    if out.returncode and "TrainingError" in out.stderr:  # the loss diverged at this learning rate
+        return {"lr": lr, "eval_loss": float("inf")}
     if out.returncode:
         raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,12 +126,15 @@ def main():
     ap.add_argument("--methods", nargs="+", default=None, help="default: every method this version has")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+                    help="each method trains at each; the table keeps the lowest eval loss")
+    ap.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, args.memory_only)))
+        print(json.dumps(child(args.child, args.steps, args.batch, args.lr, args.memory_only)))
         return 0
     import minipeft as mp
     have = configs(mp, args.steps)
@@ -145,9 +145,13 @@ def main():
     rows = {}
     for m in methods:
         t0 = time.time()
-        rows[m] = dict(run(m, args.steps, args.batch, False), **run(m, args.steps, args.batch, True))
+        runs = [run(m, args.steps, args.batch, lr) for lr in args.lrs]
+        best = min(runs, key=lambda r: r["eval_loss"])
+        rows[m] = dict(best, **run(m, args.steps, args.batch, best["lr"], memory_only=True),
+                       sweep={r["lr"]: round(r["eval_loss"], 4) for r in runs})
         print(f"{m}: {rows[m]} ({time.time() - t0:.0f} s)", file=sys.stderr)
-    print(f"{args.steps} steps of batch {args.batch} on {os.path.basename(mp.DEMO_MODEL)}, task `next`\n")
+    print(f"{args.steps} steps of batch {args.batch} on {os.path.basename(mp.DEMO_MODEL)}, task `next`, "
+          f"best eval loss over learning rates {args.lrs}\n")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
