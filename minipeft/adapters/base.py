@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import re
 import typing
 
@@ -60,6 +62,7 @@ class AdapterConfig:
                               f"got {self.target_modules!r}")
         if isinstance(self.layers_to_transform, list):
             self.layers_to_transform = tuple(self.layers_to_transform)
+        check_field_types(self)
         for field in COMMON_FIELDS:
             check(field in self.PEFT_COMMON or getattr(self, field) in (None, ()), field, getattr(self, field),
                   f"PEFT's {self.peft_type} config has no {field}, so a saved adapter would be read without it; "
@@ -91,6 +94,27 @@ class AdapterConfig:
                 back = {json_key(v): k for k, v in cls.PEFT_VALUES.get(ours, {}).items()}
                 kwargs[ours] = back.get(json_key(d[theirs]), d[theirs])
         return cls(**kwargs)
+
+
+# a field's declared type (its annotation, split on "|") -> the values it takes; IO-7: a JSON value of
+# the wrong type is a ConfigError naming the field, whatever the method (no per-method type table)
+_KINDS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+          "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+          "dict": lambda v: isinstance(v, dict), "None": lambda v: v is None,
+          "tuple": lambda v: isinstance(v, (tuple, list))}
+
+
+def check_field_types(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if not all(k in _KINDS for k in kinds):
+            continue  # a type this table does not know: the method's validate() checks it
+        v = getattr(cfg, f.name)
+        check(any(_KINDS[k](v) for k in kinds), f.name, v, f"must be of type {f.type}")
+        if isinstance(v, (tuple, list)):  # layer indices, or module names
+            item = "int" if f.name == "layers_to_transform" else "str"
+            check(all(_KINDS[item](e) for e in v), f.name, v, f"must hold only values of type {item}")
 
 
 def json_key(v):

@@ -51,7 +51,10 @@ def find_targets(net, cfg) -> list[str]:
         found = [p for p in found if _layer_index(p, cfg.layers_pattern) in keep]
     if not found:
         names = sorted({p.split(".")[-1] for p in paths})
-        raise ConfigError(f"target_modules={cfg.target_modules!r} matches no linear layer of this model; "
+        narrowed = "".join(f", {f}={getattr(cfg, f)!r}" for f in ("exclude_modules", "layers_to_transform",
+                                                                    "layers_pattern") if getattr(cfg, f) not in (None, ()))
+        narrowed += "" if cfg.layers_to_transform != () else ", layers_to_transform=()"
+        raise ConfigError(f"target_modules={cfg.target_modules!r}{narrowed} matches no linear layer of this model; "
                           f"its linear layers are named: {', '.join(names)}")
     return found
 

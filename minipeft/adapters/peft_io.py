@@ -127,6 +127,7 @@ def load_adapters(model, path: str, name: str = "default", strict: bool = True) 
     if not os.path.isfile(weights_path):
         raise CheckpointError(f"{path}: no {WEIGHTS_NAME} (minipeft never reads pickled adapter_model.bin)")
     loaded, _ = read_safetensors(weights_path)
+    check_sizes(cfg, loaded, os.path.join(path, CONFIG_NAME))
     try:
         model.apply_adapter(cfg, name, init_weights=False)
     except ConfigError as e:
@@ -139,6 +140,25 @@ def load_adapters(model, path: str, name: str = "default", strict: bool = True) 
         model.delete_adapter(name)  # leave no half-loaded adapter behind
         raise
     return report
+
+
+# IO-7: sizes a stranger's adapter_config.json sets, checked before anything is allocated. A rank or a
+# number of virtual tokens n makes at least n values of the file; an encoder's width is not saved by PEFT
+ROW_FIELDS, WIDTH_FIELDS, MAX_WIDTH = ("rank", "initial_rank", "target_rank", "num_virtual_tokens"), \
+    ("encoder_hidden_size", "projection_dim"), 65_536
+
+
+def check_sizes(cfg, loaded: dict, where: str) -> None:
+    held = sum(int(np.prod(a.shape)) for a in loaded.values())
+    patterns = getattr(cfg, "rank_pattern", None) or {}
+    sizes = [(f, getattr(cfg, f), held, "the weights file holds") for f in ROW_FIELDS if hasattr(cfg, f)]
+    sizes += [(f"rank_pattern[{k!r}]", v, held, "the weights file holds") for k, v in patterns.items()
+              if isinstance(v, int) and not isinstance(v, bool)]  # AdaLoRA's are lists of booleans
+    sizes += [(f, getattr(cfg, f), MAX_WIDTH, "minipeft allows") for f in WIDTH_FIELDS if hasattr(cfg, f)]
+    for field, v, limit, what in sizes:
+        if isinstance(v, int) and v > limit:
+            raise CheckpointError(f"{where}: field {field}={v} is larger than the {limit:,} values {what}; "
+                                  "refused before allocating the adapter")
 
 
 def _assign(model, name, loaded: dict, where: str, strict: bool) -> dict:
@@ -158,6 +178,8 @@ def _assign(model, name, loaded: dict, where: str, strict: bool) -> dict:
         if tuple(arr.shape) != t.shape:
             raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(arr.shape)}, the model expects "
                                   f"{t.shape}; was this adapter trained on another base model?")
+        if not np.issubdtype(arr.dtype, np.floating):  # an integer or boolean tensor is not a weight (IO-8)
+            raise CheckpointError(f"{where}: tensor {key!r} has dtype {arr.dtype}, expected a float type")
         if not np.all(np.isfinite(arr)):
             raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
         t.data = backend.asarray(arr, "float32")

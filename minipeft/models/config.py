@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 from ..errors import CheckpointError
@@ -108,10 +109,18 @@ def _check_type(name, value, path):
         if value < 0 or value > LIMITS.get(name, 2**62):
             raise CheckpointError(f"{path}: field {name!r}={value} is out of range "
                                   f"(0..{LIMITS.get(name, 2**62)}); is this file a model config?")
-    elif kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise CheckpointError(f"{path}: field {name!r} must be a number, got {value!r}")
+    elif kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
+        raise CheckpointError(f"{path}: field {name!r} must be a finite number, got {value!r}")
     elif kind == "bool" and not isinstance(value, bool):
         raise CheckpointError(f"{path}: field {name!r} must be true or false, got {value!r}")
+    elif kind.startswith("int |"):  # optional token ids and window sizes: a non-negative integer (or a list)
+        items = value if isinstance(value, list) and "list" in kind else [value]
+        if not items or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**62 for v in items):
+            raise CheckpointError(f"{path}: field {name!r} must be a non-negative integer"
+                                  f"{' or a list of them' if 'list' in kind else ''} or null, got {value!r}")
+    elif kind == "str" and not isinstance(value, str):
+        raise CheckpointError(f"{path}: field {name!r} must be a string, got {value!r}")
 
 
 def config_from_dict(raw: dict, path: str = "config.json") -> ModelConfig:
@@ -157,9 +166,10 @@ def config_from_dict(raw: dict, path: str = "config.json") -> ModelConfig:
     cfg.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
     cfg.intermediate_size = cfg.intermediate_size or 4 * cfg.hidden_size
     _check_computation(cfg, raw, path)
-    rope_type = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
+    rope_type = (cfg.rope_scaling or {}).get("rope_type") or (cfg.rope_scaling or {}).get("type") or "default"
     if rope_type not in ("default", "linear", "llama3"):
-        raise CheckpointError(f"{path}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
+        raise CheckpointError(f"{path}: field 'rope_scaling' (or rope_parameters) has rope_type {rope_type!r}, "
+                              f"which is not supported (default, linear, llama3)")
     return cfg
 
 
@@ -172,9 +182,34 @@ def _check_computation(cfg, raw, path):
     for key, allowed in UNSUPPORTED.items():
         if raw.get(key, allowed[0]) not in allowed:
             raise CheckpointError(f"{path}: field {key!r}={raw[key]!r} is not supported (only {allowed[0]!r})")
+    if not cfg.rope_theta > 0 or cfg.norm_eps < 0:
+        raise CheckpointError(f"{path}: field 'rope_theta'={cfg.rope_theta} must be > 0 and field "
+                              f"'norm_eps' (rms_norm_eps / layer_norm_eps)={cfg.norm_eps} must be >= 0")
+    if cfg.pad_token_id is not None and cfg.pad_token_id >= cfg.vocab_size:
+        raise CheckpointError(f"{path}: field 'pad_token_id'={cfg.pad_token_id} must be below vocab_size "
+                              f"{cfg.vocab_size} (padding is embedded as a token)")
+    _check_rope_scaling(cfg.rope_scaling or {}, path)
     if not 0.0 < cfg.partial_rotary_factor <= 1.0 or cfg.rotary_dim % 2:
         raise CheckpointError(f"{path}: field 'partial_rotary_factor'={cfg.partial_rotary_factor} must lie in "
                               f"(0, 1] and give an even rotary dimension (head_dim {cfg.head_dim})")
+
+
+def _check_rope_scaling(s: dict, path):
+    """The numbers RoPE scaling divides by (MODEL-3): factor > 0; llama3 also low < high frequency
+    factors, both > 0, and a positive original context."""
+    kind = s.get("rope_type") or s.get("type") or "default"
+    if not isinstance(kind, str):
+        raise CheckpointError(f"{path}: field 'rope_scaling.rope_type' must be a string, got {kind!r}")
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                              "original_max_position_embeddings")}.get(kind, ())
+    defaults = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for key in need:
+        v = s.get(key, defaults.get(key))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+            raise CheckpointError(f"{path}: field 'rope_scaling.{key}'={v!r} must be a positive number "
+                                  f"for rope_type {kind!r}")
+    if kind == "llama3" and not s.get("low_freq_factor", 1.0) < s.get("high_freq_factor", 4.0):
+        raise CheckpointError(f"{path}: field 'rope_scaling.low_freq_factor' must be below high_freq_factor")
 
 
 def read_config(folder: str) -> ModelConfig:
