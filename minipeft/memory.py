@@ -250,3 +250,25 @@ def estimate(config, method="full", rank=8, target_modules=("q_proj", "v_proj"),
         gradients=trainable * te, optimizer=2 * trainable * te, activations=kept + max(rebuilt), after_forward=kept,
         workspace=max(ce, layer_ws), backward_peak=_backward_peak(kept, stages),
         optimizer_workspace=3 * max(sizes) * te, trainable=trainable, base_params=emb + head + L * (other + linear))
+
+
+def check_budget(model, seq: int, batch: int, gradient_checkpointing: bool, budget_gb: float) -> None:
+    """TRAIN-9: refuse, before any work, a training run whose estimated peak (MEM-8) exceeds the budget.
+    The estimate counts full fine-tuning (no adapter), LoRA and QLoRA on the llama family."""
+    from .adapters.inject import adapted_layers
+    from .adapters.lora import LoRAConfig
+    from .quant.linear4bit import Linear4bit, is_quantized
+    cfgs = [model.peft_configs[n] for n in model.active_adapters]
+    if any(not isinstance(c, LoRAConfig) for c in cfgs) or len(cfgs) > 1:
+        raise ConfigError(f"TrainingConfig.memory_budget_gb={budget_gb!r}: memory.estimate counts full "
+                          f"fine-tuning, LoRA and QLoRA with one adapter, not {[c.peft_type for c in cfgs]}")
+    method = "full" if not cfgs else ("qlora" if is_quantized(model.net) else "lora")
+    quant = [m for _, m in model.net.named_modules() if isinstance(m, Linear4bit)]
+    targets = sorted({p.rsplit(".", 1)[-1] for p, _ in adapted_layers(model.net)})
+    dtype = str(model.net.parameters()[0].data.dtype)
+    est = estimate(model.config, method, cfgs[0].rank if cfgs else 8, targets, seq, batch, gradient_checkpointing,
+                   dtype if dtype in ITEMSIZE else "float32", quant[0].compute_dtype if quant else "bfloat16")
+    if est.total > budget_gb * 2**30:
+        raise ConfigError(f"TrainingConfig.memory_budget_gb={budget_gb}: memory.estimate puts this run "
+                          f"(batch {batch} x {seq} tokens, {method}) at {est.total / 2**30:.3f} GiB, over the "
+                          f"budget; lower batch_size or max_length, or set gradient_checkpointing=True")

@@ -324,18 +324,29 @@ class Model:
             cfg = self.peft_configs[name]
             fn = getattr(layer_class(cfg), hook, None)
             if fn is not None:
-                yield fn, {p: m.adapters[name] for p, m in inject.adapted_layers(self.net) if name in m.adapters}, cfg
+                yield name, fn, {p: m.adapters[name] for p, m in inject.adapted_layers(self.net) if name in m.adapters}, cfg
 
     def regularization(self):
         """The term the active adapters add to the training loss (AdaLoRA's orthogonality penalty), or None."""
-        terms = [fn(deltas, cfg) for fn, deltas, cfg in self._method_hooks("regularization")]
+        terms = [fn(deltas, cfg) for _, fn, deltas, cfg in self._method_hooks("regularization")]
         return sum(terms[1:], terms[0]) if terms else None
 
     def update_and_allocate(self, step: int) -> None:
         """Call after optimizer step `step` (0-based), before the gradients are cleared: each active adapter's
         per-step update (AdaLoRA's rank allocation, PEFT's update_and_allocate). model.train calls it."""
-        for fn, deltas, cfg in self._method_hooks("after_step"):
+        for _, fn, deltas, cfg in self._method_hooks("after_step"):
             fn(deltas, cfg, step)
+
+    def training_state(self) -> dict:
+        """{adapter: (arrays, json)}: what the active adapters carry from step to step besides their weights
+        (AdaLoRA's allocator), saved in training checkpoints (TRAIN-8) by the layer class's `training_state`."""
+        return {name: fn(deltas, cfg) for name, fn, deltas, cfg in self._method_hooks("training_state")}
+
+    def load_training_state(self, states: dict) -> None:
+        """Give back what training_state() returned, through the layer class's `load_training_state`."""
+        for name, fn, deltas, cfg in self._method_hooks("load_training_state"):
+            if name in states:
+                fn(deltas, cfg, *states[name])
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts its elements, as a float one."""

@@ -21,6 +21,7 @@ from .autograd import no_grad
 from .data import collate, count_targets, prepare
 from .errors import ConfigError, TrainingError
 from .fileio import atomic_save_dir, atomic_write_json
+from .memory import check_budget
 from .models.blocks import causal_lm_loss
 from .nn.optim import AdamW, clip_grad_norm, lr_at
 from .safetensors_io import read_safetensors, write_safetensors
@@ -47,6 +48,7 @@ class TrainingConfig:
     resume_from: str | None = None  # a checkpoint folder, or an output_dir (its latest checkpoint)
     progress: bool = True
     plot_path: str | None = None  # write the loss curve as PNG (needs matplotlib)
+    memory_budget_gb: float | None = None  # refuse a run memory.estimate puts above this many GiB (TRAIN-9)
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "epochs"):
@@ -59,6 +61,9 @@ class TrainingConfig:
             raise ConfigError(f"TrainingConfig.schedule={self.schedule!r}: use linear, cosine or constant")
         if self.save_steps and not self.output_dir:
             raise ConfigError("TrainingConfig.save_steps needs output_dir")
+        budget = self.memory_budget_gb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+            raise ConfigError(f"TrainingConfig.memory_budget_gb={budget!r} must be a positive number of GiB")
 
 
 def _order(n: int, epoch: int, cfg) -> np.ndarray:
@@ -110,6 +115,9 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                        truncate=cfg.max_length is not None)
     evals = prepare(cfg.eval_data, model.tokenizer, eos, model.config.vocab_size, limit, "eval_data",
                     truncate=cfg.max_length is not None) if cfg.eval_data is not None else None
+    if cfg.memory_budget_gb is not None:  # TRAIN-9: before any work
+        check_budget(model, max(len(ids) for ids, _ in examples), cfg.batch_size, cfg.gradient_checkpointing,
+                     cfg.memory_budget_gb)
     per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.gradient_accumulation_steps))
     total = cfg.max_steps or per_epoch * cfg.epochs
     opt = AdamW(named, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -188,10 +196,15 @@ def save_checkpoint(model, opt, named, output_dir, step, history) -> str:
         write_safetensors(os.path.join(tmp, "trainable.safetensors"),
                           {n: np.ascontiguousarray(backend.to_host(p.data)) for n, p in named.items()})
         write_safetensors(os.path.join(tmp, "optimizer.safetensors"), opt.state_dict())
-        state = {"step": step, "adam_t": opt.t, "rng": model.rng.get_state(), "history": history}
+        method = model.training_state()  # {adapter: (arrays, json)}: a method's own state (AdaLoRA's allocator)
+        write_safetensors(os.path.join(tmp, "method_state.safetensors"),
+                          {f"{a}/{k}": np.ascontiguousarray(v) for a, (arrays, _) in method.items()
+                           for k, v in arrays.items()})
+        state = {"step": step, "adam_t": opt.t, "rng": model.rng.get_state(), "history": history,
+                 "method_state": {a: info for a, (_, info) in method.items()}}
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), _jsonable(state))
-    if model.peft_configs:
-        model.save_adapters(os.path.join(path, "adapter"))
+        if model.peft_configs:  # inside the folder that appears whole (TRAIN-8)
+            model.save_adapters(os.path.join(tmp, "adapter"))
     return path
 
 
@@ -218,6 +231,10 @@ def load_checkpoint(model, opt, named, path):
     moments, _ = read_safetensors(os.path.join(path, "optimizer.safetensors"))
     opt.load_state_dict(moments, state["adam_t"])
     model.rng.set_state(state["rng"])
+    if "method_state" in state:
+        arrays, _ = read_safetensors(os.path.join(path, "method_state.safetensors"))
+        model.load_training_state({a: ({k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(a + "/")},
+                                       info) for a, info in state["method_state"].items()})
     history = state["history"]
     history["eval_loss"] = [tuple(e) for e in history.get("eval_loss", [])]
     return state["step"], history

@@ -183,6 +183,20 @@ class AdaLoRALinear(Delta):
             for d in deltas.values():
                 d.ema = {}
 
+    @staticmethod
+    def training_state(deltas: dict, cfg: AdaLoRAConfig) -> tuple[dict, dict]:
+        """ADALORA-13: what a resumed run needs beyond the weights: every (Ī, U) and rank_pattern."""
+        arrays = {f"{p}.{leaf}.{k}": backend.to_host(v) for p, d in deltas.items()
+                  for leaf, pair in d.ema.items() for k, v in zip(("avg", "unc"), pair)}
+        return arrays, {"rank_pattern": cfg.rank_pattern}
+
+    @staticmethod
+    def load_training_state(deltas: dict, cfg: AdaLoRAConfig, arrays: dict, info: dict) -> None:
+        cfg.rank_pattern = info.get("rank_pattern")
+        for p, d in deltas.items():
+            d.ema = {leaf: (backend.asarray(arrays[f"{p}.{leaf}.avg"]), backend.asarray(arrays[f"{p}.{leaf}.unc"]))
+                     for leaf in d.LEAVES if f"{p}.{leaf}.avg" in arrays}
+
     def update_sensitivity(self, cfg: AdaLoRAConfig) -> None:  # ADALORA-8
         for name in self.LEAVES:
             w = getattr(self, name)
