@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .errors import MiniPeftError
+from .errors import ConfigError, MiniPeftError
 
 
 def _model(args):
@@ -14,13 +14,41 @@ def _model(args):
     return load_model(args.model)
 
 
+def method_config(args):
+    """The --method's config from the flags that name its fields (--rank, --alpha, ...) and --set FIELD=VALUE
+    (VALUE read as JSON where it parses, else as a string); unset flags leave the config's defaults."""
+    import dataclasses
+    from .adapters.registry import METHODS
+    cls = METHODS[args.method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "init": args.init,
+             "use_rslora": args.rslora or None,
+             "target_modules": None if args.target_modules is None else
+             ("all-linear" if args.target_modules == ["all-linear"] else tuple(args.target_modules))}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write FIELD=VALUE")
+        try:
+            kwargs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            kwargs[key] = raw
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ConfigError(f"--method {args.method} has no field {', '.join(unknown)}; its fields: "
+                          f"{', '.join(sorted(fields))}")
+    return cls(**kwargs)
+
+
 def cmd_train(args):
-    from .adapters.lora import LoRAConfig
+    from .model import load_model
+    from .quant import QuantizationConfig
     from .train import TrainingConfig
-    model = _model(args)
-    targets = args.target_modules if args.target_modules != ["all-linear"] else "all-linear"
-    model.apply_lora(LoRAConfig(rank=args.rank, alpha=args.alpha, target_modules=targets, dropout=args.dropout,
-                                use_rslora=args.rslora, init=args.init))
+    cfg = method_config(args)
+    model = load_model(args.model, quantization=QuantizationConfig(compute_dtype="float32")
+                       if args.method == "qlora" else None)
+    model.apply_adapter(cfg)
     trainable, total = model.parameter_counts()
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     hist = model.train(args.data, TrainingConfig(
@@ -98,18 +126,23 @@ def _numel(shape):
 
 
 def build_parser():
+    from .adapters.registry import METHODS
     ap = argparse.ArgumentParser(prog="minipeft", description="Parameter-efficient fine-tuning you can read.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="fine-tune a model with LoRA and save the adapter (PEFT format)")
+    t = sub.add_parser("train", help="fine-tune a model with an adapter (LoRA by default) and save it (PEFT format)")
     t.add_argument("--model", required=True, help="model folder or cached Hub repo id")
     t.add_argument("--data", required=True, help=".jsonl file of {text} or {prompt, completion} records")
     t.add_argument("--output", required=True, help="adapter folder to write")
-    t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--alpha", type=float, default=16)
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="names, or all-linear")
+    t.add_argument("--method", default="lora", choices=sorted(METHODS),
+                   help="the adapter method (qlora loads the model in NF4 first)")
+    t.add_argument("--rank", type=int, default=None, help="the method's rank (LoRA default 8)")
+    t.add_argument("--alpha", type=float, default=None, help="(LoRA default 16)")
+    t.add_argument("--dropout", type=float, default=None)
+    t.add_argument("--target-modules", nargs="+", default=None, help="names, or all-linear (LoRA default q_proj v_proj)")
     t.add_argument("--rslora", action="store_true")
-    t.add_argument("--init", default="default", choices=["default", "gaussian", "pissa", "olora"])
+    t.add_argument("--init", default=None, choices=["default", "gaussian", "pissa", "olora"])
+    t.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="any other config field, VALUE as JSON (e.g. --set initial_rank=12 --set total_step=300)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--grad-accum", type=int, default=1)

@@ -13,6 +13,8 @@ from .lora import LoRAConfig, LoRALinear
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .ptuning import PromptEncoder, PTuningConfig
+from .ptuning_v2 import PTuningV2Config
+from .qlora import QLoRAConfig
 from .vera import VeRAConfig, VeRALinear
 
 REGISTRY = {
@@ -26,6 +28,14 @@ REGISTRY = {
     PrefixTuningConfig: PrefixEncoder,  # also P-tuning v2 (PTuningV2Config is a PrefixTuningConfig)
     PTuningConfig: PromptEncoder,
     AdaLoRAConfig: AdaLoRALinear,
+}
+
+
+# method name (the stem of apply_<name>, adapters/<name>.py, spec/<name>.md) -> config class: the CLI's --method
+METHODS = {
+    "lora": LoRAConfig, "qlora": QLoRAConfig, "dora": DoRAConfig, "adalora": AdaLoRAConfig, "vera": VeRAConfig,
+    "loha": LoHaConfig, "lokr": LoKrConfig, "ia3": IA3Config, "prompt_tuning": PromptTuningConfig,
+    "prefix_tuning": PrefixTuningConfig, "ptuning": PTuningConfig, "ptuning_v2": PTuningV2Config,
 }
 
 

@@ -1,0 +1,73 @@
+"""The `minipeft` command line: every adapter method trains, saves in PEFT's layout, reloads and generates
+through the CLI on the model the package carries; bad fields are clear errors that write nothing."""
+import json
+
+import pytest
+
+import minipeft
+from minipeft.adapters.registry import METHODS
+from minipeft.cli import main
+
+# fields a method needs beyond its defaults to run a 2-step job on the carried model
+EXTRA = {"adalora": ["--set", "total_step=2"]}
+PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
+             "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
+             "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING"}
+
+# a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
+RELOADED = {"qlora": METHODS["lora"], "ptuning_v2": METHODS["prefix_tuning"]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "next.jsonl"
+    rows = [{"prompt": f"next {w} =", "completion": " " + "".join(chr(ord(c) + 1) for c in w)}
+            for w in ["abc", "hello", "cat", "dog", "pen", "map", "sky", "tree"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_every_registered_method_has_a_cli_case():
+    assert sorted(PEFT_TYPE) == sorted(METHODS)
+
+
+@pytest.mark.spec("PEFT-1", "PEFT-3")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path, capsys):
+    out = tmp_path / method
+    assert main(["train", "--model", minipeft.DEMO_MODEL, "--data", data, "--output", str(out), "--method", method,
+                 "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", *EXTRA.get(method, [])]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable parameters" in printed and f"adapter saved to {out}" in printed
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == PEFT_TYPE[method]
+    assert saved.get("use_dora", False) == (method == "dora")
+    model = minipeft.load_model(minipeft.DEMO_MODEL)
+    model.load_adapters(str(out))
+    assert type(model.peft_configs["default"]) is RELOADED.get(method, METHODS[method])
+    assert main(["generate", "--model", minipeft.DEMO_MODEL, "--adapter", str(out), "--prompt", "next abc =",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == model.generate("next abc =", max_new_tokens=4) + "\n"
+
+
+def test_fields_flags_and_set_reach_the_config(data, tmp_path):
+    out = tmp_path / "lokr"
+    assert main(["train", "--model", minipeft.DEMO_MODEL, "--data", data, "--output", str(out), "--method", "lokr",
+                 "--rank", "4", "--target-modules", "all-linear", "--set", "factor=4", "--set", "decompose_both=true",
+                 "--max-steps", "1"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert (saved["r"], saved["target_modules"], saved["decompose_factor"], saved["decompose_both"]) == \
+        (4, "all-linear", 4, True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "ia3", "--rank", "4"], "ia3 has no field rank"),
+    (["--set", "rank"], "write FIELD=VALUE"),
+    (["--set", "rank=-1"], "rank"),
+    (["--method", "prompt_tuning", "--set", "num_virtual_tokens=0"], "num_virtual_tokens"),
+])
+def test_bad_fields_are_clear_errors_that_write_nothing(data, tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    assert main(["train", "--model", minipeft.DEMO_MODEL, "--data", data, "--output", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
