@@ -136,9 +136,8 @@ def _layer(g, p: _Plan, i, x, B, T):
     q, k, v = (_linear(g, p, L + n, n1, *sh[n]) for n in ("q_proj", "k_proj", "v_proj"))
     q = g.op(L + "rope_q", N * sh["q_proj"][1] * e, (q,))  # split_heads and merge_heads' permute are views
     k = g.op(L + "rope_k", N * sh["k_proj"][1] * e, (k,))
-    qg = N * sh["q_proj"][1] * e if c.num_attention_heads > c.num_key_value_heads else 0  # q regrouped: a copy
     o = g.op(L + "sdpa", N * sh["q_proj"][1] * e, (q, k, v),
-             saved=B * c.num_attention_heads * T * T * e + qg)  # saves P (B, H, T, S) and q as (B, Hkv, G T, D)
+             saved=B * c.num_attention_heads * T * T * e)  # saves P (B, H, T, S); q (B, Hkv, G, T, D) and O are views
     o = g.op(L + "merge", N * sh["q_proj"][1] * e, (o,))  # reshape of a transposed view: a copy
     h = g.op(L + "h", N * c.hidden_size * e, (x, _linear(g, p, L + "o_proj", o, *sh["o_proj"])))
     n2 = _rms_norm(g, p, L + "n2", h, full)

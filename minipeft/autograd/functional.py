@@ -244,8 +244,10 @@ class RoPE(Function):
 class SDPA(Function):
     """Scaled dot-product attention with grouped KV heads (AG-20).
     q (B, H, T, D), k and v (B, Hkv, S, D), H = G Hkv; query head h reads kv head h // G.
-    P = softmax(q k^T * scale + mask) with mask additive (B|1, 1, T, S); out = P v.
-    Backward: dP = dO v^T, dS = P (dP - rowsum(dP P)), dq = dS k scale, dk = dS^T q scale, dv = P^T dO."""
+    P = softmax(q k^T * scale + mask) with mask additive (B|1, 1, T, S); out O = P v.
+    Backward: dP = dO v^T, dS = P (dP - rowsum(dO O)), dq = dS k scale, dk = dS^T q scale, dv = P^T dO.
+    rowsum(dO O) equals rowsum(dP P) (= sum_s P_s (dO . v_s)) and costs (T, D) work instead of (T, S);
+    the (T, S) arrays are updated in place, so a step makes no more of them than it must."""
 
     def forward(self, q, k, v, mask=None, scale=1.0):
         xp = _xp(q)
@@ -253,26 +255,33 @@ class SDPA(Function):
         Hkv, S = k.shape[1], k.shape[2]
         G = H // Hkv
         self.shape = (B, H, T, D, Hkv, S, G)
-        qg = xp.reshape(q, (B, Hkv, G * T, D))  # (B, Hkv, G*T, D)
-        s = xp.matmul(qg, xp.matrix_transpose(k)) * scale  # (B, Hkv, G*T, S)
+        q5 = xp.reshape(q, (B, Hkv, G, T, D))  # (B, Hkv, G, T, D)
+        s = xp.matmul(q5 * scale, xp.matrix_transpose(k)[:, :, None, ...])  # (B, Hkv, G, T, S), a new array
         if mask is not None:
-            s = xp.reshape(xp.reshape(s, (B, Hkv, G, T, S)) + mask[:, :, None, :, :], (B, Hkv, G * T, S))
-        e = xp.exp(s - xp.max(s, axis=-1, keepdims=True))
-        p = e / xp.sum(e, axis=-1, keepdims=True)
-        self.save_for_backward(qg, k, v, p)
+            s += mask[:, :, None, ...]
+        s -= xp.max(s, axis=-1, keepdims=True)
+        p = xp.exp(s)  # (B, Hkv, G, T, S)
+        p /= xp.sum(p, axis=-1, keepdims=True)
+        o = xp.matmul(p, v[:, :, None, ...])  # (B, Hkv, G, T, Dv)
+        self.save_for_backward(q5, k, v, p, o)
         self.scale = scale
-        return xp.reshape(xp.matmul(p, v), (B, H, T, v.shape[-1]))
+        return xp.reshape(o, (B, H, T, v.shape[-1]))
 
     def backward(self, g):
-        qg, k, v, p = self.saved
+        q5, k, v, p, o = self.saved
         xp = _xp(g)
         B, H, T, D, Hkv, S, G = self.shape
-        gg = xp.reshape(g, (B, Hkv, G * T, v.shape[-1]))
-        dv = xp.matmul(xp.matrix_transpose(p), gg) if self.needs_input_grad[2] else None
-        dp = xp.matmul(gg, xp.matrix_transpose(v))
-        ds = p * (dp - xp.sum(dp * p, axis=-1, keepdims=True)) * self.scale
-        dq = xp.reshape(xp.matmul(ds, k), (B, H, T, D)) if self.needs_input_grad[0] else None
-        dk = xp.matmul(xp.matrix_transpose(ds), qg) if self.needs_input_grad[1] else None
+        g5 = xp.reshape(g, (B, Hkv, G, T, v.shape[-1]))  # (B, Hkv, G, T, Dv)
+        ds = xp.matmul(g5, xp.matrix_transpose(v)[:, :, None, ...])  # dP (B, Hkv, G, T, S), a new array
+        ds -= xp.sum(g5 * o, axis=-1, keepdims=True)
+        ds *= p  # dS / scale
+        dq = dk = dv = None
+        if self.needs_input_grad[0]:
+            dq = xp.reshape(xp.matmul(ds, k[:, :, None, ...]) * self.scale, (B, H, T, D))
+        if self.needs_input_grad[1]:
+            dk = xp.sum(xp.matmul(xp.matrix_transpose(ds), q5), axis=2) * self.scale  # (B, Hkv, S, D)
+        if self.needs_input_grad[2]:
+            dv = xp.sum(xp.matmul(xp.matrix_transpose(p), g5), axis=2)  # (B, Hkv, S, Dv)
         return dq, dk, dv
 
 
