@@ -5,7 +5,7 @@ The base (minipeft/data/tiny-llama-chars, made by examples/make_base_model.py) k
 exact match before and after, save the adapter in PEFT's format, reload it into a fresh model
 and check the answers are the same.
 
-    python examples/finetune_lora.py                 # about 1-2 minutes on 2 CPU cores
+    python examples/finetune_lora.py                 # seconds on 2 CPU cores (up to 2 minutes on a busy host)
     python examples/finetune_lora.py --model HuggingFaceTB/SmolLM2-135M   # a Hub model, if cached
 """
 from __future__ import annotations
