@@ -11,7 +11,8 @@ Cases (each minipeft and reference pair runs in fresh processes with the same th
   generate-<size>     greedy, KV cache, 64 new tokens, batch 1 (transformers generate)        target tokens/s >= 1.0x
   nf4 (de)quantize    4096 x 4096 float32, with and without double quantization (bitsandbytes) target <= 1.0
   memory              peak RSS of the LoRA step against PEFT's                                  target <= 1.0
-  curve               LoRA step time at small size as the sequence doubles from 64 to 1024
+  curve               LoRA step time at small size as the sequence doubles from 64 to 1024, and as the
+                      model grows (the step-<size>-lora rows); both plotted
 
 Ratios are minipeft / reference of the fastest run (time: below 1 is faster; tokens/s: above 1 is
 faster). The table, the machine and the command go to benchmarks/results/latest.json, the chart to
@@ -96,7 +97,7 @@ def chart(rows, path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(17, 4.5))
     main = [r for r in rows if not r["case"].startswith("curve")]
     colors = ["tab:green" if r.get("met") else ("tab:red" if r.get("met") is False else "tab:gray") for r in main]
     a.barh([r["case"] for r in main], [r["ratio"] for r in main], color=colors)
@@ -111,6 +112,14 @@ def chart(rows, path) -> bool:
     b.set_xlabel("sequence length (small llama, LoRA step, batch 4)")
     b.set_ylabel("seconds per step")
     b.legend()
+    grow = [r for r in rows if r["case"].startswith("step-") and r["case"].endswith("-lora")]
+    names = [r["case"].split("-")[1] for r in grow]
+    c.plot(names, [r["minipeft"] for r in grow], "o-", label="minipeft")
+    c.plot(names, [r["reference"] for r in grow], "s-", label="PEFT (torch)")
+    c.set_yscale("log")
+    c.set_xlabel("model (tiny: hidden 64, 2 layers; small: 256, 4; medium: 512, 8)")
+    c.set_ylabel("seconds per LoRA step")
+    c.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
