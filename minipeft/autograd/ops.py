@@ -160,6 +160,9 @@ class GetItem(Function):
     """Basic indexing (slices, ints); the gradient is scattered into zeros of the input's shape."""
 
     def forward(self, a, index):
+        index = index if isinstance(index, tuple) else (index,)
+        if not any(i is Ellipsis for i in index):  # the array API wants every axis named: x[0] is x[0, ...]
+            index = index + (Ellipsis,)
         self.shape, self.index, self.dtype = a.shape, index, a.dtype
         return a[index]
 
@@ -180,7 +183,7 @@ class Concat(Function):
         out, start = [], 0
         ax = self.axis % g.ndim
         for n, need in zip(self.sizes, self.needs_input_grad):
-            idx = (slice(None),) * ax + (slice(start, start + n),)
+            idx = (slice(None),) * ax + (slice(start, start + n), Ellipsis)
             out.append(g[idx] if need else None)
             start += n
         return tuple(out)
