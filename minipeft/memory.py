@@ -7,7 +7,7 @@ Gradients, optimizer (MEM-2): e per trainable parameter, and 2 e more for AdamW'
 Activations (MEM-3..MEM-5): a recorded op keeps its inputs (Function.parents) and what it saves;
     an op is recorded when an input needs a gradient or it owns a trainable parameter (AG-2).
     The forward below replays llama's ops on sizes and sums what the recorded ones keep.
-Backward buffers (MEM-6): 2 N V e for the loss, max(4 N I, 3 B H T S) e for a layer.
+Backward buffers (MEM-6): (N V + 3 min(CE_CHUNK, N V)) e for the loss, max(4 N I, B H T S) e for a layer.
 Backward peak (MEM-7): the worst stage of live activations + gradients made + buffers.
 Total (MEM-8): weights + optimizer + max(backward peak, gradients + AdamW's temporaries).
 """
@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 
+from .autograd.functional import CE_CHUNK
 from .errors import ConfigError
 from .models.config import ModelConfig, config_from_dict, read_config
 
@@ -239,7 +240,8 @@ def estimate(config, method="full", rank=8, target_modules=("q_proj", "v_proj"),
     trainable = emb + head + L * per_layer if full else L * lora
     te = e if full else 4  # adapters are float32
     kept, rebuilt, freed = _activations(p, batch, seq, gradient_checkpointing)
-    ce, layer_ws = 2 * N * V * e, max(4 * N * I, 3 * batch * H * seq * seq) * e  # MEM-6
+    ce = (N * V + 3 * min(CE_CHUNK, N * V)) * e  # MEM-6: the gradient, and one block's exp temporaries
+    layer_ws = max(4 * N * I, batch * H * seq * seq) * e
     stages = [(head * te if full else 0, freed[0], ce)] + \
         [(per_layer * te, f, r + layer_ws) for f, r in zip(freed[1:], rebuilt)] + [(emb * te if full else 0, 0, 0)]
     sizes = [emb, *(i * o for i, o in _shapes(c).values())] if full else \

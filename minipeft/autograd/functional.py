@@ -81,7 +81,9 @@ class LogSoftmax(Function):
 class CrossEntropy(Function):
     """loss = mean over rows with target != ignore_index of (logsumexp(x_i) - x_i[t_i]) (AG-12).
     dx_i = (softmax(x_i) - onehot(t_i)) / n_valid; no one-hot is built (a flat scatter-add of -1).
-    With no valid row the loss is 0 and so is the gradient."""
+    With no valid row the loss is 0 and so is the gradient. On the CPU both passes go over blocks of
+    rows (CE_CHUNK elements each, BACKEND-8), so the (N, V) temporaries of exp stay in cache and only
+    the gradient itself is a new (N, V) array."""
 
     def forward(self, logits, targets, ignore_index=-100):
         xp = _xp(logits)
@@ -89,22 +91,34 @@ class CrossEntropy(Function):
         valid = targets != ignore_index
         safe_t = xp.where(valid, targets, xp.zeros_like(targets))
         flat_idx = xp.arange(N, dtype=safe_t.dtype) * V + safe_t
-        m = xp.max(logits, axis=-1, keepdims=True)
-        lse = xp.log(xp.sum(xp.exp(logits - m), axis=-1, keepdims=True)) + m  # (N, 1)
+        rows = max(backend.chunk_length(logits, CE_CHUNK) // max(V, 1), 1)
+        blocks = [(i, min(i + rows, N)) for i in range(0, N, rows)]
+        lse = xp.concat([logsumexp_rows(logits[i:j, ...]) for i, j in blocks], axis=0)  # (N, 1)
         picked = xp.take(xp.reshape(logits, (-1,)), flat_idx)  # (N,)
         validf = xp.astype(valid, logits.dtype)
         n = max(int(backend.to_host(xp.sum(validf))), 1)
         self.save_for_backward(logits, lse, flat_idx, validf)
-        self.n = n
+        self.n, self.blocks = n, blocks
         return xp.sum((lse[:, 0] - picked) * validf) / n
 
     def backward(self, g):
         logits, lse, flat_idx, validf = self.saved
         xp = _xp(logits)
-        p = xp.reshape(xp.exp(logits - lse), (-1,))  # softmax, flat
-        p = backend.scatter_add(p, flat_idx, -xp.ones_like(validf))
         scale = validf * (g / self.n)  # (N,)
-        return xp.reshape(p, logits.shape) * scale[:, None], None
+        dx = xp.empty(logits.shape, dtype=logits.dtype)
+        for i, j in self.blocks:  # softmax rows, scaled
+            dx[i:j, ...] = xp.exp(logits[i:j, ...] - lse[i:j, ...]) * scale[i:j, None]
+        return xp.reshape(backend.scatter_add(xp.reshape(dx, (-1,)), flat_idx, -scale), logits.shape), None
+
+
+CE_CHUNK = 1 << 18  # elements of logits per block on the CPU (1 MiB of float32)
+
+
+def logsumexp_rows(x):
+    """log(sum(exp(x), axis=-1)) per row, (R, 1), shifted by the row max for range."""
+    xp = _xp(x)
+    m = xp.max(x, axis=-1, keepdims=True)
+    return xp.log(xp.sum(xp.exp(x - m), axis=-1, keepdims=True)) + m
 
 
 class SiLU(Function):
