@@ -7,7 +7,7 @@ Gradients, optimizer (MEM-2): e per trainable parameter, and 2 e more for AdamW'
 Activations (MEM-3..MEM-5): a recorded op keeps its inputs (Function.parents) and what it saves;
     an op is recorded when an input needs a gradient or it owns a trainable parameter (AG-2).
     The forward below replays llama's ops on sizes and sums what the recorded ones keep.
-Backward buffers (MEM-6): (N V + 3 min(CE_CHUNK, N V)) e for the loss, max(4 N I, B H T S) e for a layer.
+Backward buffers (MEM-6): (N V + 3 min(CE_CHUNK, N V)) e for the loss, max(4 N I, B H min(T, 256) S) e for a layer.
 Backward peak (MEM-7): the worst stage of live activations + gradients made + buffers.
 Total (MEM-8): weights + optimizer + max(backward peak, gradients + AdamW's temporaries).
 """
@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 
-from .autograd.functional import CE_CHUNK
+from .autograd.functional import ATTN_BLOCK, CE_CHUNK
 from .errors import ConfigError
 from .models.config import ModelConfig, config_from_dict, read_config
 
@@ -129,6 +129,13 @@ def _rms_norm(g, p, name, x, full):
     return g.op(name, N * d * e, (x,), trainable=full, saved=(N * d + N) * e)  # saves xh (N, d), r (N, 1)
 
 
+def causal_probs(T: int) -> int:
+    """Entries of P one attention head keeps for T tokens under the causal mask (MEM-4): SDPA's blocks
+    of ATTN_BLOCK query rows (AG-20) each keep the keys up to their last row, all T of them in one block."""
+    rows = ATTN_BLOCK
+    return T * T if T <= rows else sum((min(i + rows, T) - i) * min(i + rows, T) for i in range(0, T, rows))
+
+
 def _layer(g, p: _Plan, i, x, B, T):
     """LlamaDecoderLayer.forward on sizes (MEM-4)."""
     c, N, e, full = p.c, p.N, p.e, p.method == "full"
@@ -138,7 +145,7 @@ def _layer(g, p: _Plan, i, x, B, T):
     q = g.op(L + "rope_q", N * sh["q_proj"][1] * e, (q,))  # split_heads and merge_heads' permute are views
     k = g.op(L + "rope_k", N * sh["k_proj"][1] * e, (k,))
     o = g.op(L + "sdpa", N * sh["q_proj"][1] * e, (q, k, v),
-             saved=B * c.num_attention_heads * T * T * e)  # saves P (B, H, T, S); q (B, Hkv, G, T, D) and O are views
+             saved=B * c.num_attention_heads * causal_probs(T) * e)  # saves P; q (B, Hkv, G, T, D) and O are views
     o = g.op(L + "merge", N * sh["q_proj"][1] * e, (o,))  # reshape of a transposed view: a copy
     h = g.op(L + "h", N * c.hidden_size * e, (x, _linear(g, p, L + "o_proj", o, *sh["o_proj"])))
     n2 = _rms_norm(g, p, L + "n2", h, full)
@@ -241,7 +248,7 @@ def estimate(config, method="full", rank=8, target_modules=("q_proj", "v_proj"),
     te = e if full else 4  # adapters are float32
     kept, rebuilt, freed = _activations(p, batch, seq, gradient_checkpointing)
     ce = (N * V + 3 * min(CE_CHUNK, N * V)) * e  # MEM-6: the gradient, and one block's exp temporaries
-    layer_ws = max(4 * N * I, batch * H * seq * seq) * e
+    layer_ws = max(4 * N * I, batch * H * min(seq, ATTN_BLOCK) * seq) * e  # dS of one block of query rows
     stages = [(head * te if full else 0, freed[0], ce)] + \
         [(per_layer * te, f, r + layer_ws) for f, r in zip(freed[1:], rebuilt)] + [(emb * te if full else 0, 0, 0)]
     sizes = [emb, *(i * o for i, o in _shapes(c).values())] if full else \

@@ -613,3 +613,40 @@ def test_fused_ops_match_torch_float64():
         assert_close(out, ref_out.detach().numpy(), rtol=1e-12, atol=1e-14, label=f"{name} forward")
         for i, (a, r) in enumerate(zip(mine, ref)):
             assert_close(a.grad, r.grad.numpy(), rtol=1e-12, atol=1e-14, label=f"{name} grad {i}")
+
+
+@pytest.mark.spec("AG-20")
+@fast
+@given(seed=seeds, B=st.integers(1, 2), heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]), T=st.integers(4, 9),
+       past=st.integers(0, 3), mask_kind=st.sampled_from(["causal", "causal_min", "padding", "left_pad"]))
+def test_sdpa_in_blocks_of_rows_skips_only_hidden_keys(seed, B, heads, T, past, mask_kind):
+    """With blocks of 3 query rows, values and gradients equal one pass (the reference and finite
+    differences), and a causal mask lets early blocks skip the keys after their last row."""
+    rng = np.random.default_rng(seed)
+    H, Hkv = heads
+    S, D = T + past, 2
+    q, k, v = leaf(rng, (B, H, T, D)), leaf(rng, (B, Hkv, S, D)), leaf(rng, (B, Hkv, S, D))
+    causal = np.arange(S)[None] <= np.arange(T)[:, None] + past  # (T, S)
+    low = np.finfo(np.float64).min
+    if mask_kind == "left_pad":  # the first key of batch 0 is a pad: its query row sees nothing when past = 0
+        keep = causal[None, None] & (np.arange(S) >= (1 if past == 0 else 0))[None, None, None]
+        mask = np.where(np.concatenate([keep, np.broadcast_to(causal, (B - 1, 1, T, S))])
+                        if B > 1 else keep, 0.0, low)
+    elif mask_kind == "padding":
+        mask = attention_mask(rng, "padding", B, T, S)
+    else:
+        mask = np.where(causal, 0.0, -np.inf if mask_kind == "causal" else low)[None, None]
+    blocks = F.key_blocks(mask, T, S, 3)
+    assert [(i, j) for i, j, _ in blocks] == [(i, min(i + 3, T)) for i in range(0, T, 3)]
+    if mask_kind in ("causal", "causal_min"):
+        assert [n for _, _, n in blocks] == [min(j + past, S) for _, j, _ in blocks]
+    if mask_kind == "left_pad" and past == 0:
+        assert blocks[0][2] == S  # a block with a row that sees nothing keeps every key
+    saved, F.ATTN_BLOCK = F.ATTN_BLOCK, 3
+    try:  # a row that sees nothing has a flat softmax whatever q is (min + s == min): values only there
+        if not (mask_kind == "left_pad" and past == 0):
+            gradcheck(lambda q, k, v: F.sdpa(q, k, v, mask, None), [q, k, v])
+        out = F.sdpa(q, k, v, mask)
+    finally:
+        F.ATTN_BLOCK = saved
+    assert_close(out, np_attention(q.data, k.data, v.data, mask, 1 / np.sqrt(D)), rtol=1e-12, label="blocked sdpa")

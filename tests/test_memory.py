@@ -175,7 +175,8 @@ C1 = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 256, "intermedia
 C2 = dict(C1, vocab_size=2000, hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=2)
 C3 = dict(C1, vocab_size=8000, hidden_size=384, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=6)
 CASES = [(C1, "full", 128, False, "float32"), (C1, "lora", 128, True, "float32"), (C1, "qlora", 128, False, "bfloat16"),
-         (C2, "lora", 128, False, "float32"), (C2, "qlora", 128, True, "float32"), (C3, "full", 128, True, "float32")]
+         (C2, "lora", 128, False, "float32"), (C2, "qlora", 128, True, "float32"), (C3, "full", 128, True, "float32"),
+         (C1, "lora", 384, False, "float32")]  # 384 tokens: attention in two blocks of query rows (MEM-4)
 
 
 @pytest.mark.slow

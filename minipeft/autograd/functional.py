@@ -261,42 +261,76 @@ class SDPA(Function):
     P = softmax(q k^T * scale + mask) with mask additive (B|1, 1, T, S); out O = P v.
     Backward: dP = dO v^T, dS = P (dP - rowsum(dO O)), dq = dS k scale, dk = dS^T q scale, dv = P^T dO.
     rowsum(dO O) equals rowsum(dP P) (= sum_s P_s (dO . v_s)) and costs (T, D) work instead of (T, S);
-    the (T, S) arrays are updated in place, so a step makes no more of them than it must."""
+    the (T, S) arrays are updated in place, so a step makes no more of them than it must.
+    Long queries go in blocks of ATTN_BLOCK rows; a block reads only the keys before the last one the
+    mask lets any of its rows see (key_blocks): under a causal mask about half of P is never computed."""
 
     def forward(self, q, k, v, mask=None, scale=1.0):
         xp = _xp(q)
         B, H, T, D = q.shape
-        Hkv, S = k.shape[1], k.shape[2]
+        Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
         G = H // Hkv
-        self.shape = (B, H, T, D, Hkv, S, G)
+        self.shape, self.scale = (B, H, T, D, Hkv, S, G), scale
+        self.blocks = key_blocks(mask, T, S, ATTN_BLOCK)
         q5 = xp.reshape(q, (B, Hkv, G, T, D))  # (B, Hkv, G, T, D)
-        s = xp.matmul(q5 * scale, xp.matrix_transpose(k)[:, :, None, ...])  # (B, Hkv, G, T, S), a new array
-        if mask is not None:
-            s += mask[:, :, None, ...]
-        s -= xp.max(s, axis=-1, keepdims=True)
-        p = xp.exp(s)  # (B, Hkv, G, T, S)
-        p /= xp.sum(p, axis=-1, keepdims=True)
-        o = xp.matmul(p, v[:, :, None, ...])  # (B, Hkv, G, T, Dv)
-        self.save_for_backward(q5, k, v, p, o)
-        self.scale = scale
-        return xp.reshape(o, (B, H, T, v.shape[-1]))
+        kt, v5 = xp.matrix_transpose(k)[:, :, None, ...], v[:, :, None, ...]  # (B, Hkv, 1, D, S), (B, Hkv, 1, S, Dv)
+        o = xp.empty((B, Hkv, G, T, Dv), dtype=q.dtype)
+        ps = []
+        for i, j, n in self.blocks:
+            s = xp.matmul(q5[:, :, :, i:j, :] * scale, kt[..., :n])  # (B, Hkv, G, r, n), a new array
+            if mask is not None:  # a mask of one row (B, 1, 1, S) holds for every query
+                s += mask[:, :, None, i:j, :n] if mask.shape[2] > 1 else mask[:, :, None, :, :n]
+            s -= xp.max(s, axis=-1, keepdims=True)
+            p = xp.exp(s)
+            p /= xp.sum(p, axis=-1, keepdims=True)
+            o[:, :, :, i:j, :] = xp.matmul(p, v5[:, :, :, :n, :])
+            ps.append(p)
+        self.save_for_backward(q5, k, v, ps, o)
+        return xp.reshape(o, (B, H, T, Dv))
 
     def backward(self, g):
-        q5, k, v, p, o = self.saved
+        q5, k, v, ps, o = self.saved
         xp = _xp(g)
         B, H, T, D, Hkv, S, G = self.shape
         g5 = xp.reshape(g, (B, Hkv, G, T, v.shape[-1]))  # (B, Hkv, G, T, Dv)
-        ds = xp.matmul(g5, xp.matrix_transpose(v)[:, :, None, ...])  # dP (B, Hkv, G, T, S), a new array
-        ds -= xp.sum(g5 * o, axis=-1, keepdims=True)
-        ds *= p  # dS / scale
-        dq = dk = dv = None
-        if self.needs_input_grad[0]:
-            dq = xp.reshape(xp.matmul(ds, k[:, :, None, ...]) * self.scale, (B, H, T, D))
-        if self.needs_input_grad[1]:
-            dk = xp.sum(xp.matmul(xp.matrix_transpose(ds), q5), axis=2) * self.scale  # (B, Hkv, S, D)
-        if self.needs_input_grad[2]:
-            dv = xp.sum(xp.matmul(xp.matrix_transpose(p), g5), axis=2)  # (B, Hkv, S, Dv)
-        return dq, dk, dv
+        vt, k5 = xp.matrix_transpose(v)[:, :, None, ...], k[:, :, None, ...]
+        need_q, need_k, need_v = self.needs_input_grad[:3]
+        dq = xp.empty(q5.shape, dtype=q5.dtype) if need_q else None
+        dk = xp.zeros(k.shape, dtype=k.dtype) if need_k else None
+        dv = xp.zeros(v.shape, dtype=v.dtype) if need_v else None
+        for (i, j, n), p in zip(self.blocks, ps):
+            gb = g5[:, :, :, i:j, :]
+            ds = xp.matmul(gb, vt[..., :n])  # dP (B, Hkv, G, r, n), a new array
+            ds -= xp.sum(gb * o[:, :, :, i:j, :], axis=-1, keepdims=True)
+            ds *= p  # dS / scale
+            if need_q:
+                dq[:, :, :, i:j, :] = xp.matmul(ds, k5[:, :, :, :n, :]) * self.scale
+            if need_k:
+                dk[:, :, :n, :] += xp.sum(xp.matmul(xp.matrix_transpose(ds), q5[:, :, :, i:j, :]), axis=2) * self.scale
+            if need_v:
+                dv[:, :, :n, :] += xp.sum(xp.matmul(xp.matrix_transpose(p), gb), axis=2)
+        return (None if dq is None else xp.reshape(dq, (B, H, T, D))), dk, dv
+
+
+ATTN_BLOCK = 256  # query rows per attention block
+
+
+def key_blocks(mask, T: int, S: int, rows: int) -> list:
+    """[(i, j, n)]: query rows i..j-1 read keys 0..n-1. n is the last key any row of the block may see,
+    + 1, where the mask hides the rest with the dtype's minimum (their probability is exactly 0); a
+    block with a row that sees nothing keeps all S keys (its softmax runs over every score)."""
+    if mask is None or T <= rows:
+        return [(0, T, S)]
+    xp = _xp(mask)
+    seen = xp.where(mask > xp.finfo(mask.dtype).min, xp.arange(1, S + 1, dtype=xp.int64), 0)  # (B|1, 1, T|1, S)
+    reach = xp.max(seen, axis=-1)  # (B|1, 1, T|1): the last key each row sees, + 1 (0: none)
+    reach = backend.to_host(xp.broadcast_to(reach, tuple(reach.shape[:2]) + (T,)))
+    blocks = []
+    for i in range(0, T, rows):
+        j = min(i + rows, T)
+        r = reach[..., i:j]
+        blocks.append((i, j, S if int(r.min()) == 0 else int(r.max())))
+    return blocks
 
 
 # ---- function forms ---------------------------------------------------------------------------
