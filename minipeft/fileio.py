@@ -23,7 +23,7 @@ import os
 import secrets
 import shutil
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 
 def _fsync_dir(folder: str) -> None:
@@ -79,6 +79,18 @@ def atomic_write_json(path: str, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def read_json(path: str, missing: str):
+    """The JSON value in `path`; CheckpointError(missing) when there is no such file, and one naming
+    the file when it is not valid UTF-8 JSON."""
+    if not os.path.isfile(path):
+        raise CheckpointError(missing)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
 def _fsync_tree(folder: str) -> None:

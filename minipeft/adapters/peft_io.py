@@ -10,14 +10,13 @@ warns, and loads nothing when the prefix is missing); strict=False returns them 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from .. import backend
 from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_save_dir, atomic_write_json
+from ..fileio import atomic_save_dir, atomic_write_json, read_json
 from ..models.io import refuse_pickled
 from ..safetensors_io import read_safetensors, write_safetensors
 from .base import COMMON_FIELDS, AdaptedLayer
@@ -102,13 +101,7 @@ def save_adapters(model, path: str, names=None) -> None:
 
 def read_adapter_config(folder: str):
     path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{folder}: no {CONFIG_NAME}; is this an adapter folder (saved by PEFT or minipeft)?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    d = read_json(path, f"{folder}: no {CONFIG_NAME}; is this an adapter folder (saved by PEFT or minipeft)?")
     if not isinstance(d, dict) or not isinstance(d.get("peft_type"), str):
         raise CheckpointError(f"{path}: field 'peft_type' is missing or not a string")
     cls = config_class(d["peft_type"], path, d)

@@ -8,11 +8,11 @@ layouts are read. Every value is type- and range-checked before any array is all
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 from ..errors import CheckpointError
+from ..fileio import read_json
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "phi", "gpt2", "bert")
 
@@ -214,11 +214,5 @@ def _check_rope_scaling(s: dict, path):
 
 def read_config(folder: str) -> ModelConfig:
     path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{folder}: no config.json; a model folder needs config.json and model.safetensors")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    raw = read_json(path, f"{folder}: no config.json; a model folder needs config.json and model.safetensors")
     return config_from_dict(raw, path)
