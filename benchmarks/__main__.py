@@ -10,7 +10,7 @@ Cases (each minipeft and reference pair runs in fresh processes with the same th
   step-<size>-qlora   NF4 base + LoRA (PEFT over bitsandbytes' 4-bit base on the CPU)
   generate-<size>     greedy, KV cache, 64 new tokens, batch 1 (transformers generate)        target tokens/s >= 1.0x
   nf4 (de)quantize    4096 x 4096 float32, with and without double quantization (bitsandbytes) target <= 1.0
-  memory              peak RSS of the LoRA step against PEFT's                                  target <= 1.0
+  memory-<size>-<case> peak RSS of each training case against its reference's               LoRA target <= 1.0
   curve               LoRA step time at small size as the sequence doubles from 64 to 1024, and as the
                       model grows (the step-<size>-lora rows); both plotted
 
@@ -56,10 +56,9 @@ def suite(quick: bool, threads: int) -> list[dict]:
                         threads):
             rows.append(dict(r, case=f"step-{size}-{r['case']}", minipeft=r["minipeft_seconds"],
                              reference=r["torch_seconds"], unit="s"))
-            if r["case"] == "lora":
-                rows.append({"case": f"memory-{size}-lora", "minipeft": r["minipeft_peak_rss_mb"],
-                             "reference": r["torch_peak_rss_mb"], "unit": "MB RSS",
-                             "ratio": r["minipeft_peak_rss_mb"] / r["torch_peak_rss_mb"]})
+            rows.append({"case": f"memory-{size}-{r['case']}", "minipeft": r["minipeft_peak_rss_mb"],
+                         "reference": r["torch_peak_rss_mb"], "unit": "MB RSS",
+                         "ratio": r["minipeft_peak_rss_mb"] / r["torch_peak_rss_mb"]})
     for size in sizes[1:]:
         for r in script("bench_generate", ["--size", size], threads):
             rows.append(dict(r, minipeft=r["minipeft_tokens_per_s"], reference=r["transformers_tokens_per_s"],
