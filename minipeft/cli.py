@@ -87,6 +87,7 @@ def cmd_generate(args):
 
 def cmd_inspect(args):
     from .adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
+    from .fileio import read_json
     from .safetensors_io import read_header
     folders = [root for root, _, files in os.walk(args.folder) if CONFIG_NAME in files]
     if not folders:
@@ -95,9 +96,8 @@ def cmd_inspect(args):
     if args.model:
         base_total = _model(args).parameter_counts()[1]
     for folder in sorted(folders):
-        with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as f:
-            cfg = json.load(f)
-        header = read_header(os.path.join(folder, WEIGHTS_NAME))
+        cfg = read_json(os.path.join(folder, CONFIG_NAME), f"{folder}: no {CONFIG_NAME}")
+        header, _ = read_header(os.path.join(folder, WEIGHTS_NAME))
         n = sum(_numel(info.shape) for info in header.values())
         share = f" ({100 * n / base_total:.3f}% of the base's {base_total:,})" if base_total else ""
         print(f"{folder}\n  method: {cfg.get('peft_type')}  rank: {cfg.get('r', '-')}  alpha: {cfg.get('lora_alpha', '-')}"

@@ -48,6 +48,11 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     assert main(["generate", "--model", minipeft.DEMO_MODEL, "--adapter", str(out), "--prompt", "next abc =",
                  "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out == model.generate("next abc =", max_new_tokens=4) + "\n"
+    assert main(["inspect", str(out), "--model", minipeft.DEMO_MODEL]) == 0
+    shown = capsys.readouterr().out
+    assert f"method: {PEFT_TYPE[method]}" in shown and "% of the base's" in shown
+    if method in ("lora", "dora", "ia3", "loha", "lokr"):  # the file holds exactly the trainable tensors
+        assert f"parameters: {model.parameter_counts()[0]:,} (" in shown
 
 
 def test_fields_flags_and_set_reach_the_config(data, tmp_path):
