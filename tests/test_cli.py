@@ -76,3 +76,28 @@ def test_bad_fields_are_clear_errors_that_write_nothing(data, tmp_path, capsys, 
     assert main(["train", "--model", minipeft.DEMO_MODEL, "--data", data, "--output", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.spec("LORA-8", "LORA-12")
+def test_merge_writes_the_model_the_api_merges(data, tmp_path):
+    """`minipeft merge --combination cat` of two trained LoRA adapters gives the logits of the API's
+    merge_adapters(..., "cat") followed by merge_and_unload."""
+    import numpy as np
+    folders = []
+    for seed in (0, 1):
+        folders.append(str(tmp_path / f"a{seed}"))
+        assert main(["train", "--model", minipeft.DEMO_MODEL, "--data", data, "--output", folders[-1],
+                     "--max-steps", "2", "--lr", "1e-2", "--seed", str(seed), "--dropout", "0.1"]) == 0
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", minipeft.DEMO_MODEL, "--adapters", *folders, "--weights", "0.7", "0.3",
+                 "--combination", "cat", "--output", str(out)]) == 0
+    model = minipeft.load_model(minipeft.DEMO_MODEL)
+    for i, folder in enumerate(folders):
+        model.load_adapters(folder, name=f"s{i}")
+    model.merge_adapters({"s0": 0.7, "s1": 0.3}, name="mix", combination="cat")
+    model.set_active_adapter("mix")
+    ids = np.array([[3, 4, 5, 6, 7, 8]])
+    ours = model.merge_and_unload()(ids).data
+    again = minipeft.load_model(str(out))
+    assert np.abs(again(ids).data - ours).max() <= 1e-5 * np.abs(ours).max()
+    assert np.abs(ours - minipeft.load_model(minipeft.DEMO_MODEL)(ids).data).max() > 1e-4  # the merge changed something
