@@ -42,6 +42,9 @@ class Model:
             raise ConfigError(f"input_ids must be integers, got dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ConfigError(f"input_ids must lie in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
+        if ids.shape[1] > self.config.max_position_embeddings:  # as train and generate refuse it (TRAIN-9)
+            raise ConfigError(f"input_ids has {ids.shape[1]} tokens, more than the {self.config.max_position_embeddings}"
+                              f" positions (max_position_embeddings) of this {self.config.model_type} model")
         mask = None if attention_mask is None else backend.asarray(np.asarray(attention_mask))
         return self.net(backend.asarray(ids), attention_mask=mask, **kwargs)
 

@@ -274,6 +274,9 @@ def test_context_tokenizer_and_memory_budget_are_checked_before_work(tmp_path):
     with pytest.raises(ConfigError, match=r"60 \+ 5 tokens exceed the 64 positions \(max_position_embeddings"):
         m.generate(np.ones((1, 60), np.int64), max_new_tokens=5)
     assert m.generate(np.ones((1, 60), np.int64), max_new_tokens=4, eos_token_id=[]).shape == (1, 64)
+    with pytest.raises(ConfigError, match=r"65 tokens, more than the 64 positions \(max_position_embeddings\)"):
+        m(np.ones((1, 65), np.int64))
+    assert m(np.ones((1, 64), np.int64)).shape == (1, 64, m.config.vocab_size)
     for call in (lambda: m.generate("hello"), lambda: m.train(["hello"], TrainingConfig(**QUIET))):
         with pytest.raises(ConfigError, match="no tokenizer.json"):
             call()
