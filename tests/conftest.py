@@ -36,11 +36,21 @@ def rng():
     return np.random.default_rng(0)
 
 
-@pytest.fixture(params=["numpy", "array_api_strict"])
+def require_backend(name: str) -> None:
+    """Skip unless backend `name` can run here: the package imports and, for CuPy, a GPU answers."""
+    mod = pytest.importorskip(name)
+    if name == "cupy":
+        try:
+            mod.cuda.runtime.getDeviceCount()
+        except Exception as e:  # noqa: BLE001  (no driver, no device: CuPy raises its own runtime errors)
+            pytest.skip(f"CuPy is installed but no GPU answers ({type(e).__name__})")
+
+
+@pytest.fixture(params=["numpy", "array_api_strict", "cupy"])
 def any_backend(request):
-    """Run a test on NumPy and on the array_api_strict guard; restore NumPy after."""
+    """Run a test on NumPy, on the array_api_strict guard and, where a GPU is, on CuPy; restore NumPy after."""
     import minipeft.backend as B
-    pytest.importorskip(request.param)
+    require_backend(request.param)
     B.set_backend(request.param)
     yield request.param
     B.set_backend("numpy")
