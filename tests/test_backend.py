@@ -287,3 +287,16 @@ def test_freed_buffers_are_reused_without_page_faults():
     # 5 rounds x 40 MiB = 51,200 pages: malloc's default maps and faults them in afresh every round
     assert plain > 40_000, plain
     assert tuned < 0.01 * plain, (tuned, plain)
+
+
+@pytest.mark.spec("BACKEND-1")
+def test_every_namespace_name_the_package_calls_is_in_the_array_api_standard():
+    """Every `xp.<name>` in minipeft/ exists in array_api_strict, which holds the standard's names and no
+    others: CuPy 14's root namespace has them all (CuPy 13 lacked astype, bool, concat, matrix_transpose,
+    hence `cupy-cuda12x>=14` in the cuda12 extra). float16 is the one optional dtype used, guarded."""
+    import re
+    strict = pytest.importorskip("array_api_strict")
+    root = Path(__file__).resolve().parent.parent / "minipeft"
+    names = {m for f in root.rglob("*.py") for m in re.findall(r"\bxp\.([A-Za-z_][A-Za-z_0-9]*)", f.read_text())}
+    assert {"matmul", "concat", "matrix_transpose", "astype"} <= names  # the scan sees the code
+    assert sorted(n for n in names if not hasattr(strict, n)) == ["float16"]
