@@ -86,13 +86,11 @@ def xp():
 def xp_of(*arrays):
     """The namespace the arrays belong to (array_namespace style); the chosen one if none is an array."""
     for a in arrays:
+        mod = _kind(a)
+        if mod == "cupy" and type(a).__name__ == "ndarray":  # CuPy 14's ndarray has no __array_namespace__
+            return _module("cupy")
         if hasattr(a, "__array_namespace__"):
-            mod = type(a).__module__.split(".")[0]
-            if mod == "numpy":
-                return np
-            if mod == "cupy":
-                return _module("cupy")
-            return a.__array_namespace__()
+            return np if mod == "numpy" else a.__array_namespace__()
     return xp()
 
 

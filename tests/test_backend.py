@@ -300,3 +300,15 @@ def test_every_namespace_name_the_package_calls_is_in_the_array_api_standard():
     names = {m for f in root.rglob("*.py") for m in re.findall(r"\bxp\.([A-Za-z_][A-Za-z_0-9]*)", f.read_text())}
     assert {"matmul", "concat", "matrix_transpose", "astype"} <= names  # the scan sees the code
     assert sorted(n for n in names if not hasattr(strict, n)) == ["float16"]
+
+
+@pytest.mark.spec("BACKEND-1")
+def test_a_cupy_array_names_cupy_although_it_has_no_array_namespace(monkeypatch):
+    """CuPy 14's ndarray has no __array_namespace__ (checked on the 14.2 wheel): xp_of knows it by its
+    module, so an op on a CuPy array uses CuPy whatever the chosen backend."""
+    from minipeft import backend as B
+    cupy_like = type("ndarray", (), {"__module__": "cupy._core.core"})()
+    sentinel = object()
+    monkeypatch.setattr(B, "_module", lambda name: sentinel if name == "cupy" else B.importlib.import_module(name))
+    assert B.get_backend() == "numpy" and B.xp_of(cupy_like) is sentinel
+    assert B.xp_of(1.5, cupy_like) is sentinel and B.xp_of(np.zeros(2), cupy_like) is np
