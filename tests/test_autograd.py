@@ -179,6 +179,11 @@ def test_unary_elementwise(seed, shape, p):
         x.grad = None
         g = backward_with(fn(x), rng)
         assert_close(x.grad, g * d(x.data), rtol=1e-12, label="unary grad")
+    z = leaf(rng, shape)
+    z.data = np.where(rng.random(shape) < 0.5, 0.0, np.abs(z.data) + 0.5)  # exact zeros among positives
+    g = backward_with(z.sqrt(), rng)
+    assert_close(z.grad, np.where(z.data > 0, g * 0.5 / np.sqrt(np.where(z.data > 0, z.data, 1.0)), 0.0),
+                 rtol=1e-12, label="sqrt grad, 0 at 0")
 
 
 @pytest.mark.spec("AG-6")

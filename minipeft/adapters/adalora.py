@@ -159,7 +159,7 @@ class AdaLoRALinear(Delta):
                 xp = backend.xp_of(cov.data)
                 diff = cov - Tensor(xp.eye(cov.shape[0], dtype=cov.dtype))
                 sq = (diff * diff).sum()
-                term = sq.sqrt() if sq.item() > 0 else sq  # the norm's gradient is 0 where it is 0, as in torch
+                term = sq.sqrt()  # its gradient is 0 where the norm is 0, as torch's (AG-5), with no host check
                 total = term if total is None else total + term
         return (total if total is not None else Tensor(0.0)) * (cfg.orth_reg_weight / count)
 

@@ -73,6 +73,22 @@ class Neg(Function):
         return (-g,)
 
 
+class Sqrt(Function):
+    """sqrt(a); dA = g / (2 sqrt(a)) where sqrt(a) > 0 and 0 where a = 0 (the subgradient torch takes for
+    a norm at 0), so a norm can reach 0 without a host check."""
+
+    def forward(self, a):
+        xp = backend.xp_of(a)
+        y = xp.sqrt(a)
+        self.save_for_backward(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved
+        xp = backend.xp_of(y)
+        return (xp.where(y > 0, g / (2 * xp.where(y > 0, y, xp.ones_like(y))), xp.zeros_like(y)),)
+
+
 class Pow(Function):
     """a ** p for a constant exponent p."""
 

@@ -157,7 +157,8 @@ class Tensor:
         return Log.apply(self)
 
     def sqrt(self):
-        return self ** 0.5
+        from .ops import Sqrt
+        return Sqrt.apply(self)
 
     def reshape(self, *shape):
         from .ops import Reshape
