@@ -131,3 +131,23 @@ def test_greedy_generate_equals_peft_forward(lib, base, tmp_path, case):
     ours = model.generate(IDS, max_new_tokens=5, eos_token_id=[])
     print(f"\n  generate {case}: {ours[:, IDS.shape[1]:].tolist()}")
     assert ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.spec("PROMPT-2", "PREFIX-2", "PTUNING-1")
+@pytest.mark.parametrize("case", ["prompt", "prefix", "ptuning_mlp", "prompt_gpt2", "prefix_gpt2"])
+def test_left_padded_batch_equals_peft(lib, base, tmp_path, case):
+    """Row 0 left-padded by 3 pads: the logits of every real (and virtual) position equal PEFT's."""
+    torch = lib[0]
+    pm = peft_model(lib, base, case)
+    pm.save_pretrained(tmp_path)
+    model = minipeft.load_model(base(CASES[case][0]))
+    model.load_adapters(str(tmp_path))
+    mask = np.ones_like(IDS)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(mask)).logits.numpy()
+    ours = np.asarray(model(IDS, attention_mask=mask).data)
+    assert ours.shape == theirs.shape
+    lead = theirs.shape[1] - IDS.shape[1]  # virtual positions PEFT returns (prompt tuning, P-tuning)
+    keep = np.concatenate([np.ones((2, lead), bool), mask == 1], axis=1)  # pads' own logits are not compared
+    report(f"left-padded {case}", max_rel_err(ours[keep], theirs[keep]))
