@@ -253,7 +253,9 @@ def mask_by_definition(attn, T, P, causal, window, n_prefix):
     out = np.full((B, 1, T, n_prefix + P + T), np.finfo(np.float32).min, dtype=np.float32)
     for b in range(B):
         for i in range(T):
-            out[b, 0, i, :n_prefix] = 0.0
+            for jp in range(n_prefix):  # prefix key jp is position jp, query i is position n_prefix + P + i
+                if window is None or n_prefix + P + i - jp < window:
+                    out[b, 0, i, jp] = 0.0
             for j in range(P + T):
                 ok = (j <= P + i or not causal) and (window is None or P + i - j < window) and attn[b, j] == 1
                 if ok:
@@ -263,7 +265,7 @@ def mask_by_definition(attn, T, P, causal, window, n_prefix):
 
 @pytest.mark.spec("MODEL-4")
 @pytest.mark.parametrize("causal,window,P,n_prefix", [(True, None, 0, 0), (True, 3, 0, 0), (True, 3, 4, 2),
-                                                      (False, None, 0, 0), (True, None, 5, 3)])
+                                                      (False, None, 0, 0), (True, None, 5, 3), (True, 5, 0, 3)])
 def test_mask_equals_its_definition(causal, window, P, n_prefix):
     T = 4
     attn = np.ones((2, P + T), dtype=np.int64)

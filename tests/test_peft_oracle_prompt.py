@@ -151,3 +151,29 @@ def test_left_padded_batch_equals_peft(lib, base, tmp_path, case):
     lead = theirs.shape[1] - IDS.shape[1]  # virtual positions PEFT returns (prompt tuning, P-tuning)
     keep = np.concatenate([np.ones((2, lead), bool), mask == 1], axis=1)  # pads' own logits are not compared
     report(f"left-padded {case}", max_rel_err(ours[keep], theirs[keep]))
+
+
+@pytest.mark.spec("PREFIX-3")
+@pytest.mark.parametrize("n_virtual", [2, 6])
+def test_prefix_under_a_sliding_window_equals_peft(lib, tmp_path, n_virtual):
+    """Mistral with a 4-token window and 9 tokens: the prefix keys are positions 0..T-1, so the window
+    passes over them as it does in transformers (they are not always visible)."""
+    torch, transformers, peft = lib
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     sliding_window=4, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(hf_model(lib, str(tmp_path / "base")),
+                             peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual))
+    perturb_peft(lib, pm)
+    pm.eval().save_pretrained(tmp_path / "adapter")
+    model = minipeft.load_model(str(tmp_path / "base"))
+    model.load_adapters(str(tmp_path / "adapter"))
+    assert IDS.shape[1] + n_virtual > cfg.sliding_window
+    report(f"prefix {n_virtual} under a window of 4", max_rel_err(model(IDS), hf_logits(lib, pm)))

@@ -48,7 +48,8 @@ def _scale_inv_freq(cfg, inv_freq, xp):
 def attention_mask_bias(attention_mask, T, P, causal=True, window=None, n_prefix=0, dtype="float32", xp=None):
     """Additive mask (B|1, 1, T, n_prefix + S): 0 where query i (absolute position P+i) may read
     key j, the dtype's minimum elsewhere (MODEL-4). attention_mask (B, S) has 1 for real tokens,
-    0 for pads. Prefix keys (prefix tuning) come first and every query may read them."""
+    0 for pads. Prefix keys (prefix tuning) come first; every query may read them, except those a
+    sliding window has passed (the prefix counts as the first n_prefix positions)."""
     xp = xp or backend.xp()
     S = P + T
     q = xp.arange(P, S)[:, None]  # (T, 1)
@@ -59,8 +60,10 @@ def attention_mask_bias(attention_mask, T, P, causal=True, window=None, n_prefix
     allowed = allowed[None, None, :, :]  # (1, 1, T, S)
     if attention_mask is not None:
         allowed = allowed & (attention_mask[:, None, None, :] != 0)
-    if n_prefix:
-        lead = xp.ones(tuple(allowed.shape[:3]) + (n_prefix,), dtype=xp.bool)
+    if n_prefix:  # prefix key j sits at position j and queries at n_prefix + P + i, as in transformers' cache
+        lead = (n_prefix + q) - xp.arange(n_prefix)[None, :] < window if window is not None \
+            else xp.ones((T, n_prefix), dtype=xp.bool)  # (T, n_prefix)
+        lead = xp.broadcast_to(lead[None, None, :, :], tuple(allowed.shape[:3]) + (n_prefix,))
         allowed = xp.concat((lead, allowed), axis=-1)
     dt = backend.dtype(dtype, xp)
     return xp.where(allowed, xp.asarray(0.0, dtype=dt), xp.asarray(xp.finfo(dt).min, dtype=dt))
