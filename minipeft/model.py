@@ -330,7 +330,13 @@ class Model:
                 yield name, fn, {p: m.adapters[name] for p, m in inject.adapted_layers(self.net) if name in m.adapters}, cfg
 
     def regularization(self):
-        """The term the active adapters add to the training loss (AdaLoRA's orthogonality penalty), or None."""
+        """The term the active adapters add to the training loss (AdaLoRA's orthogonality penalty), or None.
+        Two active adapters that both train through such hooks are refused, as PEFT refuses a second
+        trainable AdaLoRA adapter."""
+        hooked = [name for name, *_ in self._method_hooks("after_step")]
+        if len(hooked) > 1:
+            raise ConfigError(f"adapters {hooked} are active together and each allocates its own ranks while "
+                              f"training: train one at a time (set_active_adapter), as PEFT requires")
         terms = [fn(deltas, cfg) for _, fn, deltas, cfg in self._method_hooks("regularization")]
         return sum(terms[1:], terms[0]) if terms else None
 

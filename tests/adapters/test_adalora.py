@@ -511,3 +511,19 @@ def test_array_api_only(any_backend):
         saved = dict(d.saved_parameters())
         assert np.array_equal(backend.to_host(saved["lora_A"].data), backend.to_host(d.lora_A.data)[keep])
         assert np.array_equal(backend.to_host(saved["lora_B"].data), backend.to_host(d.lora_B.data)[:, keep])
+
+
+@pytest.mark.spec("ADALORA-12")
+def test_two_active_adalora_adapters_are_refused_before_any_update():
+    import minipeft as mp
+    model = mp.load_model(mp.DEMO_MODEL)
+    model.apply_adalora(total_step=4, name="a")
+    model.apply_adalora(total_step=4, name="b")
+    model.set_active_adapter(["a", "b"])
+    before = {n: p.numpy().copy() for n, p in model.net.named_parameters() if p.requires_grad}
+    rows = [{"input_ids": [3, 4, 5, 6]}] * 4
+    with pytest.raises(ConfigError, match=r"\['a', 'b'\] are active together"):
+        model.train(rows, mp.TrainingConfig(batch_size=2, max_steps=2, progress=False))
+    assert all(np.array_equal(p.numpy(), before[n]) for n, p in model.net.named_parameters() if p.requires_grad)
+    model.set_active_adapter("a")
+    assert len(model.train(rows, mp.TrainingConfig(batch_size=2, max_steps=2, progress=False))["loss"]) == 2
