@@ -3,7 +3,7 @@ pytest (no test_ prefix). Targets: read_safetensors (IO-3), config.json parsing 
 adapter_config.json parsing (IO-7). Any exception that is not a MiniPeftError is a crash libFuzzer
 reports, with the input saved as crash-<sha1>.
 
-    pip install atheris
+    pip install -e ".[fuzz]"     # atheris
     python tests/fuzz/atheris_loaders.py safetensors -atheris_runs=100000
     python tests/fuzz/atheris_loaders.py config -max_total_time=60
     python tests/fuzz/atheris_loaders.py adapter_config -max_total_time=60 corpus_dir/
