@@ -27,12 +27,12 @@ def exact_match(model, held, show=0):
     return sum(a == e["completion"].strip() for e, a in zip(held, answers)) / len(held), answers
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=mp.DEMO_MODEL)
     ap.add_argument("--out", default="runs/next-lora")
     ap.add_argument("--steps", type=int, default=120)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     if args.model == mp.DEMO_MODEL and not os.path.isdir(mp.DEMO_MODEL):
         print("the base model is not built yet: running examples/make_base_model.py first")

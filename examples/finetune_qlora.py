@@ -20,13 +20,13 @@ from finetune_lora import exact_match, save_and_reload  # noqa: E402
 from tasks import examples  # noqa: E402
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=mp.DEMO_MODEL)
     ap.add_argument("--out", default="runs/next-qlora")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     q = mp.QuantizationConfig(quant_type="nf4", compute_dtype=args.compute_dtype, double_quantization=True,
                               block_size=64)
