@@ -265,13 +265,13 @@ class SDPA(Function):
     Long queries go in blocks of ATTN_BLOCK rows; a block reads only the keys before the last one the
     mask lets any of its rows see (key_blocks): under a causal mask about half of P is never computed."""
 
-    def forward(self, q, k, v, mask=None, scale=1.0):
+    def forward(self, q, k, v, mask=None, scale=1.0, blocks=None):
         xp = _xp(q)
         B, H, T, D = q.shape
         Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
         G = H // Hkv
         self.shape, self.scale = (B, H, T, D, Hkv, S, G), scale
-        self.blocks = key_blocks(mask, T, S, ATTN_BLOCK)
+        self.blocks = blocks if blocks is not None else key_blocks(mask, T, S, ATTN_BLOCK)
         q5 = xp.reshape(q, (B, Hkv, G, T, D))  # (B, Hkv, G, T, D)
         kt, v5 = xp.matrix_transpose(k)[:, :, None, ...], v[:, :, None, ...]  # (B, Hkv, 1, D, S), (B, Hkv, 1, S, Dv)
         o = xp.empty((B, Hkv, G, T, Dv), dtype=q.dtype)
@@ -377,9 +377,10 @@ def rope(x, cos, sin):
     return RoPE.apply(x, cos, sin)
 
 
-def sdpa(q, k, v, mask=None, scale=None):
+def sdpa(q, k, v, mask=None, scale=None, blocks=None):
+    """blocks: key_blocks(mask, ...) when the caller has them already (one mask serves every layer)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return SDPA.apply(q, k, v, mask=mask, scale=scale)
+    return SDPA.apply(q, k, v, mask=mask, scale=scale, blocks=blocks)
 
 
 def dropout(x, p: float, rng, training: bool):

@@ -115,7 +115,7 @@ def attend(q, k, v, ctx, layer_idx, rope=None, scale=None):
     if ctx.prefix_kv is not None:
         pk, pv = ctx.prefix_kv[layer_idx]
         k, v = concat([pk, k], axis=2), concat([pv, v], axis=2)
-    return merge_heads(F.sdpa(q, k, v, mask=ctx.mask, scale=scale))
+    return merge_heads(F.sdpa(q, k, v, mask=ctx.mask, scale=scale, blocks=ctx.key_blocks(q.shape[2], k.shape[2])))
 
 
 class AttnContext:
@@ -124,6 +124,13 @@ class AttnContext:
     def __init__(self, n_heads, n_kv_heads, mask, cache=None, prefix_kv=None):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.mask, self.cache, self.prefix_kv = mask, cache, prefix_kv
+        self._key_blocks = {}
+
+    def key_blocks(self, T: int, S: int) -> list:
+        """SDPA's blocks of query rows for this mask (AG-20), worked out once per forward, not per layer."""
+        if (T, S) not in self._key_blocks:
+            self._key_blocks[(T, S)] = F.key_blocks(self.mask, T, S, F.ATTN_BLOCK)
+        return self._key_blocks[(T, S)]
 
 
 def n_prefix(prefix_kv) -> int:
