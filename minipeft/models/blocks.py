@@ -12,6 +12,7 @@ from .. import backend
 from ..autograd import checkpoint, concat
 from ..autograd import functional as F
 from ..autograd.tensor import Tensor
+from .config import rope_type
 
 
 def rope_tables(cfg, position_ids, dtype="float32"):
@@ -30,7 +31,7 @@ def rope_tables(cfg, position_ids, dtype="float32"):
 
 def _scale_inv_freq(cfg, inv_freq, xp):
     s = cfg.rope_scaling or {}
-    kind = s.get("rope_type", s.get("type", "default"))
+    kind = rope_type(s)
     if kind == "linear":
         return inv_freq / s["factor"]
     if kind == "llama3":  # long-context smoothing of Llama 3.1

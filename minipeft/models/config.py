@@ -166,9 +166,9 @@ def config_from_dict(raw: dict, path: str = "config.json") -> ModelConfig:
     cfg.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
     cfg.intermediate_size = cfg.intermediate_size or 4 * cfg.hidden_size
     _check_computation(cfg, raw, path)
-    rope_type = (cfg.rope_scaling or {}).get("rope_type") or (cfg.rope_scaling or {}).get("type") or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise CheckpointError(f"{path}: field 'rope_scaling' (or rope_parameters) has rope_type {rope_type!r}, "
+    kind = rope_type(cfg.rope_scaling)
+    if kind not in ("default", "linear", "llama3"):
+        raise CheckpointError(f"{path}: field 'rope_scaling' (or rope_parameters) has rope_type {kind!r}, "
                               f"which is not supported (default, linear, llama3)")
     return cfg
 
@@ -194,10 +194,16 @@ def _check_computation(cfg, raw, path):
                               f"(0, 1] and give an even rotary dimension (head_dim {cfg.head_dim})")
 
 
+def rope_type(scaling) -> str:
+    """The RoPE scaling kind of a config's rope_scaling dict (HF writes `rope_type`, older files `type`)."""
+    s = scaling or {}
+    return s.get("rope_type") or s.get("type") or "default"
+
+
 def _check_rope_scaling(s: dict, path):
     """The numbers RoPE scaling divides by (MODEL-3): factor > 0; llama3 also low < high frequency
     factors, both > 0, and a positive original context."""
-    kind = s.get("rope_type") or s.get("type") or "default"
+    kind = rope_type(s)
     if not isinstance(kind, str):
         raise CheckpointError(f"{path}: field 'rope_scaling.rope_type' must be a string, got {kind!r}")
     need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
