@@ -333,7 +333,7 @@ class Model:
         """The term the active adapters add to the training loss (AdaLoRA's orthogonality penalty), or None.
         Two active adapters that both train through such hooks are refused, as PEFT refuses a second
         trainable AdaLoRA adapter."""
-        hooked = [name for name, *_ in self._method_hooks("after_step")]
+        hooked = [n for n in self.active_adapters if getattr(layer_class(self.peft_configs[n]), "after_step", None)]
         if len(hooked) > 1:
             raise ConfigError(f"adapters {hooked} are active together and each allocates its own ranks while "
                               f"training: train one at a time (set_active_adapter), as PEFT requires")

@@ -209,3 +209,10 @@ def orient(dW, base):
 
 def trainable(array) -> Tensor:
     return Tensor(array, requires_grad=True)
+
+
+def fan_in_uniform(rng, shape, fan_in: int):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of `shape`: torch's nn.Linear default and kaiming_uniform(a=sqrt 5),
+    the init PEFT's A matrices, LyCORIS leaves and prompt encoders start from."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(shape, -bound, bound)

@@ -26,7 +26,7 @@ from .. import backend
 from ..autograd import functional as F
 from ..nn.layers import Linear
 from ..errors import ConfigError
-from .base import AdapterConfig, Delta, check
+from .base import AdapterConfig, Delta, check, fan_in_uniform
 
 
 @dataclasses.dataclass
@@ -125,8 +125,7 @@ class LoRALinear(Delta):
 # ---- initialisations (LORA-1, LORA-6) ----------------------------------------------------------
 def init_default(delta, base, rng):
     r, n = delta.lora_A.weight.shape
-    bound = 1.0 / math.sqrt(n)
-    delta.lora_A.weight.data = rng.uniform((r, n), -bound, bound)
+    delta.lora_A.weight.data = fan_in_uniform(rng, (r, n), n)
 
 
 def init_gaussian(delta, base, rng):

@@ -19,11 +19,10 @@ Deviations: when every row is dropped, PEFT divides 0 by mean(m) = 0 and gets Na
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from .. import backend
 from ..autograd.tensor import Tensor
-from .base import AdapterConfig, Delta, check, trainable
+from .base import AdapterConfig, Delta, check, fan_in_uniform, trainable
 from .lora import LoRAConfig, check_rank_alpha
 
 
@@ -63,9 +62,8 @@ def scaling(alpha, r) -> float:
 def init_leaves(delta, zeroed, rng) -> None:
     """Each leaf zero (its name in `zeroed`) or kaiming-uniform with a = sqrt 5: U(+-1/sqrt(cols))."""
     for name, t in delta.named_parameters():
-        bound = 1.0 / math.sqrt(t.shape[1])
         zero = backend.xp().zeros(t.shape, dtype=t.data.dtype)
-        t.data = zero if name in zeroed else rng.uniform(t.shape, -bound, bound)
+        t.data = zero if name in zeroed else fan_in_uniform(rng, t.shape, t.shape[1])
 
 
 class LycorisDelta(Delta):

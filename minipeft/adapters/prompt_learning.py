@@ -19,7 +19,6 @@ Serialization: `prompt_embeddings` = P (PEFT's bare key). With an encoder minipe
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -29,7 +28,7 @@ from ..autograd.tensor import Tensor
 from ..errors import CheckpointError, ConfigError
 from ..nn.layers import Embedding, Linear
 from ..nn.module import Module
-from .base import AdapterConfig, ModuleDict, check
+from .base import AdapterConfig, ModuleDict, check, fan_in_uniform
 
 ENCODER_KEY = "prompt_encoder."
 
@@ -89,9 +88,9 @@ def table(rows: int, width: int, values) -> Embedding:
 
 def torch_linear(n_in: int, n_out: int, rng) -> Linear:
     """torch.nn.Linear's default init: weight and bias ~ U(±1/sqrt(n_in))."""
-    lin, bound = Linear(n_in, n_out), 1.0 / math.sqrt(n_in)
-    lin.weight.data = rng.uniform((n_out, n_in), -bound, bound)
-    lin.bias.data = rng.uniform((n_out,), -bound, bound)
+    lin = Linear(n_in, n_out)
+    lin.weight.data = fan_in_uniform(rng, (n_out, n_in), n_in)
+    lin.bias.data = fan_in_uniform(rng, (n_out,), n_in)
     return lin
 
 

@@ -22,7 +22,6 @@ Deviations: none in the forward. sigmoid and tanh are compositions of exp (PTUNI
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -30,7 +29,7 @@ from .. import backend
 from ..autograd import concat
 from ..autograd import functional as F
 from ..nn.module import Module
-from .base import check, trainable
+from .base import check, fan_in_uniform, trainable
 from .prompt_learning import InputPrompt, PromptLearningConfig, Seq, relu, sigmoid, tanh, torch_linear
 
 ENCODERS = ("mlp", "lstm")
@@ -69,12 +68,11 @@ class LSTM(Module):
 
     def __init__(self, n_in, h, layers, dropout, rng):
         self.h, self.layers, self.dropout, self.rng = h, layers, dropout, rng
-        bound = 1.0 / math.sqrt(h)
         for k in range(layers):
             for sfx in ("", "_reverse"):
                 for name, shape in (("weight_ih", (4 * h, n_in if k == 0 else 2 * h)), ("weight_hh", (4 * h, h)),
                                     ("bias_ih", (4 * h,)), ("bias_hh", (4 * h,))):
-                    t = rng.uniform(shape, -bound, bound)
+                    t = fan_in_uniform(rng, shape, h)  # torch's LSTM: U(+-1/sqrt(hidden)) for every tensor
                     setattr(self, f"{name}_l{k}{sfx}", trainable(t))
 
     def direction(self, x, k, sfx):
