@@ -29,7 +29,7 @@ _name = os.environ.get("MINIPEFT_BACKEND", "numpy")
 
 # BACKEND-7: glibc's mallopt parameters (malloc.h) and the values minipeft sets
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOPT = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 512 << 20, _M_TOP_PAD: 64 << 20}
+_MALLOPT = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: -1, _M_TOP_PAD: 64 << 20}  # -1: never trim
 
 
 def tune_host_allocator() -> str:
@@ -39,8 +39,11 @@ def tune_host_allocator() -> str:
     glibc serves each one above 128 KiB with a fresh mmap and returns it with munmap on free, so
     every step page-faults all its buffers in again, zero-filled by the kernel; on a busy virtual
     machine that cost 2.7x the CPU time of a whole LoRA step. Buffers under 32 MiB now come from
-    the heap, and up to 512 MiB of freed heap is kept. Set MINIPEFT_MALLOC_TUNING=0 to leave
-    malloc alone. Returns what was done, also kept in HOST_ALLOCATOR."""
+    the heap, and freed heap is kept however large it grew: a bound (512 MiB before) only moved the
+    faults to bigger steps (the medium llama step of bench_step frees about 540 MiB, and took
+    80,000 faults a step). `release_host_memory()` gives it back; `train` calls it at the end.
+    Set MINIPEFT_MALLOC_TUNING=0 to leave malloc alone. Returns what was done, also kept in
+    HOST_ALLOCATOR."""
     if os.environ.get("MINIPEFT_MALLOC_TUNING", "1") == "0":
         return "untouched (MINIPEFT_MALLOC_TUNING=0)"
     try:
@@ -49,10 +52,19 @@ def tune_host_allocator() -> str:
         ok = all(libc.mallopt(param, value) == 1 for param, value in _MALLOPT.items())
     except (OSError, AttributeError):
         return "untouched (no glibc)"
-    return "glibc: mmap threshold 32 MiB, trim threshold 512 MiB, top pad 64 MiB" if ok else "untouched (mallopt refused)"
+    return "glibc: mmap threshold 32 MiB, no trimming, top pad 64 MiB" if ok else "untouched (mallopt refused)"
 
 
 HOST_ALLOCATOR = tune_host_allocator()
+
+
+def release_host_memory() -> bool:
+    """Return the freed heap that BACKEND-7 keeps to the OS (glibc malloc_trim); True if any was.
+    Nothing to do (False) with the tuning off or without glibc."""
+    if not HOST_ALLOCATOR.startswith("glibc:"):
+        return False
+    import ctypes
+    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
 
 
 def set_backend(name: str) -> None:

@@ -176,6 +176,7 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
         bar.close()
         model.net.gradient_checkpointing = False
         model.net.eval()
+        backend.release_host_memory()  # BACKEND-7: the steps' freed buffers go back to the OS
     if cfg.plot_path:
         plot_history(history, cfg.plot_path)
     return history

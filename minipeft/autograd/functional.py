@@ -312,7 +312,7 @@ class SDPA(Function):
         return (None if dq is None else xp.reshape(dq, (B, H, T, D))), dk, dv
 
 
-ATTN_BLOCK = 256  # query rows per attention block
+ATTN_BLOCK = 128  # query rows per attention block (AG-20)
 
 
 def key_blocks(mask, T: int, S: int, rows: int) -> list:
