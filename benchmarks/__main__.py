@@ -1,7 +1,7 @@
 """The speed suite (issue 6): every case against its reference in one run, a table, JSON and a chart.
 
-    python -m benchmarks                 # about 10 minutes on 2 cores
-    python -m benchmarks --quick         # tiny and small only, no long sequences (about 3 minutes)
+    python -m benchmarks                 # about 2.5 minutes on 2 cores
+    python -m benchmarks --quick         # tiny and small only, no long sequences
     python -m benchmarks --threads 1
 
 Cases (each minipeft and reference pair runs in fresh processes with the same threads, warm-up first):
@@ -52,7 +52,7 @@ def suite(quick: bool, threads: int) -> list[dict]:
     sizes = ["tiny", "small"] if quick else ["tiny", "small", "medium"]
     for size in sizes:
         cases = {"tiny": ["lora"], "small": ["lora", "fullft", "qlora"], "medium": ["lora", "qlora"]}[size]
-        for r in script("bench_step", ["--size", size, "--cases", *cases, "--repeats", "3" if size == "medium" else "5"],
+        for r in script("bench_step", ["--size", size, "--cases", *cases, "--repeats", "5" if size == "medium" else "7"],
                         threads):
             rows.append(dict(r, case=f"step-{size}-{r['case']}", minipeft=r["minipeft_seconds"],
                              reference=r["torch_seconds"], unit="s"))
@@ -66,7 +66,7 @@ def suite(quick: bool, threads: int) -> list[dict]:
     for r in script("bench_nf4", [] if not quick else ["--rows", "2048", "--cols", "2048"], threads):
         rows.append(dict(r, minipeft=r["minipeft_s"], reference=r["bnb_s"], unit="s"))
     for seq in [64, 128, 256] if quick else [64, 128, 256, 512, 1024]:
-        for r in script("bench_step", ["--size", "small", "--cases", "lora", "--seq", str(seq), "--repeats", "3"],
+        for r in script("bench_step", ["--size", "small", "--cases", "lora", "--seq", str(seq), "--repeats", "5"],
                         threads):
             rows.append(dict(r, case=f"curve-seq{seq}", seq=seq, minipeft=r["minipeft_seconds"],
                              reference=r["torch_seconds"], unit="s"))
