@@ -120,6 +120,17 @@ def test_accumulating_four_micro_batches_equals_one_batch_of_four():
         assert_close(pb[n], pa[n], rtol=0.0, atol=1e-4 * 1e-2, label=n)
 
 
+@pytest.mark.spec("BACKEND-7")
+def test_train_gives_the_kept_heap_back_when_it_ends(monkeypatch):
+    """The allocator tuning keeps freed buffers for the next step; once training ends they go back."""
+    from minipeft import backend
+    calls = []
+    monkeypatch.setattr(backend, "release_host_memory", lambda: calls.append(1) or True)
+    model = lora_model()
+    model.train(token_data(4, seed=1), TrainingConfig(learning_rate=1e-3, batch_size=2, epochs=1, **QUIET))
+    assert calls == [1]
+
+
 @pytest.mark.spec("TRAIN-4")
 def test_resume_continues_the_same_loss_curve_bit_for_bit(tmp_path):
     data = token_data(24, seed=5)
