@@ -16,7 +16,8 @@ Cases (each minipeft and reference pair runs in fresh processes with the same th
 
 Ratios are minipeft / reference of the fastest run (time: below 1 is faster; tokens/s: above 1 is
 faster). The table, the machine and the command go to benchmarks/results/latest.json, the chart to
-benchmarks/results/latest.png (needs matplotlib).
+benchmarks/results/latest.png (needs matplotlib); a --quick run writes latest-quick.json and .png.
+`minipeft bench [--quick] [--threads N]` runs this suite from the command line.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import platform
 import subprocess
 import sys
 import tempfile
+
+from minipeft.fileio import atomic_write, atomic_write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"step-tiny-lora": 1.2, "step-small-lora": 1.0, "step-medium-lora": 1.0, "quantize": 1.0, "dequantize": 1.0,
@@ -120,7 +123,8 @@ def chart(rows, path) -> bool:
     c.set_ylabel("seconds per LoRA step")
     c.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     return True
 
 
@@ -136,12 +140,11 @@ def main():
     print(f"{datetime.date.today()} on {machine}: python -m benchmarks{' --quick' if args.quick else ''}\n")
     print(table(rows))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "latest.json"), "w") as f:
-        json.dump({"date": str(datetime.date.today()), "machine": machine, "quick": args.quick, "rows": rows}, f,
-                  indent=1)
-    png = os.path.join(args.out, "latest.png")
-    print(f"\nwrote {os.path.join(args.out, 'latest.json')}" +
-          (f" and {png}" if chart(rows, png) else " (pip install matplotlib for the chart)"))
+    stem = os.path.join(args.out, "latest-quick" if args.quick else "latest")  # a quick run keeps the full table
+    atomic_write_json(stem + ".json", {"date": str(datetime.date.today()), "machine": machine, "quick": args.quick,
+                                       "rows": rows})
+    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if chart(rows, stem + ".png") else
+                                     " (pip install matplotlib for the chart)"))
     return 0
 
 

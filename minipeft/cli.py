@@ -1,4 +1,4 @@
-"""The `minipeft` command: train, merge, generate, inspect, memory (each with --help)."""
+"""The `minipeft` command: train, merge, generate, inspect, memory, bench (each with --help)."""
 from __future__ import annotations
 
 import argparse
@@ -118,6 +118,32 @@ def cmd_memory(args):
         print(f"  {name:<20}{n / 1e9:10.2f} GB")
 
 
+REFERENCES = ("torch", "transformers", "peft", "bitsandbytes")  # what the speed suite times minipeft against
+
+
+def checkout_root() -> str:
+    """The folder above the minipeft package: a source checkout's root, holding benchmarks/."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cmd_bench(args):
+    """`python -m benchmarks` of the source checkout (benchmarks/ is not part of the installed package);
+    the suite's exit status."""
+    import importlib.util
+    import subprocess
+    root = checkout_root()
+    if not os.path.isfile(os.path.join(root, "benchmarks", "__main__.py")):
+        raise ConfigError(f"minipeft bench runs the speed suite of a source checkout, and {root} has no "
+                          "benchmarks/: clone the repository and pip install -e '.[oracle,bench]' there")
+    missing = [m for m in REFERENCES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"minipeft bench times minipeft against {', '.join(missing)}, not installed: "
+                          "pip install torch==2.13.0 && pip install -e '.[oracle,bench]'")
+    cmd = [sys.executable, "-m", "benchmarks", *(["--quick"] if args.quick else []),
+           *([] if args.threads is None else ["--threads", str(args.threads)])]
+    return subprocess.run(cmd, cwd=root).returncode
+
+
 def _numel(shape):
     out = 1
     for s in shape:
@@ -189,17 +215,22 @@ def build_parser():
     me.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
                     help="qlora's compute dtype")
     me.set_defaults(fn=cmd_memory)
+    b = sub.add_parser("bench", help="the speed suite against torch/PEFT/bitsandbytes (python -m benchmarks; "
+                                     "a source checkout with the oracle and bench extras)")
+    b.add_argument("--quick", action="store_true", help="tiny and small only, no long sequences")
+    b.add_argument("--threads", type=int, default=None, help="threads for both sides (default: every core)")
+    b.set_defaults(fn=cmd_bench)
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        status = args.fn(args)
     except MiniPeftError as e:
         print(f"minipeft: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

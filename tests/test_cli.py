@@ -101,3 +101,36 @@ def test_merge_writes_the_model_the_api_merges(data, tmp_path):
     again = minipeft.load_model(str(out))
     assert np.abs(again(ids).data - ours).max() <= 1e-5 * np.abs(ours).max()
     assert np.abs(ours - minipeft.load_model(minipeft.DEMO_MODEL)(ids).data).max() > 1e-4  # the merge changed something
+
+
+FAKE_SUITE = "import sys\nprint('suite argv', sys.argv[1:])\nsys.exit(3)\n"
+
+
+def test_bench_runs_the_checkouts_suite_with_its_flags(tmp_path, monkeypatch, capfd):
+    """minipeft bench is python -m benchmarks in the checkout (here a stand-in suite that exits 3)."""
+    import minipeft.cli as cli
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__main__.py").write_text(FAKE_SUITE)
+    monkeypatch.setattr(cli, "checkout_root", lambda: str(tmp_path))
+    monkeypatch.setattr(cli, "REFERENCES", ("json",))  # present everywhere: the suite runs
+    assert main(["bench", "--quick", "--threads", "1"]) == 3
+    assert "suite argv ['--quick', '--threads', '1']" in capfd.readouterr().out
+
+
+def test_bench_without_a_checkout_or_the_references_says_what_to_install(tmp_path, monkeypatch, capsys):
+    import minipeft.cli as cli
+    monkeypatch.setattr(cli, "checkout_root", lambda: str(tmp_path))
+    assert main(["bench"]) == 2
+    assert "has no benchmarks/" in capsys.readouterr().err
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__main__.py").write_text(FAKE_SUITE)
+    monkeypatch.setattr(cli, "REFERENCES", ("torch", "no_such_reference_module"))
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_reference_module, not installed" in err and "oracle,bench" in err
+
+
+def test_the_checkout_root_holds_the_real_suite():
+    import os
+    import minipeft.cli as cli
+    assert os.path.isfile(os.path.join(cli.checkout_root(), "benchmarks", "__main__.py"))
