@@ -32,6 +32,12 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _MALLOPT = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: -1, _M_TOP_PAD: 64 << 20}  # -1: never trim
 
 
+def _glibc():
+    """The C library, for mallopt and malloc_trim (OSError where there is no glibc)."""
+    import ctypes
+    return ctypes.CDLL("libc.so.6")
+
+
 def tune_host_allocator() -> str:
     """Keep freed NumPy buffers in the heap for reuse instead of returning them to the OS (BACKEND-7).
 
@@ -47,9 +53,7 @@ def tune_host_allocator() -> str:
     if os.environ.get("MINIPEFT_MALLOC_TUNING", "1") == "0":
         return "untouched (MINIPEFT_MALLOC_TUNING=0)"
     try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        ok = all(libc.mallopt(param, value) == 1 for param, value in _MALLOPT.items())
+        ok = all(_glibc().mallopt(param, value) == 1 for param, value in _MALLOPT.items())
     except (OSError, AttributeError):
         return "untouched (no glibc)"
     return "glibc: mmap threshold 32 MiB, no trimming, top pad 64 MiB" if ok else "untouched (mallopt refused)"
@@ -61,10 +65,7 @@ HOST_ALLOCATOR = tune_host_allocator()
 def release_host_memory() -> bool:
     """Return the freed heap that BACKEND-7 keeps to the OS (glibc malloc_trim); True if any was.
     Nothing to do (False) with the tuning off or without glibc."""
-    if not HOST_ALLOCATOR.startswith("glibc:"):
-        return False
-    import ctypes
-    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    return HOST_ALLOCATOR.startswith("glibc:") and bool(_glibc().malloc_trim(0))
 
 
 def set_backend(name: str) -> None:
