@@ -83,6 +83,16 @@ def perturb_minipeft(model, seed=0):
             p.data = (p.data + rng.standard_normal(p.shape) * 0.2).astype(np.float32)
 
 
+def minipeft_saved_in_peft(lib, folder, config, out_dir):
+    """The minipeft model on `folder` with `config` applied and perturbed, saved to `out_dir`, and the
+    PeftModel that loads that folder: (ours, theirs)."""
+    model = minipeft.load_model(folder)
+    model.apply_adapter(config)
+    perturb_minipeft(model)
+    model.save_adapters(str(out_dir))
+    return model, lib[2].PeftModel.from_pretrained(hf_model(lib, folder), str(out_dir)).eval()
+
+
 def report(label, err):
     print(f"\n  {label}: max rel err {err:.2e}")
     assert err < TOL, f"{label}: {err:.3e} >= {TOL}"
@@ -136,12 +146,8 @@ def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
     """(b), (e): minipeft apply_adapter + perturbation + save_adapters -> PeftModel.from_pretrained."""
-    _, _, peft = lib
-    model = minipeft.load_model(base())
-    model.apply_adapter(LoRAConfig.from_peft(dict(peft_type="LORA", **CASES[case])))
-    perturb_minipeft(model)
-    model.save_adapters(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(hf_model(lib, base()), str(tmp_path)).eval()
+    model, pm = minipeft_saved_in_peft(lib, base(), LoRAConfig.from_peft(dict(peft_type="LORA", **CASES[case])),
+                                       tmp_path)
     report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
 
 

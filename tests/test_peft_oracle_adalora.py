@@ -16,8 +16,8 @@ from minipeft.adapters.adalora import AdaLoRAConfig
 from minipeft.autograd import Tensor
 from minipeft.autograd import functional as F
 from minipeft.safetensors_io import read_safetensors
-from test_peft_oracle import (IDS, V, base, hf_logits, hf_model, lib, perturb_minipeft, perturb_peft,  # noqa: F401
-                               report, report_gradients)
+from test_peft_oracle import (IDS, V, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_peft,  # noqa: F401
+                              report, report_gradients)
 
 pytestmark = pytest.mark.oracle
 GRAD_TOL = 1e-4
@@ -62,13 +62,9 @@ def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
 @pytest.mark.spec("ADALORA-2", "ADALORA-3", "ADALORA-10")
 @pytest.mark.parametrize("case", list(CASES))
 def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
-    _, _, peft = lib
     kind, kw = CASES[case]
-    model = minipeft.load_model(base(kind))
-    model.apply_adapter(AdaLoRAConfig.from_peft(dict(peft_type="ADALORA", **kw)))
-    perturb_minipeft(model)
-    model.save_adapters(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(hf_model(lib, base(kind)), str(tmp_path)).eval()
+    model, pm = minipeft_saved_in_peft(lib, base(kind), AdaLoRAConfig.from_peft(dict(peft_type="ADALORA", **kw)),
+                                       tmp_path)
     report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
 
 

@@ -14,8 +14,8 @@ from minipeft.adapters.base import AdapterConfig
 from minipeft.adapters.registry import config_class
 from minipeft.autograd import Tensor
 from minipeft.autograd import functional as F
-from test_peft_oracle import (IDS, V, base, hf_logits, hf_model, lib, perturb_minipeft, perturb_peft, report,  # noqa: F401
-                              report_gradients)
+from test_peft_oracle import (IDS, V, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_peft,  # noqa: F401
+                              report, report_gradients)
 
 pytestmark = pytest.mark.oracle
 GRAD_TOL = 1e-4
@@ -67,12 +67,7 @@ def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
 @pytest.mark.spec("DORA-2", "DORA-6", "IA3-2", "IA3-3", "IA3-6")
 @pytest.mark.parametrize("case", list(CASES))
 def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
-    _, _, peft = lib
-    model = minipeft.load_model(base(CASES[case][0]))
-    model.apply_adapter(our_config(case))
-    perturb_minipeft(model)
-    model.save_adapters(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(hf_model(lib, base(CASES[case][0])), str(tmp_path)).eval()
+    model, pm = minipeft_saved_in_peft(lib, base(CASES[case][0]), our_config(case), tmp_path)
     report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
 
 

@@ -85,12 +85,7 @@ def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
     """minipeft apply_adapter + perturbation + save_adapters -> PeftModel.from_pretrained: equal logits."""
-    _, _, peft = lib
-    model = minipeft.load_model(base())
-    model.apply_adapter(ours(case))
-    lora_oracle.perturb_minipeft(model)
-    model.save_adapters(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(hf_model(lib, base()), str(tmp_path)).eval()
+    model, pm = lora_oracle.minipeft_saved_in_peft(lib, base(), ours(case), tmp_path)
     report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
 
 

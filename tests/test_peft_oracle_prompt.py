@@ -13,7 +13,8 @@ from helpers import max_rel_err
 from minipeft.adapters.registry import config_class
 from minipeft.models.blocks import causal_lm_loss
 from minipeft.safetensors_io import write_safetensors
-from test_peft_oracle import IDS, base, hf_logits, hf_model, lib, perturb_minipeft, perturb_peft, report  # noqa: F401
+from test_peft_oracle import (IDS, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_peft,  # noqa: F401
+                              report)
 
 pytestmark = pytest.mark.oracle
 GRAD_TOL = 1e-4
@@ -65,12 +66,7 @@ def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
 @pytest.mark.spec("PROMPT-2", "PROMPT-5", "PREFIX-3", "PREFIX-6", "PTUNING-3", "PTUNING-5", "PTV2-3")
 @pytest.mark.parametrize("case", list(CASES))
 def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
-    _, _, peft = lib
-    model = minipeft.load_model(base(CASES[case][0]))
-    model.apply_adapter(minipeft_config(case))
-    perturb_minipeft(model)
-    model.save_adapters(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(hf_model(lib, base(CASES[case][0])), str(tmp_path)).eval()
+    model, pm = minipeft_saved_in_peft(lib, base(CASES[case][0]), minipeft_config(case), tmp_path)
     report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
 
 

@@ -14,8 +14,8 @@ from helpers import max_rel_err
 from minipeft.adapters.vera import VeRAConfig
 from minipeft.autograd import Tensor
 from minipeft.autograd import functional as F
-from test_peft_oracle import (IDS, V, base, hf_logits, hf_model, lib, perturb_minipeft, perturb_peft,  # noqa: F401
-                               report, report_gradients)
+from test_peft_oracle import (IDS, V, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_peft,  # noqa: F401
+                              report, report_gradients)
 
 pytestmark = pytest.mark.oracle
 GRAD_TOL = 1e-4
@@ -50,13 +50,8 @@ def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, case):
 @pytest.mark.spec("VERA-2", "VERA-6")
 @pytest.mark.parametrize("case", list(CASES))
 def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
-    _, _, peft = lib
     kind, kw = CASES[case]
-    model = minipeft.load_model(base(kind))
-    model.apply_adapter(VeRAConfig.from_peft(dict(peft_type="VERA", **kw)))
-    perturb_minipeft(model)
-    model.save_adapters(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(hf_model(lib, base(kind)), str(tmp_path)).eval()
+    model, pm = minipeft_saved_in_peft(lib, base(kind), VeRAConfig.from_peft(dict(peft_type="VERA", **kw)), tmp_path)
     assert np.array_equal(pm.base_model.vera_B["default"].numpy(), model.shared_tensors["default"]["vera_B"].data)
     report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
 
