@@ -10,9 +10,12 @@ from .adapters.prompt_tuning import PromptTuningConfig
 from .adapters.ptuning import PTuningConfig
 from .adapters.ptuning_v2 import PTuningV2Config
 from .adapters.qlora import QLoRAConfig
+from .adapters.registry import Method, methods
+from .adapters.registry import register as register_method
 from .adapters.vera import VeRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
+from .hooks import TrainingHook
 from .errors import BackendError, CheckpointError, ConfigError, MiniPeftError, TrainingError
 from .model import Model, load_model
 from .quant import QuantizationConfig, nf4_dequantize, nf4_quantize
@@ -26,4 +29,5 @@ __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config",
+           "methods", "Method", "register_method", "TrainingHook",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

@@ -7,10 +7,10 @@ import contextlib
 
 import numpy as np
 
-from . import backend
-from .adapters import inject, peft_io, prompt_learning
-from .adapters.base import NAME_RE, AdaptedLayer
-from .adapters.modules_to_save import TrainedCopy
+from . import backend, hooks
+from .adapters import inject, peft_io, prompt_learning, registry
+from .adapters.base import NAME_RE
+from .adapters.modules_to_save import add_trained_copy, trained_copy_paths
 from .adapters.registry import layer_class
 from .autograd import Tensor, no_grad
 from .errors import ConfigError, MiniPeftError
@@ -95,92 +95,15 @@ class Model:
             bases[path] = getattr(m, "base_layer", m)
         # every delta and modules_to_save match first: a bad rank or entry leaves the model as it was
         deltas, shared = layer_class(cfg).create_all(bases, cfg, self.rng, init_weights)
-        copies = {entry: self._trained_copy_paths(entry) for entry in cfg.modules_to_save}
+        copies = {entry: trained_copy_paths(self.net, entry) for entry in cfg.modules_to_save}
         self.net.requires_grad_(False)
         for path, delta in deltas.items():  # a new delta takes the model's mode (eval: no dropout)
             inject.wrap(self.net, path).adapters[name] = delta.train(self.net.training)
         for paths in copies.values():
-            self._add_trained_copy(paths, name)
+            add_trained_copy(self.net, paths, name)
         self.peft_configs[name], self.shared_tensors[name] = cfg, shared
         self.set_active_adapter(self.active_adapters or [name])
         return self
-
-    def apply_lora(self, cfg=None, name: str = "default", **fields):
-        from .adapters.lora import LoRAConfig
-        return self.apply_adapter(cfg or LoRAConfig(**fields), name)
-
-    def apply_loha(self, cfg=None, name: str = "default", **fields):
-        """LoHa, dW = s (W1a W1b) * (W2a W2b) (spec/loha.md)."""
-        from .adapters.loha import LoHaConfig
-        return self.apply_adapter(cfg or LoHaConfig(**fields), name)
-
-    def apply_dora(self, cfg=None, name: str = "default", **fields):
-        """LoRA with a learned per-row magnitude (spec/dora.md)."""
-        from .adapters.dora import DoRAConfig
-        return self.apply_adapter(cfg or DoRAConfig(**fields), name)
-
-    def apply_ia3(self, cfg=None, name: str = "default", **fields):
-        """Learned vectors scaling layer outputs, or inputs of feed-forward layers (spec/ia3.md)."""
-        from .adapters.ia3 import IA3Config
-        return self.apply_adapter(cfg or IA3Config(**fields), name)
-
-    def apply_vera(self, cfg=None, name: str = "default", **fields):
-        """VeRA, dW = diag(lam_b) B diag(lam_d) A with A, B frozen, random and shared (spec/vera.md)."""
-        from .adapters.vera import VeRAConfig
-        return self.apply_adapter(cfg or VeRAConfig(**fields), name)
-
-    def apply_lokr(self, cfg=None, name: str = "default", **fields):
-        """LoKr, dW = s kron(W1, W2) (spec/lokr.md)."""
-        from .adapters.lokr import LoKrConfig
-        return self.apply_adapter(cfg or LoKrConfig(**fields), name)
-
-    def apply_adalora(self, cfg=None, name: str = "default", **fields):
-        """AdaLoRA, dW = s P Λ Q with ranks pruned to a budget while training (spec/adalora.md)."""
-        from .adapters.adalora import AdaLoRAConfig
-        return self.apply_adapter(cfg or AdaLoRAConfig(**fields), name)
-
-    def apply_prompt_tuning(self, cfg=None, name: str = "default", **fields):
-        """T soft tokens before the input embeddings (spec/prompt_tuning.md)."""
-        from .adapters.prompt_tuning import PromptTuningConfig
-        return self.apply_adapter(cfg or PromptTuningConfig(**fields), name)
-
-    def apply_prefix_tuning(self, cfg=None, name: str = "default", **fields):
-        """T trainable keys and values before every layer's own (spec/prefix_tuning.md)."""
-        from .adapters.prefix_tuning import PrefixTuningConfig
-        return self.apply_adapter(cfg or PrefixTuningConfig(**fields), name)
-
-    def apply_ptuning(self, cfg=None, name: str = "default", **fields):
-        """P-tuning: soft tokens produced by an MLP or LSTM prompt encoder (spec/ptuning.md)."""
-        from .adapters.ptuning import PTuningConfig
-        return self.apply_adapter(cfg or PTuningConfig(**fields), name)
-
-    def apply_ptuning_v2(self, cfg=None, name: str = "default", **fields):
-        """P-tuning v2: deep prompts in every layer from a prompt encoder (spec/ptuning_v2.md)."""
-        from .adapters.ptuning_v2 import PTuningV2Config
-        return self.apply_adapter(cfg or PTuningV2Config(**fields), name)
-
-    def apply_qlora(self, cfg=None, name: str = "default", **fields):
-        """LoRA over the 4-bit linear layers of a model loaded with quantization= (spec/qlora.md)."""
-        from .adapters.qlora import QLoRAConfig
-        if not is_quantized(self.net):
-            raise ConfigError("apply_qlora needs a 4-bit model: load it with minipeft.load_model(path, "
-                              "quantization=minipeft.QuantizationConfig(...)), or use apply_lora on a float model")
-        return self.apply_adapter(cfg or QLoRAConfig(**fields), name)
-
-    def _trained_copy_paths(self, entry: str) -> list:
-        paths = [p for p, m in self.net.named_modules() if p and (p == entry or p.endswith("." + entry))
-                 and ".modules_to_save" not in p and ".original_module" not in p]
-        if not paths:
-            raise ConfigError(f"modules_to_save entry {entry!r} matches no module of the model")
-        return paths
-
-    def _add_trained_copy(self, paths: list, name: str):
-        for path in paths:
-            m = self.net.get_submodule(path)
-            if not isinstance(m, TrainedCopy):
-                m = TrainedCopy(m)
-                self.net.set_submodule(path, m)
-            m.add(name)
 
     def set_active_adapter(self, names) -> None:
         """Activate one adapter (or several, whose deltas add up); only active ones train."""
@@ -190,29 +113,10 @@ class Model:
                 raise ConfigError(f"no adapter named {n!r}; the model has {sorted(self.peft_configs) or 'none'}")
         prompt_learning.check_active(self.peft_configs, names)
         self.active_adapters = names
-        self.net.requires_grad_(False)
-        for _, m in self.net.named_modules():
-            if isinstance(m, (AdaptedLayer, TrainedCopy)):
-                m.active = list(names)
-            if isinstance(m, AdaptedLayer):
-                for n in names:
-                    if n in m.adapters:
-                        m.adapters[n].requires_grad_(True)
-            if isinstance(m, TrainedCopy):
-                for n in names:
-                    if n in m.modules_to_save:
-                        m.modules_to_save[n].requires_grad_(True)
+        inject.activate(self.net, names, trainable=True)
         for n in names:
-            self._set_bias_trainable(self.peft_configs[n])
+            inject.set_bias_trainable(self.net, self.peft_configs[n])
         prompt_learning.activate(self.net, names)
-
-    def _set_bias_trainable(self, cfg):
-        mode = getattr(cfg, "bias", "none")
-        for path, m in self.net.named_modules():
-            if getattr(m, "bias", None) is None or not isinstance(m.bias, Tensor) or ".adapters." in path:
-                continue
-            if mode == "all" or (mode.endswith("_only") and path.endswith(".base_layer")):  # lora_only, vera_only
-                m.bias.requires_grad = True
 
     @contextlib.contextmanager
     def disable_adapters(self):
@@ -228,9 +132,7 @@ class Model:
             self._set_active_quiet(saved)
 
     def _set_active_quiet(self, names):
-        for _, m in self.net.named_modules():
-            if isinstance(m, (AdaptedLayer, TrainedCopy)):
-                m.active = list(names)
+        inject.activate(self.net, names, trainable=False)
         prompt_learning.activate(self.net, names, trainable=False)
 
     def delete_adapter(self, name: str) -> None:
@@ -238,16 +140,7 @@ class Model:
             raise ConfigError(f"no adapter named {name!r}")
         if any(name in layer.merged for _, layer in inject.adapted_layers(self.net)):
             raise MiniPeftError(f"adapter {name!r} is merged into the weights; unmerge_adapter() it first")
-        for path, layer in inject.adapted_layers(self.net):
-            if name in layer.adapters:
-                del layer.adapters[name]
-            if not layer.adapters.keys():  # no adapter left: the plain layer again (parameter names as loaded)
-                self.net.set_submodule(path, layer.base_layer)
-        for path, m in list(self.net.named_modules()):
-            if isinstance(m, TrainedCopy) and name in m.modules_to_save:
-                del m.modules_to_save[name]
-                if not m.modules_to_save.keys():
-                    self.net.set_submodule(path, m.original_module)
+        inject.remove_adapter(self.net, name)
         prompt_learning.delete(self.net, name)
         del self.peft_configs[name]
         self.shared_tensors.pop(name, None)
@@ -292,9 +185,6 @@ class Model:
     def _unload(self) -> "Model":
         inject.unwrap_all(self.net)
         prompt_learning.delete_all(self.net)
-        for path, m in list(self.net.named_modules()):
-            if isinstance(m, TrainedCopy):
-                self.net.set_submodule(path, m.current())
         self.peft_configs, self.active_adapters, self.shared_tensors = {}, [], {}
         self.net.requires_grad_(False)
         return self
@@ -320,42 +210,22 @@ class Model:
     def trainable_parameters(self):
         return self.net.trainable_parameters()
 
-    # hooks of methods that train with more than the loss (AdaLoRA): a class-level `regularization(deltas,
-    # cfg)` or `after_step(deltas, cfg, step)` on the method's layer class, given {path: delta} of one adapter
-    def _method_hooks(self, hook: str):
-        for name in self.active_adapters:
-            cfg = self.peft_configs[name]
-            fn = getattr(layer_class(cfg), hook, None)
-            if fn is not None:
-                yield name, fn, {p: m.adapters[name] for p, m in inject.adapted_layers(self.net) if name in m.adapters}, cfg
+    def training_hooks(self) -> list:
+        """The active adapters' hooks into model.train (minipeft/hooks.py: AdaLoRA's penalty and allocation)."""
+        return hooks.adapter_hooks(self)
 
     def regularization(self):
-        """The term the active adapters add to the training loss (AdaLoRA's orthogonality penalty), or None.
-        Two active adapters that both train through such hooks are refused, as PEFT refuses a second
-        trainable AdaLoRA adapter."""
-        hooked = [n for n in self.active_adapters if getattr(layer_class(self.peft_configs[n]), "after_step", None)]
-        if len(hooked) > 1:
-            raise ConfigError(f"adapters {hooked} are active together and each allocates its own ranks while "
-                              f"training: train one at a time (set_active_adapter), as PEFT requires")
-        terms = [fn(deltas, cfg) for _, fn, deltas, cfg in self._method_hooks("regularization")]
-        return sum(terms[1:], terms[0]) if terms else None
+        """The term the active adapters add to the training loss (AdaLoRA's orthogonality penalty), or None;
+        two active adapters that both allocate ranks are refused (ADALORA-12)."""
+        found = self.training_hooks()
+        hooks.check_hooks(found)
+        return hooks.regularization(found)
 
     def update_and_allocate(self, step: int) -> None:
         """Call after optimizer step `step` (0-based), before the gradients are cleared: each active adapter's
         per-step update (AdaLoRA's rank allocation, PEFT's update_and_allocate). model.train calls it."""
-        for _, fn, deltas, cfg in self._method_hooks("after_step"):
-            fn(deltas, cfg, step)
-
-    def training_state(self) -> dict:
-        """{adapter: (arrays, json)}: what the active adapters carry from step to step besides their weights
-        (AdaLoRA's allocator), saved in training checkpoints (TRAIN-8) by the layer class's `training_state`."""
-        return {name: fn(deltas, cfg) for name, fn, deltas, cfg in self._method_hooks("training_state")}
-
-    def load_training_state(self, states: dict) -> None:
-        """Give back what training_state() returned, through the layer class's `load_training_state`."""
-        for name, fn, deltas, cfg in self._method_hooks("load_training_state"):
-            if name in states:
-                fn(deltas, cfg, *states[name])
+        for h in self.training_hooks():
+            h.after_step(step)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts its elements, as a float one."""
@@ -363,6 +233,34 @@ class Model:
         total = sum(int(np.prod(p.shape)) for p in params)
         total += sum(m.weight.numel for _, m in self.net.named_modules() if isinstance(m, Linear4bit))
         return sum(int(np.prod(p.shape)) for p in params if p.requires_grad), total
+
+
+def _shorthand(method, registered: bool) -> None:
+    """Model.apply_<name>(cfg=None, name="default", **fields) while a method is registered (METHOD-3)."""
+    attr = f"apply_{method.name}"
+    if not registered:
+        delattr(Model, attr)
+        return
+    if hasattr(Model, attr) and not getattr(getattr(Model, attr), "is_shorthand", False):
+        raise ConfigError(f"method name {method.name!r} would replace Model.{attr}; pick another name")
+
+    def apply(self, cfg=None, name: str = "default", **fields):
+        if cfg is not None and fields:
+            raise ConfigError(f"apply_{method.name}: pass a config or its fields, not both ({sorted(fields)})")
+        cfg = method.config(**fields) if cfg is None else cfg
+        if method.quantized_base and not is_quantized(self.net):
+            parent = registry.method_of_class(method.config.__mro__[1]).name
+            raise ConfigError(f"apply_{method.name} needs a 4-bit model: load it with minipeft.load_model(path, "
+                              f"quantization=minipeft.QuantizationConfig(...)), or use apply_{parent} on a float model")
+        return self.apply_adapter(cfg, name)
+    apply.__name__ = apply.__qualname__ = attr
+    apply.is_shorthand = True
+    apply.__doc__ = (f"{method.summary}\n\nSame as apply_adapter({method.config.__name__}(**fields), name); "
+                     f"{method.config.__name__} also takes PEFT's field names. Paper: {method.paper}.")
+    setattr(Model, attr, apply)
+
+
+registry.on_register(_shorthand)
 
 
 def load_model(path_or_id: str, dtype: str = "float32", quantization=None, seed: int = 0) -> Model:

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from . import backend
+from . import hooks as H
 from .autograd import no_grad
 from .data import collate, count_targets, prepare
 from .errors import ConfigError, TrainingError
@@ -49,6 +50,7 @@ class TrainingConfig:
     progress: bool = True
     plot_path: str | None = None  # write the loss curve as PNG (needs matplotlib)
     memory_budget_gb: float | None = None  # refuse a run memory.estimate puts above this many GiB (TRAIN-9)
+    hooks: tuple = ()  # TrainingHook objects of procedures (minipeft/hooks.py), after the adapters' own
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "epochs"):
@@ -120,11 +122,15 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                      cfg.memory_budget_gb)
     per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.gradient_accumulation_steps))
     total = cfg.max_steps or per_epoch * cfg.epochs
-    opt = AdamW(named, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    hooks = model.training_hooks() + list(cfg.hooks)  # TRAIN-10: the methods' and procedures' part in the loop
+    H.check_hooks(hooks)
+    groups = H.param_groups(hooks, named)
+    opt = H.optimizer(hooks, named, groups, cfg) or AdamW(named, lr=cfg.learning_rate,
+                                                          weight_decay=cfg.weight_decay, groups=groups)
     history = {"step": [], "loss": [], "lr": [], "grad_norm": [], "eval_loss": [], "tokens_per_s": []}
     step = 0
     if cfg.resume_from:
-        step, history = load_checkpoint(model, opt, named, cfg.resume_from)
+        step, history = load_checkpoint(model, opt, named, hooks, cfg.resume_from)
     model.net.gradient_checkpointing = cfg.gradient_checkpointing
     model.net.train()
     bar = _progress(total, step, cfg.progress)
@@ -142,7 +148,7 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                 for ids, mask, labels in batches:
                     share = count_targets(labels) / n_total
                     loss = _loss(model, ids, mask, labels)
-                    reg = model.regularization()  # a method's own loss term (AdaLoRA's penalty), or None
+                    reg = H.regularization(hooks)  # the methods' own loss terms (AdaLoRA's penalty), or None
                     if reg is not None:
                         loss = loss + reg
                     lv = loss.item()
@@ -157,7 +163,8 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                     raise TrainingError(f"step {step}: the gradient norm is {norm}; training stopped. "
                                         f"Last good checkpoint: {last_ckpt or 'none'}")
                 opt.step()
-                model.update_and_allocate(step)  # a method's per-step update (AdaLoRA's rank allocation)
+                for h in hooks:  # per-step updates (AdaLoRA's rank allocation), gradients still there
+                    h.after_step(step)
                 opt.zero_grad()
                 step += 1
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -167,12 +174,14 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}")
                 if cfg.save_steps and step % cfg.save_steps == 0:
-                    last_ckpt = save_checkpoint(model, opt, named, cfg.output_dir, step, history)
+                    last_ckpt = save_checkpoint(model, opt, named, hooks, cfg.output_dir, step, history)
             if evals is not None and (step % per_epoch == 0 or step >= total):
                 history["eval_loss"].append((step, evaluate(model, evals, cfg.batch_size, pad_id)))
             if step >= total:
                 break
     finally:
+        for h in hooks:
+            h.end()
         bar.close()
         model.net.gradient_checkpointing = False
         model.net.eval()
@@ -188,7 +197,7 @@ def _progress(total, start, enabled):
 
 
 # ---- checkpoints (TRAIN-4) -----------------------------------------------------------------
-def save_checkpoint(model, opt, named, output_dir, step, history) -> str:
+def save_checkpoint(model, opt, named, hooks, output_dir, step, history) -> str:
     """output_dir/checkpoint-<step>: trainable weights, optimizer moments, step, RNG state, history,
     and the adapters in PEFT format. Written to a temporary folder and renamed into place."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
@@ -197,7 +206,7 @@ def save_checkpoint(model, opt, named, output_dir, step, history) -> str:
         write_safetensors(os.path.join(tmp, "trainable.safetensors"),
                           {n: np.ascontiguousarray(backend.to_host(p.data)) for n, p in named.items()})
         write_safetensors(os.path.join(tmp, "optimizer.safetensors"), opt.state_dict())
-        method = model.training_state()  # {adapter: (arrays, json)}: a method's own state (AdaLoRA's allocator)
+        method = {h.key: h.state() for h in hooks}  # {key: (arrays, json)}: the hooks' state (AdaLoRA's allocator)
         write_safetensors(os.path.join(tmp, "method_state.safetensors"),
                           {f"{a}/{k}": np.ascontiguousarray(v) for a, (arrays, _) in method.items()
                            for k, v in arrays.items()})
@@ -219,7 +228,7 @@ def latest_checkpoint(path: str) -> str:
     return os.path.join(path, max(found, key=lambda d: int(d[11:])))
 
 
-def load_checkpoint(model, opt, named, path):
+def load_checkpoint(model, opt, named, hooks, path):
     path = latest_checkpoint(path)
     with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
         state = json.load(f)
@@ -234,8 +243,10 @@ def load_checkpoint(model, opt, named, path):
     model.rng.set_state(state["rng"])
     if "method_state" in state:
         arrays, _ = read_safetensors(os.path.join(path, "method_state.safetensors"))
-        model.load_training_state({a: ({k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(a + "/")},
-                                       info) for a, info in state["method_state"].items()})
+        for h in hooks:
+            if h.key in state["method_state"]:
+                h.load_state({k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(h.key + "/")},
+                             state["method_state"][h.key])
     history = state["history"]
     history["eval_loss"] = [tuple(e) for e in history.get("eval_loss", [])]
     return state["step"], history

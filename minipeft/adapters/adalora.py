@@ -31,7 +31,9 @@ import math
 from .. import backend
 from ..autograd import functional as F
 from ..autograd.tensor import Tensor
+from ..hooks import TrainingHook
 from .base import AdapterConfig, Delta, check, trainable
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -99,6 +101,7 @@ def budget_at(step: int, cfg: AdaLoRAConfig, b0: int, b_T: int) -> tuple[int, bo
 
 class AdaLoRALinear(Delta):
     LEAVES = ("lora_A", "lora_B", "lora_E")
+    training_hook = None  # AdaLoRAHook, below: model.train's hook of an active adapter (minipeft/hooks.py)
 
     def __init__(self, in_features, out_features, r, ranknum, cfg: AdaLoRAConfig, key: str, rng):
         xp = backend.xp()
@@ -146,7 +149,7 @@ class AdaLoRALinear(Delta):
                 ("lora_B", Tensor(xp.take(self.lora_B.data, kept, axis=1))),
                 ("lora_E", Tensor(xp.take(self.lora_E.data, kept, axis=0)))]
 
-    # ---- training hooks (Model.regularization, Model.update_and_allocate) ---------------------------
+    # ---- training: AdaLoRAHook (below) calls these (minipeft/hooks.py) ------------------------------
     @staticmethod
     def regularization(deltas: dict, cfg: AdaLoRAConfig):
         """ADALORA-6: orth_reg_weight * mean(||A Aᵀ - I||_F, ||Bᵀ B - I||_F over layers), a scalar Tensor."""
@@ -214,6 +217,31 @@ class AdaLoRALinear(Delta):
         return s["lora_E"][:, 0] + (xp.mean(s["lora_A"], axis=1) + xp.mean(s["lora_B"], axis=0))
 
 
+class AdaLoRAHook(TrainingHook):
+    """One active AdaLoRA adapter in model.train: the penalty in its loss (ADALORA-6), the rank allocation
+    after each step (ADALORA-7..9) and the allocator's state in checkpoints (ADALORA-13)."""
+
+    exclusive = "allocates its own ranks while training"  # ADALORA-12: PEFT trains one AdaLoRA adapter
+
+    def __init__(self, name: str, deltas: dict, cfg: AdaLoRAConfig):
+        self.key, self.deltas, self.cfg = name, deltas, cfg
+
+    def regularization(self):
+        return AdaLoRALinear.regularization(self.deltas, self.cfg)
+
+    def after_step(self, step: int) -> None:
+        AdaLoRALinear.after_step(self.deltas, self.cfg, step)
+
+    def state(self) -> tuple[dict, dict]:
+        return AdaLoRALinear.training_state(self.deltas, self.cfg)
+
+    def load_state(self, arrays: dict, info: dict) -> None:
+        AdaLoRALinear.load_training_state(self.deltas, self.cfg, arrays, info)
+
+
+AdaLoRALinear.training_hook = AdaLoRAHook
+
+
 def mask_to_budget(deltas: dict, k: int) -> dict:
     """ADALORA-9: zero E_i of the k lowest-scoring triplets over all layers (ties at the threshold too);
     returns rank_pattern {key: [kept]}."""
@@ -240,3 +268,8 @@ def zero_pruned(E: Tensor, keep) -> None:
     """E_i <- 0 where keep_i is False; E (r, 1), keep (r,) bool."""
     xp = backend.xp_of(E.data)
     E.data = xp.where(keep[:, None], E.data, xp.zeros_like(E.data))
+
+
+register("adalora", AdaLoRAConfig, AdaLoRALinear,
+         paper="AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, Zhang et al. 2023, arXiv:2303.10512",
+         summary="AdaLoRA, dW = s P Λ Q with ranks pruned to a budget while training (spec/adalora.md).")

@@ -14,6 +14,7 @@ A delta module implements:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -30,8 +31,35 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 COMMON_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "exclude_modules")
 
 
+class ConfigType(type):
+    """The metaclass of every AdapterConfig: a config also takes PEFT's names for its fields (METHOD-4),
+    `LoRAConfig(r=8, lora_alpha=16, init_lora_weights=True)` = `LoRAConfig(rank=8, alpha=16, init="default")`,
+    and a field it does not have is a ConfigError naming the closest ones."""
+
+    def __call__(cls, *args, **kwargs):
+        return super().__call__(*args, **cls.our_names(kwargs))
+
+    def our_names(cls, kwargs: dict) -> dict:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        aliases = {theirs: ours for ours, theirs in cls.PEFT_FIELDS.items() if theirs not in fields}
+        out, given = {}, {}
+        for key, value in kwargs.items():
+            ours = key if key in fields else aliases.get(key)
+            if ours is None:
+                close = difflib.get_close_matches(key, sorted(fields | set(aliases)), n=3, cutoff=0.6)
+                close = [f"{c} (PEFT's name of {aliases[c]})" if c in aliases else c for c in close]
+                hint = f"; did you mean {' or '.join(close)}?" if close else "."
+                raise ConfigError(f"{cls.__name__} has no field {key!r}{hint} Its fields: {', '.join(sorted(fields))}")
+            if ours in out:
+                raise ConfigError(f"{cls.__name__}: {given[ours]!r} and {key!r} name the same field; give one of them")
+            if key != ours:  # a PEFT value where ours differ (init_lora_weights=True is init="default")
+                value = {json_key(v): k for k, v in cls.PEFT_VALUES.get(ours, {}).items()}.get(json_key(value), value)
+            out[ours], given[ours] = value, key
+        return out
+
+
 @dataclasses.dataclass
-class AdapterConfig:
+class AdapterConfig(metaclass=ConfigType):
     """Fields every layer-adapter config has (PEFT names in the comments)."""
 
     target_modules: tuple | str = ("q_proj", "v_proj")  # names, a regex (full match), or "all-linear"

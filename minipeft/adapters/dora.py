@@ -27,6 +27,7 @@ from ..autograd.tensor import Tensor
 from ..nn.layers import Linear
 from .base import check, orient, trainable
 from .lora import LoRAConfig, LoRALinear
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -90,3 +91,7 @@ class DoRALinear(LoRALinear):
         g = self.lora_magnitude_vector.data / self.merged_norm  # (out,)
         base.weight.data = orient(base.weight_out_in() / g[:, None] - self.delta_weight(), base)
         self.merged_norm = None
+
+
+register("dora", DoRAConfig, DoRALinear, paper="DoRA: Weight-Decomposed Low-Rank Adaptation, Liu et al. 2024, arXiv:2402.09353",
+         summary="LoRA with a learned per-row magnitude, W' = m (W0 + s B A) / ||W0 + s B A||_row (spec/dora.md).")

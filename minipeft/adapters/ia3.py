@@ -26,6 +26,7 @@ from .. import backend
 from ..errors import MiniPeftError
 from ..nn.layers import Linear
 from .base import AdapterConfig, Delta, check, orient, trainable
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -84,3 +85,8 @@ class IA3Linear(Delta):
             raise MiniPeftError("ia3_l has a zero entry: the merged weight cannot be divided back to W0 "
                                 "(unmerge_adapter / disable_adapters need l != 0)")
         self.scale(base, 1.0 / self.ia3_l.data)
+
+
+register("ia3", IA3Config, IA3Linear,
+         paper="IA3: Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning, Liu et al. 2022, arXiv:2205.05638",
+         summary="Learned vectors scaling layer outputs, or inputs of feed-forward layers (spec/ia3.md).")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 
+from ..autograd.tensor import Tensor
 from ..errors import ConfigError
 from ..nn.layers import Linear
 from ..quant.linear4bit import Linear4bit
 from .base import AdaptedLayer
+from .modules_to_save import TrainedCopy, trained_copies
 
 OUTPUT_HEADS = ("lm_head",)
 
@@ -75,6 +77,48 @@ def adapted_layers(net):
 
 
 def unwrap_all(net) -> None:
-    """Replace every AdaptedLayer by its base layer (after merging, this is merge_and_unload)."""
+    """Replace every AdaptedLayer by its base layer and every TrainedCopy by the copy in use (after
+    merging, this is merge_and_unload)."""
     for path, layer in adapted_layers(net):
         net.set_submodule(path, layer.base_layer)
+    for path, m in trained_copies(net):
+        net.set_submodule(path, m.current())
+
+
+def activate(net, names: list, trainable: bool) -> None:
+    """Make `names` the active adapters of every adapted layer and trained copy; with trainable, their
+    tensors (and only theirs) get gradients."""
+    if trainable:
+        net.requires_grad_(False)
+    for _, m in net.named_modules():
+        if not isinstance(m, (AdaptedLayer, TrainedCopy)):
+            continue
+        m.active = list(names)
+        held = m.adapters if isinstance(m, AdaptedLayer) else m.modules_to_save
+        for n in names if trainable else ():
+            if n in held:
+                held[n].requires_grad_(True)
+
+
+def set_bias_trainable(net, cfg) -> None:
+    """bias="all": every base bias trains; "lora_only" (or another "<method>_only"): those of adapted layers."""
+    mode = getattr(cfg, "bias", "none")
+    for path, m in net.named_modules():
+        if getattr(m, "bias", None) is None or not isinstance(m.bias, Tensor) or ".adapters." in path:
+            continue
+        if mode == "all" or (mode.endswith("_only") and path.endswith(".base_layer")):  # lora_only, vera_only
+            m.bias.requires_grad = True
+
+
+def remove_adapter(net, name: str) -> None:
+    """Take adapter `name` off every layer and trained copy; a layer left with none is the plain layer again."""
+    for path, layer in adapted_layers(net):
+        if name in layer.adapters:
+            del layer.adapters[name]
+        if not layer.adapters.keys():  # no adapter left: the plain layer again (parameter names as loaded)
+            net.set_submodule(path, layer.base_layer)
+    for path, m in trained_copies(net):
+        if name in m.modules_to_save:
+            del m.modules_to_save[name]
+            if not m.modules_to_save.keys():
+                net.set_submodule(path, m.original_module)

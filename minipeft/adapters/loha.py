@@ -28,6 +28,7 @@ import dataclasses
 from ..autograd import functional as F
 from ..autograd.function import no_grad
 from .lycoris import LycorisConfig, LycorisDelta
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -52,3 +53,7 @@ class LoHaLinear(LycorisDelta):
     def delta_weight(self):
         with no_grad():
             return self.weight().data
+
+
+register("loha", LoHaConfig, LoHaLinear, paper="FedPara (LoHa), Hyeon-Woo et al. 2021, arXiv:2108.06098; LyCORIS",
+         summary="LoHa, dW = s (W1a W1b) * (W2a W2b) (spec/loha.md).")

@@ -28,6 +28,7 @@ from .. import backend
 from ..autograd.function import no_grad
 from .base import check
 from .lycoris import LycorisConfig, LycorisDelta
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -98,3 +99,7 @@ class LoKrLinear(LycorisDelta):
         (a, b), (c, d) = self.ab, self.cd
         K = W1[:, None, :, None] * W2[None, :, None, :]  # (a, b, c, d): W1[i, j] W2[k, l]
         return backend.xp_of(K).reshape(K, (a * b, c * d)) * self.s
+
+
+register("lokr", LoKrConfig, LoKrLinear, paper="KronA (LoKr), Edalati et al. 2022, arXiv:2212.10650; LyCORIS, arXiv:2309.14859",
+         summary="LoKr, dW = s kron(W1, W2) (spec/lokr.md).")

@@ -27,6 +27,7 @@ from ..autograd import functional as F
 from ..nn.layers import Linear
 from ..errors import ConfigError
 from .base import AdapterConfig, Delta, check, fan_in_uniform
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -154,3 +155,7 @@ def init_olora(delta, base, rng):
 
 INITS = {"default": init_default, "gaussian": init_gaussian, "pissa": init_pissa, "olora": init_olora}
 MUTATING = ("pissa", "olora")  # inits that change W0
+
+
+register("lora", LoRAConfig, LoRALinear, paper="LoRA: Low-Rank Adaptation of Large Language Models, Hu et al. 2021, arXiv:2106.09685",
+         summary="LoRA, dW = s B A with A (r, in), B (out, r) trained and W0 frozen (spec/lora.md).")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+from ..errors import ConfigError
 from ..nn.module import Module
 from .base import ModuleDict
 
@@ -36,3 +37,27 @@ class TrainedCopy(Module):
         if attr.startswith("__") or attr in ("original_module", "modules_to_save", "active"):
             raise AttributeError(attr)
         return getattr(self.current(), attr)
+
+
+def trained_copy_paths(net, entry: str) -> list:
+    """The module paths a modules_to_save entry names (the path, or a path ending in "." + entry)."""
+    paths = [p for p, m in net.named_modules() if p and (p == entry or p.endswith("." + entry))
+             and ".modules_to_save" not in p and ".original_module" not in p]
+    if not paths:
+        raise ConfigError(f"modules_to_save entry {entry!r} matches no module of the model")
+    return paths
+
+
+def add_trained_copy(net, paths: list, name: str) -> None:
+    """Adapter `name`'s trainable copy of each module at paths (wrapped in a TrainedCopy once)."""
+    for path in paths:
+        m = net.get_submodule(path)
+        if not isinstance(m, TrainedCopy):
+            m = TrainedCopy(m)
+            net.set_submodule(path, m)
+        m.add(name)
+
+
+def trained_copies(net) -> list:
+    """(path, TrainedCopy) pairs, in model order."""
+    return [(p, m) for p, m in net.named_modules() if isinstance(m, TrainedCopy)]

@@ -28,6 +28,7 @@ import numpy as np
 from .. import backend
 from .base import check
 from .prompt_learning import PromptLearningConfig, Seq, VirtualTokens, batch_of, check_positions, tanh, torch_linear
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -83,3 +84,8 @@ class PrefixEncoder(VirtualTokens):
         position_ids = position_ids + T  # PEFT: position_ids + num_virtual_tokens
         check_positions(net, int(xp.max(position_ids)) + 1)
         return input_ids, attention_mask, position_ids, inputs_embeds, self.prefix_kv(B)
+
+
+register("prefix_tuning", PrefixTuningConfig, PrefixEncoder, kind="prompt", mergeable=False,
+         paper="Prefix-Tuning: Optimizing Continuous Prompts for Generation, Li & Liang 2021, arXiv:2101.00190",
+         summary="T trainable keys and values before every layer's own (spec/prefix_tuning.md).")

@@ -24,6 +24,7 @@ import numpy as np
 from .. import backend
 from .base import check
 from .prompt_learning import InputPrompt, PromptLearningConfig, word_embeddings
+from .registry import register
 
 INITS = ("random", "text", "sample_vocab")
 
@@ -74,3 +75,8 @@ class PromptEmbedding(InputPrompt):
         ids = model.tokenizer.encode(cfg.init_text)
         check(len(ids) > 0, "init_text", cfg.init_text, "gives no tokens")
         return cls(cfg, E[text_tokens(ids, T)])
+
+
+register("prompt_tuning", PromptTuningConfig, PromptEmbedding, kind="prompt", mergeable=False,
+         paper="The Power of Scale for Parameter-Efficient Prompt Tuning, Lester et al. 2021, arXiv:2104.08691",
+         summary="T soft tokens before the input embeddings (spec/prompt_tuning.md).")

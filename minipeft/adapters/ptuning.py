@@ -31,6 +31,7 @@ from ..autograd import functional as F
 from ..nn.module import Module
 from .base import check, fan_in_uniform, trainable
 from .prompt_learning import InputPrompt, PromptLearningConfig, Seq, relu, sigmoid, tanh, torch_linear
+from .registry import register
 
 ENCODERS = ("mlp", "lstm")
 
@@ -116,3 +117,8 @@ class PromptEncoder(InputPrompt):
 
     def encode(self, e):
         return self.mlp_head(self.lstm_head(e) if hasattr(self, "lstm_head") else e)  # (T, d)
+
+
+register("ptuning", PTuningConfig, PromptEncoder, kind="prompt", mergeable=False,
+         paper="GPT Understands, Too (P-tuning), Liu et al. 2021, arXiv:2103.10385",
+         summary="P-tuning: soft tokens produced by an MLP or LSTM prompt encoder (spec/ptuning.md).")

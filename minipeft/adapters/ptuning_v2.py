@@ -18,6 +18,7 @@ import dataclasses
 
 from .base import check
 from .prefix_tuning import PrefixTuningConfig
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -35,3 +36,8 @@ class PTuningV2Config(PrefixTuningConfig):
               "must be True: P-tuning v2 is prefix tuning with its encoder (use PrefixTuningConfig without)")
         self.projection_dim = h
         super().validate()
+
+
+register("ptuning_v2", PTuningV2Config, kind="prompt", mergeable=False,
+         paper="P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across Scales and Tasks, Liu et al. 2022, arXiv:2110.07602",
+         summary="P-tuning v2: deep prompts in every layer from a prompt encoder (spec/ptuning_v2.md).")

@@ -18,6 +18,7 @@ import dataclasses
 
 from .base import check
 from .lora import MUTATING, LoRAConfig
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -30,3 +31,8 @@ class QLoRAConfig(LoRAConfig):
         super().validate()
         check(self.init not in MUTATING, "init", self.init,
               "rewrites W0, which a 4-bit base cannot hold; use 'default' or 'gaussian'")
+
+
+register("qlora", QLoRAConfig, paper="QLoRA: Efficient Finetuning of Quantized LLMs, Dettmers et al. 2023, arXiv:2305.14314",
+         summary="LoRA over the 4-bit linear layers of a model loaded with quantization= (spec/qlora.md).",
+         quantized_base=True)

@@ -1,49 +1,127 @@
-"""The registry: each adapter config class -> its layer class. Dispatch is on config types, and
-PEFT's `peft_type` strings map back to config classes when an adapter folder is loaded; where
-several classes share one peft_type (LORA, and DoRA as LORA + use_dora), their PEFT_FLAGS decide."""
+"""The method registry: every adapter method minipeft knows, and the one place that maps a method's
+name, its config class and PEFT's `peft_type` string to each other (spec/methods.md METHOD-n).
+
+A method is one module under minipeft/adapters/ (or anywhere else: see README "Adding a method")
+holding its config dataclass and its layer class, ending in one `register(...)` call. Importing
+minipeft.adapters imports every module of the package, so a new file there is a new method with no
+other edit. Dispatch is on config types (`method_of(cfg)`); an adapter_config.json's peft_type maps
+back to a config class, and where several share one peft_type (LORA, and DoRA as LORA + use_dora),
+their PEFT_FLAGS decide.
+"""
 from __future__ import annotations
 
-from ..errors import CheckpointError
-from .adalora import AdaLoRAConfig, AdaLoRALinear
-from .dora import DoRAConfig, DoRALinear
-from .ia3 import IA3Config, IA3Linear
-from .loha import LoHaConfig, LoHaLinear
-from .lokr import LoKrConfig, LoKrLinear
-from .lora import LoRAConfig, LoRALinear
-from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
-from .prompt_tuning import PromptEmbedding, PromptTuningConfig
-from .ptuning import PromptEncoder, PTuningConfig
-from .ptuning_v2 import PTuningV2Config
-from .qlora import QLoRAConfig
-from .vera import VeRAConfig, VeRALinear
+import dataclasses
 
-REGISTRY = {
-    LoRAConfig: LoRALinear,
-    LoHaConfig: LoHaLinear,
-    LoKrConfig: LoKrLinear,
-    DoRAConfig: DoRALinear,
-    IA3Config: IA3Linear,
-    VeRAConfig: VeRALinear,
-    PromptTuningConfig: PromptEmbedding,  # prompt learning: InputAdapters, no layer wrapped
-    PrefixTuningConfig: PrefixEncoder,  # also P-tuning v2 (PTuningV2Config is a PrefixTuningConfig)
-    PTuningConfig: PromptEncoder,
-    AdaLoRAConfig: AdaLoRALinear,
-}
+from ..errors import CheckpointError, ConfigError
+
+KINDS = ("layer", "prompt", "procedure", "initialiser")
 
 
-# method name (the stem of apply_<name>, adapters/<name>.py, spec/<name>.md) -> config class: the CLI's --method
-METHODS = {
-    "lora": LoRAConfig, "qlora": QLoRAConfig, "dora": DoRAConfig, "adalora": AdaLoRAConfig, "vera": VeRAConfig,
-    "loha": LoHaConfig, "lokr": LoKrConfig, "ia3": IA3Config, "prompt_tuning": PromptTuningConfig,
-    "prefix_tuning": PrefixTuningConfig, "ptuning": PTuningConfig, "ptuning_v2": PTuningV2Config,
-}
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One registered method, as `minipeft.methods()` lists it."""
+
+    name: str  # the stem of apply_<name>, adapters/<name>.py, spec/<name>.md, the CLI's --method
+    config: type  # its AdapterConfig dataclass
+    layer: type | None  # its layer (or prompt encoder) class; None: the one of the config's parent method
+    kind: str  # one of KINDS
+    paper: str  # title, authors, year, arXiv id
+    summary: str  # one line: what it does to the model (the apply_<name> docstring)
+    mergeable: bool = True  # its update folds into the base weights (merge_adapter, merge_and_unload)
+    in_peft: bool = True  # PEFT 0.21 has it, and loads its files
+    quantized_base: bool = False  # it runs over a 4-bit base (load_model(..., quantization=...)) only
+
+    @property
+    def peft_type(self) -> str | None:
+        """PEFT's peft_type of the saved adapter_config.json, or None where PEFT lacks the method."""
+        return self.config.peft_type if self.in_peft else None
+
+
+_METHODS: dict[str, Method] = {}  # name -> Method, in registration order
+METHODS: dict[str, type] = {}  # name -> config class (the CLI's --method choices)
+REGISTRY: dict[type, type] = {}  # config class -> layer class, for the methods with a layer class of their own
+_LISTENERS: list = []  # listener(method, registered) as a method comes and goes (Model's apply_<name> shorthands)
+
+
+def register(name: str, config: type, layer: type | None = None, *, kind: str = "layer", paper: str = "",
+             summary: str = "", mergeable: bool = True, in_peft: bool = True, quantized_base: bool = False) -> Method:
+    """Add a method (METHOD-1). The name must be new; registering the same config class again is refused."""
+    if not name.isidentifier() or name != name.lower():
+        raise ConfigError(f"method name {name!r} must be a lower-case Python identifier (it names apply_{name})")
+    if name in _METHODS:
+        raise ConfigError(f"a method named {name!r} is registered already ({_METHODS[name].config.__name__})")
+    if kind not in KINDS:
+        raise ConfigError(f"method {name!r}: kind={kind!r} must be one of {', '.join(KINDS)}")
+    if any(m.config is config for m in _METHODS.values()):
+        raise ConfigError(f"{config.__name__} is registered already, as {method_of_class(config).name!r}")
+    if layer is None and _inherited_layer(config) is None:
+        raise ConfigError(f"method {name!r}: {config.__name__} derives from no registered config, so it needs a "
+                          f"layer class (register(..., layer=...))")
+    m = Method(name, config, layer, kind, paper, summary, mergeable, in_peft, quantized_base)
+    for listener in _LISTENERS:  # first: a listener may refuse the method (a name Model already uses)
+        listener(m, True)
+    _METHODS[name], METHODS[name] = m, config
+    if layer is not None:
+        REGISTRY[config] = layer
+    return m
+
+
+def unregister(name: str) -> None:
+    """Remove a method registered with register() (a method module of the package stays registered)."""
+    m = method(name)
+    if m.config.__module__.startswith(__package__ + "."):
+        raise ConfigError(f"{name!r} is one of minipeft's own methods; only methods registered elsewhere unregister")
+    del _METHODS[name], METHODS[name]
+    REGISTRY.pop(m.config, None)
+    for listener in _LISTENERS:
+        listener(m, False)
+
+
+def on_register(listener) -> None:
+    """Call listener(method, True) for every method registered so far and every one registered later,
+    and listener(method, False) for each one unregistered."""
+    _LISTENERS.append(listener)
+    for m in _METHODS.values():
+        listener(m, True)
+
+
+def methods() -> list[Method]:
+    """Every registered method, in registration order."""
+    return list(_METHODS.values())
+
+
+def method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ConfigError(f"no method named {name!r}; minipeft has {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def method_of_class(config_cls: type) -> Method:
+    """The method of a config class: its own registration, else its nearest registered base class's."""
+    for cls in config_cls.__mro__:
+        for m in _METHODS.values():
+            if m.config is cls:
+                return m
+    raise ConfigError(f"no adapter method is registered for {config_cls.__name__}")
+
+
+def method_of(cfg) -> Method:
+    return method_of_class(type(cfg))
+
+
+def _inherited_layer(config_cls: type):
+    for cls in config_cls.__mro__:
+        if cls in REGISTRY:
+            return REGISTRY[cls]
+    return None
 
 
 def layer_class(cfg):
-    for cls in type(cfg).__mro__:
-        if cls in REGISTRY:
-            return REGISTRY[cls]
-    raise CheckpointError(f"no adapter method is registered for {type(cfg).__name__}")
+    """The layer class that applies cfg: its method's, or the nearest base method's (QLoRA: LoRA's)."""
+    found = _inherited_layer(type(cfg))
+    if found is None:
+        raise CheckpointError(f"no adapter method is registered for {type(cfg).__name__}")
+    return found
 
 
 def config_class(peft_type: str, where: str = "adapter_config.json", fields: dict | None = None):

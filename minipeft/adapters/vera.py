@@ -31,6 +31,7 @@ from .. import backend
 from ..autograd import functional as F
 from ..autograd.tensor import Tensor
 from .base import AdapterConfig, Delta, check, trainable
+from .registry import register
 
 
 @dataclasses.dataclass
@@ -112,3 +113,7 @@ class VeRALinear(Delta):
         A_s, B_s = (t.data for t in self.slices())
         xp = backend.xp_of(A_s)
         return xp.matmul(self.vera_lambda_b.data[:, None] * B_s, self.vera_lambda_d.data[:, None] * A_s)
+
+
+register("vera", VeRAConfig, VeRALinear, paper="VeRA: Vector-based Random Matrix Adaptation, Kopiczko et al. 2023, arXiv:2310.11454",
+         summary="VeRA, dW = diag(lam_b) B diag(lam_d) A with A, B frozen, random and shared (spec/vera.md).")

@@ -15,12 +15,17 @@ from ..autograd import no_grad
 
 class AdamW:
     def __init__(self, named_params: dict, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 no_decay=lambda name, p: p.ndim < 2):
+                 no_decay=lambda name, p: p.ndim < 2, groups: dict | None = None):
         """named_params: {name: Tensor}; parameters for which no_decay(name, p) is true (biases,
-        norm weights by default, as the HF Trainer does) get no weight decay."""
+        norm weights by default, as the HF Trainer does) get no weight decay. groups: {name:
+        {"lr_scale": c, "weight_decay": wd}} for parameters that step with lr * c or decay by their own wd
+        (torch's parameter groups: TRAIN-10)."""
         self.params = named_params
-        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
-        self.decay = {n: not no_decay(n, p) for n, p in named_params.items()}
+        self.lr, self.betas, self.eps = lr, betas, eps
+        groups = groups or {}
+        self.scale = {n: float(groups.get(n, {}).get("lr_scale", 1.0)) for n in named_params}
+        self.wd = {n: 0.0 if no_decay(n, p) and "weight_decay" not in groups.get(n, {}) else
+                   float(groups.get(n, {}).get("weight_decay", weight_decay)) for n, p in named_params.items()}
         self.m, self.v, self.t = {}, {}, 0
 
     def step(self):
@@ -37,10 +42,10 @@ class AdamW:
                     self.m[name], self.v[name] = xp.zeros_like(g), xp.zeros_like(g)
                 m = self.m[name] = b1 * self.m[name] + (1.0 - b1) * g
                 v = self.v[name] = b2 * self.v[name] + (1.0 - b2) * (g * g)
-                w = p.data
-                if self.wd and self.decay[name]:
-                    w = w * (1.0 - self.lr * self.wd)
-                p.data = w - self.lr * (m / c1) / (xp.sqrt(v / c2) + self.eps)
+                w, lr = p.data, self.lr * self.scale[name]
+                if self.wd[name]:
+                    w = w * (1.0 - lr * self.wd[name])
+                p.data = w - lr * (m / c1) / (xp.sqrt(v / c2) + self.eps)
 
     def zero_grad(self):
         for p in self.params.values():

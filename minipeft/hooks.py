@@ -1,0 +1,111 @@
+"""Training hooks: how a method or a training procedure takes part in `model.train` without the loop
+knowing it by name (spec/training.md TRAIN-10..TRAIN-13).
+
+A hook is an object with any of the methods of `TrainingHook` below (every one has a do-nothing
+default). They come from two places, in this order:
+  1. the active adapters: a layer class with a `training_hook` attribute (a TrainingHook class)
+     gets one hook per active adapter, built as training_hook(name, {path: delta}, cfg) (AdaLoRA);
+  2. the user: TrainingConfig(hooks=[...]) (procedures: a rank schedule, merge-and-restart, ...).
+Each hook's `key` names its state in a checkpoint, so keys are unique; an adapter's hook has the
+adapter's name as its key.
+
+In the loop (minipeft/train.py), per optimizer step:
+    groups   = param_groups(named) of every hook, merged  (before the optimizer is made)
+    opt      = the one hook's optimizer(named, groups, cfg), or AdamW(named, ..., groups)
+    loss     = LM loss + sum of regularization() over hooks        (each micro-batch)
+    backward; clip; opt.step(); after_step(step) of each hook (gradients still there); zero_grad
+and at the end of training end(); checkpoints save state() and a resume gives it to load_state().
+"""
+from __future__ import annotations
+
+from .errors import ConfigError
+
+
+class TrainingHook:
+    """The hook interface: subclass it and override what the method or procedure needs."""
+
+    key = "hook"  # its name in checkpoints (method_state.safetensors, trainer_state.json)
+    exclusive = None  # a reason string: at most one hook with a reason may be active at once
+
+    def param_groups(self, named: dict) -> dict:
+        """{parameter name: {"lr_scale": float, "weight_decay": float}} for the parameters whose learning
+        rate (a factor on the schedule's) or weight decay differ from the TrainingConfig's."""
+        return {}
+
+    def optimizer(self, named: dict, groups: dict, cfg):
+        """An optimizer to use instead of AdamW, or None. It needs AdamW's interface: an `lr` attribute
+        the loop sets each step, step(), zero_grad(), t, state_dict() and load_state_dict(arrays, t)."""
+        return None
+
+    def regularization(self):
+        """A scalar Tensor added to each micro-batch's loss, or None."""
+        return None
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step `step` (0-based), before the gradients are cleared."""
+
+    def end(self) -> None:
+        """When training ends (normally or not)."""
+
+    def state(self) -> tuple[dict, dict]:
+        """(arrays, JSON-able dict) a resumed run needs, beyond the trainable weights."""
+        return {}, {}
+
+    def load_state(self, arrays: dict, info: dict) -> None:
+        """Take back what state() returned."""
+
+
+def adapter_hooks(model) -> list:
+    """The hooks of the active adapters' methods (registry layer classes with a `training_hook`)."""
+    from .adapters.inject import adapted_layers
+    from .adapters.registry import layer_class
+    hooks = []
+    layers = None
+    for name in model.active_adapters:
+        cfg = model.peft_configs[name]
+        make = getattr(layer_class(cfg), "training_hook", None)
+        if make is None:
+            continue
+        layers = layers if layers is not None else adapted_layers(model.net)
+        hooks.append(make(name, {p: m.adapters[name] for p, m in layers if name in m.adapters}, cfg))
+    return hooks
+
+
+def check_hooks(hooks: list) -> None:
+    """Unique keys; at most one exclusive hook (two AdaLoRA adapters would each allocate ranks: ADALORA-12)."""
+    for h in hooks:
+        if not isinstance(h, TrainingHook):
+            raise ConfigError(f"training hook {h!r} is not a minipeft.hooks.TrainingHook; subclass it")
+    keys = [h.key for h in hooks]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ConfigError(f"training hooks share the key(s) {dup}; each hook's key names its checkpoint state")
+    excl = [h for h in hooks if h.exclusive]
+    if len(excl) > 1:
+        raise ConfigError(f"adapters {[h.key for h in excl]} are active together and each {excl[0].exclusive}: "
+                          f"train one at a time (set_active_adapter), as PEFT requires")
+
+
+def regularization(hooks: list):
+    """The sum of the hooks' regularization terms, or None."""
+    terms = [t for t in (h.regularization() for h in hooks) if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def param_groups(hooks: list, named: dict) -> dict:
+    """The hooks' parameter groups merged, a later hook's entries updating an earlier's."""
+    out: dict = {}
+    for h in hooks:
+        for pname, group in h.param_groups(named).items():
+            if pname not in named:
+                raise ConfigError(f"hook {h.key!r} sets a group for {pname!r}, which is not a trainable parameter")
+            out.setdefault(pname, {}).update(group)
+    return out
+
+
+def optimizer(hooks: list, named: dict, groups: dict, cfg):
+    """The one optimizer a hook supplies, or None (two are an error)."""
+    made = [(h.key, o) for h in hooks if (o := h.optimizer(named, groups, cfg)) is not None]
+    if len(made) > 1:
+        raise ConfigError(f"hooks {[k for k, _ in made]} each replace the optimizer; use one of them")
+    return made[0][1] if made else None

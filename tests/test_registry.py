@@ -1,0 +1,169 @@
+"""The method registry (spec/methods.md METHOD-1..4): registration, minipeft.methods(), the apply_<name>
+shorthands it derives, PEFT's field names as config aliases, and a method added from outside the package."""
+import dataclasses
+import importlib.util
+import json
+import os
+import pydoc
+import sys
+
+import numpy as np
+import pytest
+
+import minipeft as mp
+from minipeft import backend
+from minipeft.adapters import registry
+from minipeft.adapters.base import AdapterConfig
+from minipeft.errors import ConfigError
+from tests.helpers import tiny_llama
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_base)
+    "lora": ("LoRAConfig", "LORA", "layer", True, False), "qlora": ("QLoRAConfig", "LORA", "layer", True, True),
+    "dora": ("DoRAConfig", "LORA", "layer", True, False), "adalora": ("AdaLoRAConfig", "ADALORA", "layer", True, False),
+    "vera": ("VeRAConfig", "VERA", "layer", True, False), "loha": ("LoHaConfig", "LOHA", "layer", True, False),
+    "lokr": ("LoKrConfig", "LOKR", "layer", True, False), "ia3": ("IA3Config", "IA3", "layer", True, False),
+    "prompt_tuning": ("PromptTuningConfig", "PROMPT_TUNING", "prompt", False, False),
+    "prefix_tuning": ("PrefixTuningConfig", "PREFIX_TUNING", "prompt", False, False),
+    "ptuning": ("PTuningConfig", "P_TUNING", "prompt", False, False),
+    "ptuning_v2": ("PTuningV2Config", "PREFIX_TUNING", "prompt", False, False),
+}
+
+
+@pytest.fixture(scope="module")
+def rowscale():
+    """examples/custom_method.py: a method written outside the package, registered on import."""
+    spec = importlib.util.spec_from_file_location("custom_method", os.path.join(EXAMPLES, "custom_method.py"))
+    module = sys.modules["custom_method"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    registry.unregister("rowscale")
+    del sys.modules["custom_method"]
+    assert "rowscale" not in registry.METHODS and not hasattr(mp.Model, "apply_rowscale")
+
+
+@pytest.mark.spec("METHOD-2")
+def test_methods_lists_the_twelve_with_their_flags():
+    got = {m.name: (m.config.__name__, m.peft_type, m.kind, m.mergeable, m.quantized_base) for m in mp.methods()
+           if m.config.__module__.startswith("minipeft.")}
+    assert got == BUILT_IN
+    for m in mp.methods():
+        assert "arXiv" in m.paper or m.config.__module__ == "custom_method", m.name
+        assert m.summary and registry.METHODS[m.name] is m.config
+        assert os.path.isfile(os.path.join(os.path.dirname(EXAMPLES), "spec", f"{m.name}.md")) or \
+            m.config.__module__ == "custom_method", m.name
+    assert registry.method_of(mp.DoRAConfig()).name == "dora"
+    assert registry.layer_class(mp.QLoRAConfig()) is registry.method("lora").layer  # QLoRA runs LoRA's layer
+
+
+@pytest.mark.spec("METHOD-1")
+def test_register_refuses_what_would_break_the_registry():
+    lora = registry.method("lora")
+    before = (list(registry.METHODS), dict(registry.REGISTRY))
+
+    @dataclasses.dataclass
+    class Orphan(AdapterConfig):  # derives from no registered config
+        peft_type = "ORPHAN"
+
+    cases = [(("LoRA2", mp.LoRAConfig, lora.layer), "lower-case"), (("lora", Orphan, lora.layer), "registered already"),
+             (("again", mp.LoRAConfig, lora.layer), "registered already"), (("orphan", Orphan, None), "needs a layer"),
+             (("adapter", Orphan, lora.layer), "would replace Model.apply_adapter"),
+             (("odd", Orphan, lora.layer, "mixture"), "kind=")]
+    for args, message in cases:
+        kind = {"kind": args[3]} if len(args) > 3 else {}
+        with pytest.raises(ConfigError, match=message):
+            registry.register(*args[:3], **kind)
+    assert (list(registry.METHODS), dict(registry.REGISTRY)) == before
+    with pytest.raises(ConfigError, match="minipeft's own"):
+        registry.unregister("lora")
+    with pytest.raises(ConfigError, match="no method named 'nope'"):
+        registry.method("nope")
+
+
+@pytest.mark.spec("METHOD-3")
+def test_every_method_has_a_shorthand_in_help():
+    text = pydoc.render_doc(mp.Model, renderer=pydoc.plaintext)
+    for m in mp.methods():
+        fn = getattr(mp.Model, f"apply_{m.name}")
+        assert fn.__doc__.startswith(m.summary) and m.config.__name__ in fn.__doc__
+        assert f"apply_{m.name}(self, cfg=None" in text, m.name
+
+
+@pytest.mark.spec("METHOD-3")
+def test_shorthand_equals_apply_adapter_and_refuses_bad_calls():
+    a, b = tiny_llama(), tiny_llama()
+    a.apply_loha(rank=2, alpha=4, target_modules=("q_proj",), name="x")
+    b.apply_adapter(mp.LoHaConfig(rank=2, alpha=4, target_modules=("q_proj",)), name="x")
+    assert a.peft_configs == b.peft_configs
+    ids = np.array([[1, 2, 3, 4]])
+    assert np.array_equal(a(ids).numpy(), b(ids).numpy())
+    m = tiny_llama()
+    with pytest.raises(ConfigError, match="not both"):
+        m.apply_lora(mp.LoRAConfig(), rank=2)
+    with pytest.raises(ConfigError, match="quantization="):
+        m.apply_qlora(rank=2)
+    assert not m.peft_configs
+
+
+@pytest.mark.spec("METHOD-4")
+def test_peft_field_names_are_aliases():
+    assert mp.LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=True) == \
+        mp.LoRAConfig(rank=4, alpha=8, dropout=0.1, init="default")
+    assert mp.LoRAConfig(init_lora_weights="pissa").init == "pissa"
+    assert mp.AdaLoRAConfig(init_r=6, target_r=2, deltaT=3, beta1=0.8) == \
+        mp.AdaLoRAConfig(initial_rank=6, target_rank=2, delta_t=3, beta_start=0.8)
+    assert mp.LoKrConfig(r=2, decompose_factor=4).factor == 4
+    # a PEFT user's adapter_config.json, as written by PEFT, builds the same config as from_peft reads it
+    peft_dict = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj"], "use_rslora": True}
+    assert mp.LoRAConfig(**peft_dict) == mp.LoRAConfig.from_peft({"peft_type": "LORA", **peft_dict})
+    # a config built from PEFT names saves the same adapter_config.json as one built from minipeft's
+    saved = []
+    for cfg in (mp.LoRAConfig(r=2, lora_alpha=4), mp.LoRAConfig(rank=2, alpha=4)):
+        m = tiny_llama()
+        m.apply_lora(cfg)
+        saved.append(json.dumps(mp.adapters.peft_io.config_dict(m, cfg), sort_keys=True))
+    assert saved[0] == saved[1]
+
+
+@pytest.mark.spec("METHOD-4")
+def test_misspelt_or_doubled_fields_are_named():
+    with pytest.raises(ConfigError, match="no field 'rnak'; did you mean rank"):
+        mp.LoRAConfig(rnak=4)
+    with pytest.raises(ConfigError, match=r"no field 'lora_alpah'; did you mean lora_alpha \(PEFT's name of alpha\)"):
+        mp.LoRAConfig(lora_alpah=4)
+    with pytest.raises(ConfigError, match="'r' and 'rank' name the same field"):
+        mp.LoRAConfig(r=4, rank=4)
+    with pytest.raises(ConfigError, match="VeRAConfig has no field 'zzz'. Its fields: .*projection_prng_key"):
+        mp.VeRAConfig(zzz=1)
+
+
+@pytest.mark.spec("METHOD-1", "METHOD-3")
+def test_a_method_from_outside_the_package_works_end_to_end(rowscale, tmp_path):
+    """examples/custom_method.py: registered, applied through its shorthand, trained, saved in PEFT's layout,
+    loaded, merged; the CLI lists it as a --method."""
+    assert registry.method("rowscale").peft_type is None and registry.METHODS["rowscale"] is rowscale.RowScaleConfig
+    model = mp.load_model(mp.DEMO_MODEL)
+    ids = backend.asarray([[5, 6, 7, 8]])
+    base = model(ids).numpy()
+    model.apply_rowscale()
+    assert np.array_equal(model(ids).numpy(), base)  # d = 0 at init
+    hist = model.train([{"input_ids": [5, 6, 7, 8, 9, 10]}] * 8, mp.TrainingConfig(
+        learning_rate=1e-2, batch_size=4, max_steps=3, progress=False))
+    assert len(hist["loss"]) == 3
+    trained = model(ids).numpy()
+    assert not np.allclose(trained, base)
+    n_trainable = model.parameter_counts()[0]
+    layers = {p: (m.base_layer.in_features, m.base_layer.out_features)
+              for p, m in mp.adapters.inject.adapted_layers(model.net)}
+    assert n_trainable == model.peft_configs["default"].trainable_count(layers, model.config)
+    model.save_adapters(str(tmp_path / "rs"))
+    saved = json.loads((tmp_path / "rs" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "MINIPEFT_ROWSCALE" and saved["init_scale"] == 0.0
+    again = mp.load_model(mp.DEMO_MODEL)
+    again.load_adapters(str(tmp_path / "rs"))
+    assert np.array_equal(again(ids).numpy(), trained)
+    merged = again.merge_and_unload()(ids).numpy()
+    assert float(np.max(np.abs(merged - trained))) <= 1e-5 * float(np.max(np.abs(trained)))
+    from minipeft.cli import build_parser
+    assert build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o",
+                                      "--method", "rowscale"]).method == "rowscale"
