@@ -33,8 +33,9 @@ class Model:
         net.eval()
 
     # ---- inference -----------------------------------------------------------------------
-    def __call__(self, input_ids, attention_mask=None, **kwargs) -> Tensor:
-        """Logits (B, T, V) for causal LMs, the last hidden state (B, T, d) for BERT."""
+    def __call__(self, input_ids, attention_mask=None, adapter_names=None, **kwargs) -> Tensor:
+        """Logits (B, T, V) for causal LMs, the last hidden state (B, T, d) for BERT. adapter_names: one adapter
+        name per example ("__base__": none), PEFT's mixed-adapter batch (spec/methods.md METHOD-6)."""
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -46,11 +47,12 @@ class Model:
             raise ConfigError(f"input_ids has {ids.shape[1]} tokens, more than the {self.config.max_position_embeddings}"
                               f" positions (max_position_embeddings) of this {self.config.model_type} model")
         mask = None if attention_mask is None else backend.asarray(np.asarray(attention_mask))
-        return self.net(backend.asarray(ids), attention_mask=mask, **kwargs)
+        with inject.mixed_batch(self, adapter_names, ids.shape[0]):
+            return self.net(backend.asarray(ids), attention_mask=mask, **kwargs)
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
-                 eos_token_id=None, attention_mask=None, seed: int = 0):
-        """Text in, text out (with a tokenizer), or ids (B, T) in, ids (B, T + n) out."""
+                 eos_token_id=None, attention_mask=None, seed: int = 0, adapter_names=None):
+        """Text in, text out (with a tokenizer), or ids (B, T) in, ids (B, T + n) out; adapter_names as in __call__."""
         as_text = isinstance(prompt, str)
         if as_text:
             if self.tokenizer is None:
@@ -61,8 +63,9 @@ class Model:
         was_training = self.net.training
         self.net.eval()
         try:
-            out = gen.generate(self.net, prompt, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                               eos_token_id, self.config.pad_token_id, backend.RNG(seed))
+            with inject.mixed_batch(self, adapter_names, len(prompt)):
+                out = gen.generate(self.net, prompt, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                                   eos_token_id, self.config.pad_token_id, backend.RNG(seed))
         finally:
             self.net.train(was_training)
         if as_text:

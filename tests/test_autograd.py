@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
 from helpers import assert_close
 from minipeft import backend
-from minipeft.autograd import Tensor, checkpoint, concat, embedding, no_grad
+from minipeft.autograd import Tensor, checkpoint, concat, embedding, no_grad, take_rows
 from minipeft.autograd import functional as F
 from minipeft.autograd.gradcheck import gradcheck
 
@@ -655,3 +655,21 @@ def test_sdpa_in_blocks_of_rows_skips_only_hidden_keys(seed, B, heads, T, past, 
     finally:
         F.ATTN_BLOCK = saved
     assert_close(out, np_attention(q.data, k.data, v.data, mask, 1 / np.sqrt(D)), rtol=1e-12, label="blocked sdpa")
+
+
+@pytest.mark.spec("AG-22")
+@fast
+@given(seed=seeds, n=st.integers(1, 6), rest=dims, data=st.data())
+def test_take_rows(seed, n, rest, data):
+    rng = np.random.default_rng(seed)
+    x = leaf(rng, (n,) + rest)
+    index = data.draw(st.permutations(range(n)))[:data.draw(st.integers(1, n))]  # distinct rows, any order
+    gradcheck(lambda t: take_rows(t, index) * 1.0, [x])
+    assert np.array_equal(take_rows(x, index).data, x.data[index])
+    g = backward_with(take_rows(x, index), rng)
+    ref = np.zeros(x.shape)
+    ref[index] = g
+    assert_close(x.grad, ref, rtol=0, label="take_rows grad")
+    perm = data.draw(st.permutations(range(n)))
+    back = take_rows(take_rows(x, perm), list(np.argsort(perm)))  # a permutation, then its inverse
+    assert np.array_equal(back.data, x.data)

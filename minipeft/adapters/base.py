@@ -22,6 +22,7 @@ import re
 import typing
 
 from .. import backend
+from ..autograd import concat, take_rows
 from ..autograd.tensor import Tensor
 from ..errors import ConfigError
 from ..nn.module import Module
@@ -182,8 +183,11 @@ class AdaptedLayer(Module):
         self.adapters = ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        self.groups = None  # a mixed batch: [(adapter name or "__base__", [row, ...]), ...] (inject.mixed_batch)
 
     def forward(self, x):
+        if self.groups is not None:  # METHOD-6
+            return self.mixed_forward(x)
         live = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
         h = x
         for delta in live:
@@ -192,6 +196,19 @@ class AdaptedLayer(Module):
         for delta in live:
             y = delta.adapt(x, y, self.base_layer)
         return y
+
+    def mixed_forward(self, x):
+        """METHOD-6: rows of group (n, rows) get adapter n alone; "__base__" and adapters this layer lacks, none.
+        Every group's rows are computed from base(x) once, then put back in the batch's order (AG-22)."""
+        y = self.base_layer(x)  # (B, ..., out)
+        if not any(n in self.adapters for n, _ in self.groups):
+            return y
+        parts = []
+        for n, rows in self.groups:
+            y_rows = take_rows(y, rows)
+            parts.append(self.adapters[n].adapt(take_rows(x, rows), y_rows, self.base_layer)
+                         if n in self.adapters else y_rows)
+        return take_rows(concat(parts, axis=0), batch_order(self.groups))
 
     # merge/unmerge add or subtract delta_weight() in the base weight's own layout
     def merge(self, name):
@@ -207,9 +224,20 @@ class AdaptedLayer(Module):
         self.merged.remove(name)
 
 
+def batch_order(groups) -> list:
+    """Where each example of the batch is once its groups' rows are stacked in group order."""
+    stacked = [b for _, rows in groups for b in rows]
+    where = [0] * len(stacked)
+    for j, b in enumerate(stacked):
+        where[b] = j
+    return where
+
+
 class Delta(Module):
     """Base of delta modules: merge adds delta_weight() to W, unmerge subtracts it.
     Methods whose merge is not additive (IA3, DoRA) override merge_into / unmerge_from."""
+
+    MIXED_BATCH = False  # adapt(x_rows, base(x)_rows, base) is the adapted layer on those rows alone (METHOD-7)
 
     def adapt_input(self, x):
         return x

@@ -53,6 +53,7 @@ class DoRAConfig(LoRAConfig):
 
 
 class DoRALinear(LoRALinear):
+    MIXED_BATCH = False  # PEFT refuses adapter_names with DoRA too
     @classmethod
     def create(cls, base, cfg: DoRAConfig, path: str, rng, init_weights: bool = True):
         check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,

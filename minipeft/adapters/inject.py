@@ -10,6 +10,7 @@ is listed; exclude_modules removes matches by the same rules.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 from ..autograd.tensor import Tensor
@@ -122,3 +123,39 @@ def remove_adapter(net, name: str) -> None:
             del m.modules_to_save[name]
             if not m.modules_to_save.keys():
                 net.set_submodule(path, m.original_module)
+
+
+@contextlib.contextmanager
+def mixed_batch(model, adapter_names, batch: int):
+    """Within the block, example b uses adapter adapter_names[b] alone ("__base__": none), METHOD-6;
+    every check of METHOD-7 comes first. adapter_names=None changes nothing (METHOD-8)."""
+    if adapter_names is None:
+        yield
+        return
+    from .registry import layer_class, method_of
+    names = [adapter_names] * batch if isinstance(adapter_names, str) else list(adapter_names)
+    if len(names) != batch:
+        raise ConfigError(f"adapter_names has {len(names)} names for a batch of {batch} examples; give one per example")
+    for n in dict.fromkeys(names):
+        if n == "__base__":
+            continue
+        if n not in model.peft_configs:
+            raise ConfigError(f"adapter_names: no adapter named {n!r}; the model has "
+                              f"{sorted(model.peft_configs) or 'none'} (and '__base__' for none)")
+        cfg = model.peft_configs[n]
+        if getattr(cfg, "is_prompt_learning", False) or not layer_class(cfg).MIXED_BATCH:
+            raise ConfigError(f"adapter_names: adapter {n!r} is {method_of(cfg).name}, which cannot serve a mixed "
+                              f"batch (LoRA and QLoRA can; DoRA cannot, as in PEFT); run its examples apart")
+    if model.net.training:
+        raise ConfigError("adapter_names is for inference: call model.net.eval() first (PEFT refuses it in training too)")
+    layers = [m for _, m in model.net.named_modules() if isinstance(m, (AdaptedLayer, TrainedCopy))]
+    if any(getattr(m, "merged", None) for m in layers):
+        raise ConfigError("adapter_names with merged adapters: call unmerge_adapter() first (as PEFT requires)")
+    groups = [(n, [b for b, m in enumerate(names) if m == n]) for n in dict.fromkeys(names)]
+    for m in layers:
+        m.groups = groups
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.groups = None

@@ -83,6 +83,8 @@ def lora_scaling(alpha, r, use_rslora: bool) -> float:
 
 
 class LoRALinear(Delta):
+    MIXED_BATCH = True  # PEFT's _mixed_batch_forward: y_rows + s B A dropout(x_rows) (METHOD-6)
+
     def __init__(self, in_features, out_features, r, s, dropout, lora_bias, rng):
         self.s, self.p, self.rng = s, dropout, rng
         self.lora_A = Linear(in_features, r, bias=False)  # (r, in)

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import copy
 
+from .. import backend
+from ..autograd import concat, take_rows
+from ..autograd.tensor import Tensor
 from ..errors import ConfigError
 from ..nn.module import Module
-from .base import ModuleDict
+from .base import ModuleDict, batch_order
+
+
+def rows_of(x, rows: list):
+    """Rows of a Tensor (differentiable) or of an integer array (token ids), along axis 0."""
+    if isinstance(x, Tensor):
+        return take_rows(x, rows)
+    return backend.xp_of(x).take(x, backend.asarray(rows, "int64"), axis=0)
 
 
 class TrainedCopy(Module):
@@ -18,6 +28,7 @@ class TrainedCopy(Module):
         self.original_module = original
         self.modules_to_save = ModuleDict()
         self.active: list[str] = []
+        self.groups = None  # a mixed batch (inject.mixed_batch): each group's rows use its adapter's copy
 
     def add(self, name: str):
         dup = copy.deepcopy(self.original_module)
@@ -30,11 +41,15 @@ class TrainedCopy(Module):
                 return self.modules_to_save[name]
         return self.original_module
 
-    def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        if self.groups is None:
+            return self.current()(x, *args, **kwargs)
+        parts = [self.modules_to_save[n] if n in self.modules_to_save else self.original_module for n, _ in self.groups]
+        parts = [m(rows_of(x, rows), *args, **kwargs) for m, (_, rows) in zip(parts, self.groups)]  # METHOD-6
+        return take_rows(concat(parts, axis=0), batch_order(self.groups))
 
     def __getattr__(self, attr):  # weight, in_features, ... of the module in use
-        if attr.startswith("__") or attr in ("original_module", "modules_to_save", "active"):
+        if attr.startswith("__") or attr in ("original_module", "modules_to_save", "active", "groups"):
             raise AttributeError(attr)
         return getattr(self.current(), attr)
 

@@ -205,6 +205,25 @@ class Concat(Function):
         return tuple(out)
 
 
+class TakeRows(Function):
+    """Rows `index` of a along axis 0 (AG-22); index holds distinct row numbers (a subset or a permutation).
+    Its gradient puts g's rows back where they came from: g extended by one zero row, gathered by each
+    input row's position in index (the zero row for rows index does not hold), with no scatter."""
+
+    def forward(self, a, index):
+        xp = backend.xp_of(a)
+        pos = [len(index)] * a.shape[0]  # where each input row is in the output: the zero row if absent
+        for j, i in enumerate(index):
+            pos[i] = j
+        self.pos = backend.asarray(pos, "int64")
+        return xp.take(a, backend.asarray(list(index), "int64"), axis=0)
+
+    def backward(self, g):
+        xp = backend.xp_of(g)
+        padded = xp.concat([g, xp.zeros((1,) + tuple(g.shape[1:]), dtype=g.dtype)], axis=0)
+        return (xp.take(padded, self.pos, axis=0),)
+
+
 class Cast(Function):
     """Change dtype; the gradient is cast back to the input's dtype."""
 
@@ -236,6 +255,11 @@ class Embedding(Function):
 
 def concat(tensors, axis=0):
     return Concat.apply(*tensors, axis=axis)
+
+
+def take_rows(a, index):
+    """a[index] along axis 0 for a list of distinct row numbers (AG-22)."""
+    return TakeRows.apply(a, index=list(index))
 
 
 def embedding(W, ids):
