@@ -89,6 +89,11 @@ class AdaLoRAConfig(AdapterConfig):
               self.layers_pattern, "needs layers_to_transform (PEFT's rule)")
 
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        """ADALORA-5: A (r, in), B (out, r), E (r, 1) per layer, r = initial_rank (a fresh adapter)."""
+        return sum(self.initial_rank * (n + m + 1) for n, m in layers.values())
+
+
 def budget_at(step: int, cfg: AdaLoRAConfig, b0: int, b_T: int) -> tuple[int, bool]:
     """ADALORA-7: (budget, whether to mask at this step), PEFT's RankAllocator.budget_schedule."""
     if step <= cfg.tinit:

@@ -13,6 +13,7 @@ A delta module implements:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -100,6 +101,12 @@ class AdapterConfig(metaclass=ConfigType):
 
     def validate(self):
         """Range checks of the method's own fields; raise ConfigError naming the field."""
+
+    def trainable_count(self, layers: dict, mc) -> int:
+        """The spec's count of the numbers this adapter trains (METHOD-5), for its targeted layers
+        {path: (in, out)} on a model of config mc; base biases a `bias` mode unfreezes and
+        modules_to_save copies are counted apart (Model.parameter_counts counts everything)."""
+        raise NotImplementedError(f"{type(self).__name__} does not state its trainable_count (METHOD-5)")
 
     def to_peft(self) -> dict:
         """The method's own fields under PEFT's names and values."""
@@ -250,6 +257,13 @@ class Delta(Module):
 
     def delta_weight(self):
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def gradient_reference(self, base):
+        """Within it the forward is the function whose exact gradient backward computes (METHOD-5's finite
+        differences). The same as the forward, except for a method whose backward treats a quantity as a
+        constant on purpose: it holds that quantity at its present value here (DoRA's row norm, DORA-3)."""
+        yield
 
     def merge_into(self, base):
         base.weight.data = base.weight.data + orient(self.delta_weight(), base)

@@ -19,6 +19,7 @@ Deviations: none known. lora_bias and 4-bit bases are refused (PEFT refuses lora
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from .. import backend
@@ -45,6 +46,10 @@ class DoRAConfig(LoRAConfig):
               "must be True or False")
         check(not self.lora_bias, "lora_bias", self.lora_bias, "is not supported with DoRA (PEFT refuses it too)")
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        """DORA-4: LoRA's r (in + out) per layer, plus out for m when it trains."""
+        return super().trainable_count(layers, mc) + (sum(m for _, m in layers.values()) if self.decompose_magnitude else 0)
+
     def to_peft(self) -> dict:
         d = super().to_peft()
         if self.decompose_magnitude:  # not a PEFT field: written only when m is frozen (PEFT ignores it)
@@ -54,6 +59,7 @@ class DoRAConfig(LoRAConfig):
 
 class DoRALinear(LoRALinear):
     MIXED_BATCH = False  # PEFT refuses adapter_names with DoRA too
+    held_norm = None  # n held by gradient_reference, else computed in each call
     @classmethod
     def create(cls, base, cfg: DoRAConfig, path: str, rng, init_weights: bool = True):
         check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,
@@ -64,8 +70,19 @@ class DoRALinear(LoRALinear):
         delta.merged_norm = None  # n at merge time, for unmerge (as PEFT caches it)
         return delta
 
+    @contextlib.contextmanager
+    def gradient_reference(self, base):
+        """DORA-3: backward treats n as a constant, so the function it differentiates holds n where it is."""
+        self.held_norm = self.row_norm(base)
+        try:
+            yield
+        finally:
+            self.held_norm = None
+
     def row_norm(self, base):
         """n = ||W0 + s B A||_row, (out,): an array, so autograd sees a constant (DORA-3)."""
+        if self.held_norm is not None:  # inside gradient_reference
+            return self.held_norm
         V = base.weight_out_in() + self.delta_weight()  # (out, in)
         return backend.xp_of(V).linalg.vector_norm(V, axis=1)  # (out,)
 

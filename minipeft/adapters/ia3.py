@@ -51,6 +51,10 @@ class IA3Config(AdapterConfig):
         ff = self.feedforward_modules
         return re.fullmatch(ff, path) is not None if isinstance(ff, str) else any(path.endswith(e) for e in ff)
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        """IA3-5: l has in entries on a feed-forward target, out on the others."""
+        return sum(n if self.is_feedforward(p) else m for p, (n, m) in layers.items())
+
 
 class IA3Linear(Delta):
     def __init__(self, n: int, feedforward: bool):

@@ -36,6 +36,10 @@ class LoHaConfig(LycorisConfig):
     peft_type = "LOHA"
     ZEROED = {True: ("hada_w2_b",), False: ()}  # init_weights -> leaves set to zero (LOHA-6)
 
+    def leaf_count(self, r: int, n: int, m: int) -> int:
+        """LOHA-8: W1a, W2a (out, r) and W1b, W2b (r, in): 2 r (in + out)."""
+        return 2 * r * (n + m)
+
 
 class LoHaLinear(LycorisDelta):
     def __init__(self, in_features, out_features, r, s, cfg, rng):

@@ -49,6 +49,12 @@ class LoKrConfig(LycorisConfig):
         for field in ("decompose_both", "rank_dropout_scale"):
             check(isinstance(getattr(self, field), bool), field, getattr(self, field), "must be true or false")
 
+    def leaf_count(self, r: int, n: int, m: int) -> int:
+        """LOKR-8: (a c or r (a + c)) + (b d or r (b + d)) with (a, b), (c, d) the factorizations of out, in."""
+        (a, b), (c, d) = factorization(m, self.factor), factorization(n, self.factor)
+        w1 = r * (a + c) if self.decompose_both and r < max(a, c) / 2 else a * c
+        return w1 + (r * (b + d) if r < max(b, d) / 2 else b * d)
+
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     """LOKR-1: (f, dim / f) when f > 0 divides dim; otherwise walk the divisors of dim upwards from 1,

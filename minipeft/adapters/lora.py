@@ -60,6 +60,10 @@ class LoRAConfig(AdapterConfig):
         `(.*\\.)?(key)$` wins (PEFT's rule), else the config's own."""
         return (_first_match(self.rank_pattern, path, self.rank), _first_match(self.alpha_pattern, path, self.alpha))
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        """LORA-5: r (in + out) per layer (r from rank_pattern), plus out for lora_B's bias with lora_bias."""
+        return sum(self.rank_alpha_for(p)[0] * (n + m) + (m if self.lora_bias else 0) for p, (n, m) in layers.items())
+
 
 def check_rank_alpha(cfg):
     """rank, alpha, rank_pattern and alpha_pattern (LORA-11); LoHa and LoKr check theirs with it too."""

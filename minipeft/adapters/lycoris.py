@@ -53,6 +53,13 @@ class LycorisConfig(AdapterConfig):
 
     rank_alpha_for = LoRAConfig.rank_alpha_for  # (r, alpha) of one module: LoRA's pattern rule
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        return sum(self.leaf_count(self.rank_alpha_for(p)[0], n, m) for p, (n, m) in layers.items())
+
+    def leaf_count(self, r: int, n: int, m: int) -> int:
+        """The numbers one layer's leaves hold, (in, out) = (n, m): the method's own rule."""
+        raise NotImplementedError
+
 
 def scaling(alpha, r) -> float:
     """LOHA-2 / LOKR-2, the one place the LyCORIS scaling rule is written."""

@@ -50,6 +50,12 @@ class PrefixTuningConfig(PromptLearningConfig):
         """PEFT's GQA rule: a prefix is d_kv = Hkv D wide, in Hkv heads."""
         return {"token_dim": mc.num_key_value_heads * mc.head_dim, "num_attention_heads": mc.num_key_value_heads}
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        """PREFIX-5: Z (T, 2 L d_kv); with the projection E (T, d_kv), W1 (h, d_kv), b1, W2 (2 L d_kv, h), b2."""
+        T, d_kv, width, h = self.num_virtual_tokens, self.token_dim, 2 * self.num_layers * self.token_dim, \
+            self.projection_dim
+        return T * d_kv + h * d_kv + h + width * h + width if self.prefix_projection else T * width
+
 
 class PrefixEncoder(VirtualTokens):
     ENCODER = ("transform",)

@@ -51,6 +51,10 @@ class PromptTuningConfig(PromptLearningConfig):
         check(self.init != "text" or (isinstance(self.init_text, str) and self.init_text != ""), "init_text",
               self.init_text, 'init="text" needs a non-empty string')
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        """PROMPT-4: P (T, d)."""
+        return self.num_virtual_tokens * self.token_dim
+
 
 def text_tokens(ids: list, T: int) -> list:
     """PEFT's rule: cut to T, or repeat ceil(T / len) times and cut."""

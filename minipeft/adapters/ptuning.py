@@ -62,6 +62,14 @@ class PTuningConfig(PromptLearningConfig):
         cfg = super().filled(mc)
         return dataclasses.replace(cfg, encoder_hidden_size=cfg.encoder_hidden_size or cfg.token_dim)
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        """PTUNING-4: E (T, d) and the encoder's weights and biases (PTUNING-1)."""
+        T, d, h = self.num_virtual_tokens, self.token_dim, self.encoder_hidden_size
+        if self.encoder_type == "mlp":  # W1 (h, d), W2 (h, h), W3 (d, h) and their biases
+            return T * d + (h * d + h) + (h * h + h) + (d * h + d)
+        lstm = sum(2 * (4 * h * (d if k == 0 else 2 * h) + 4 * h * h + 8 * h) for k in range(self.encoder_num_layers))
+        return T * d + lstm + (2 * h * 2 * h + 2 * h) + (d * 2 * h + d)  # + W4 (2h, 2h), W5 (d, 2h)
+
 
 class LSTM(Module):
     """torch.nn.LSTM(bidirectional=True, batch_first) over one sequence (T, n_in) -> (T, 2h);

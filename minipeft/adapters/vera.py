@@ -69,6 +69,10 @@ class VeRAConfig(AdapterConfig):
         check(self.layers_pattern is None or self.layers_to_transform is not None, "layers_pattern",
               self.layers_pattern, "needs layers_to_transform (PEFT's rule)")
 
+    def trainable_count(self, layers: dict, mc) -> int:
+        """VERA-5: lam_b (out,) and lam_d (r,) per layer; the shared A, B are frozen."""
+        return sum(m + self.rank for _, m in layers.values())
+
 
 def kaiming_uniform(rng, shape) -> Tensor:
     """VERA-1: U(+-sqrt(3) gain / sqrt(fan_in)) with gain sqrt 2, fan_in = shape[1]; frozen."""

@@ -1,0 +1,197 @@
+"""What every registered method is tested for (spec/methods.md METHOD-5), one test parametrised over
+minipeft.methods(): at default init the adapted model equals the base; after every trainable tensor is
+perturbed, merged equals unmerged, save then load gives the same tensors and logits, the gradients equal
+central finite differences in float64, and the trainable count equals the method's own formula; and
+(oracle) its saved folder loads in PEFT with minipeft's logits, and PEFT's save of it loads back here.
+A method registered without what one of these needs (trainable_count, a layer, a working save) fails."""
+import contextlib
+
+import numpy as np
+import pytest
+
+import minipeft as mp
+from minipeft import backend
+from minipeft.adapters.inject import adapted_layers
+from minipeft.autograd import no_grad
+from minipeft.quant.linear4bit import dequantize_model, quantize_model
+from tests.helpers import TINY_LLAMA, assert_close, max_rel_err, tiny_llama
+
+IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
+METHODS = [m.name for m in mp.methods() if m.config.__module__.startswith("minipeft.")]
+QUANT = mp.QuantizationConfig(compute_dtype="float32")
+
+
+def fresh(method, seed=0):
+    model = tiny_llama(seed)
+    if method.quantized_base:
+        quantize_model(model.net, QUANT)
+    return model
+
+
+def perturb(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, p in model.net.named_parameters():
+        if p.requires_grad:
+            p.data = (p.data + rng.standard_normal(p.shape) * 0.1).astype(np.float32)
+
+
+def targeted(model) -> dict:
+    return {p: (m.base_layer.in_features, m.base_layer.out_features) for p, m in adapted_layers(model.net)}
+
+
+def directional_gradients(model, seed=0, directions=3):
+    """[(analytic, numeric)] of d/dt L(theta + t v) at t = 0 for random directions v over every trainable
+    tensor, L = sum(logits * C), in float64 (every tensor of the model cast first)."""
+    for _, p in model.net.named_parameters():
+        p.data = p.data.astype(np.float64)
+    for shared in model.shared_tensors.values():
+        for t in shared.values():
+            t.data = t.data.astype(np.float64)
+    params = [p for _, p in model.net.named_parameters() if p.requires_grad]
+    rng = np.random.default_rng(seed)
+    C = rng.standard_normal(model(IDS).shape)
+
+    def L():
+        return float(np.sum(model(IDS).numpy() * C))
+
+    (model(IDS) * mp.Tensor(C)).sum().backward()
+    grads = [np.zeros(p.shape) if p.grad is None else backend.to_host(p.grad) for p in params]
+    out, eps = [], 1e-6
+    with contextlib.ExitStack() as held:  # DoRA's row norm is a constant to backward (DORA-3): hold it
+        for _, layer in adapted_layers(model.net):
+            for delta in vars(layer.adapters).values():
+                held.enter_context(delta.gradient_reference(layer.base_layer))
+        out = finite_differences(L, params, grads, rng, directions, eps)
+    return out
+
+
+def finite_differences(L, params, grads, rng, directions, eps):
+    out = []
+    for _ in range(directions):
+        vs = [rng.standard_normal(p.shape) for p in params]
+        with no_grad():
+            for p, v in zip(params, vs):
+                p.data = p.data + eps * v
+            up = L()
+            for p, v in zip(params, vs):
+                p.data = p.data - 2 * eps * v
+            down = L()
+            for p, v in zip(params, vs):
+                p.data = p.data + eps * v
+        out.append((sum(float(np.sum(g * v)) for g, v in zip(grads, vs)), (up - down) / (2 * eps)))
+    return out
+
+
+@pytest.mark.spec("METHOD-5")
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_keeps_the_contract(name, tmp_path):
+    method = mp.adapters.registry.method(name)
+    model = fresh(method)
+    base = model(IDS).numpy()
+    getattr(model, f"apply_{name}")()  # the config's defaults
+    cfg = model.peft_configs["default"]
+    if method.kind != "prompt":  # a prompt method adds virtual tokens: the real tokens' logits move at init
+        assert_close(model(IDS), base, rtol=1e-6, label=f"{name} at init vs base")
+    trainable, _ = model.parameter_counts()
+    assert trainable == cfg.trainable_count(targeted(model), model.config) > 0
+
+    at_init = model(IDS).numpy()
+    perturb(model)
+    out = model(IDS).numpy()
+    assert max_rel_err(out, at_init) > 1e-4  # the perturbed tensors reach the logits
+    if method.mergeable:
+        if method.quantized_base:  # a 4-bit weight cannot hold W0 + dW: merge_and_unload dequantizes (QLORA-8)
+            twin = fresh(method)
+            model.save_adapters(str(tmp_path / "twin"))
+            twin.load_adapters(str(tmp_path / "twin"))
+            assert_close(twin.merge_and_unload()(IDS), out, rtol=1e-5, label=f"{name} merge_and_unload")
+        else:
+            model.merge_adapter()
+            assert_close(model(IDS), out, rtol=1e-5, label=f"{name} merged vs unmerged")
+            model.unmerge_adapter()
+            assert_close(model(IDS), out, rtol=1e-5, label=f"{name} after unmerge")
+
+    model.save_adapters(str(tmp_path / "saved"))
+    again = fresh(method)
+    again.load_adapters(str(tmp_path / "saved"))
+    mine = dict(model.net.named_parameters())
+    for n, p in again.net.named_parameters():
+        if p.requires_grad:
+            assert np.array_equal(p.numpy(), mine[n].numpy()), n
+    assert_close(again(IDS), out, rtol=1e-6, label=f"{name} save -> load")
+
+    if method.quantized_base:  # the 4-bit forward rounds to its compute dtype: check the adapter on the float base
+        dequantize_model(model.net)
+    for analytic, numeric in directional_gradients(model):
+        assert abs(analytic - numeric) <= 1e-6 + 1e-5 * abs(numeric), (name, analytic, numeric)
+
+
+# ---- against PEFT, both ways ---------------------------------------------------------------------------------
+HF = {**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}, "hidden_size": 64, "intermediate_size": 128}
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)
+    folder = str(tmp_path_factory.mktemp("hf-llama"))
+    m.save_pretrained(folder)
+    return folder
+
+
+def hf_model(folder, quantized: bool):
+    import torch
+    import transformers
+    kw = {}
+    if quantized:
+        kw = dict(quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
+    m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                                          **kw).eval()
+    if quantized:
+        import bitsandbytes as bnb
+        for layer in m.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                layer.support_avx512bf16_for_cpu = False  # as tests/test_qlora_oracle.py: the float32 path
+    return m
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("METHOD-5")
+@pytest.mark.parametrize("name", [n for n in METHODS if mp.adapters.registry.method(n).peft_type])
+def test_every_peft_method_loads_in_peft_and_back(name, hf_base, tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    method = mp.adapters.registry.method(name)
+    if method.quantized_base:
+        pytest.importorskip("bitsandbytes")
+    model = mp.load_model(hf_base, quantization=QUANT if method.quantized_base else None)
+    getattr(model, f"apply_{name}")(**({"total_step": 10} if name == "adalora" else {}))
+    perturb(model)
+    model.save_adapters(str(tmp_path / "ours"))
+    pm = peft.PeftModel.from_pretrained(hf_model(hf_base, method.quantized_base), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(IDS)).logits.numpy()
+    ours = model(IDS).numpy()
+    assert ours.shape == theirs.shape
+    err = max_rel_err(ours, theirs)
+    print(f"\n  {name} minipeft -> PEFT: max rel err {err:.2e}")
+    assert err < 1e-5
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # PEFT moves every saved tensor, saves, and minipeft reads its folder
+        for n, p in pm.named_parameters():
+            if p.requires_grad or any(k in n for k in ("lora_", "hada_", "lokr_", "vera_lambda", "ia3_", "prompt")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        theirs = pm(torch.tensor(IDS)).logits.numpy()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    back = mp.load_model(hf_base, quantization=QUANT if method.quantized_base else None)
+    back.load_adapters(str(tmp_path / "peft"))
+    err = max_rel_err(back(IDS), theirs)
+    print(f"  {name} PEFT -> minipeft: max rel err {err:.2e}")
+    assert err < 1e-5
