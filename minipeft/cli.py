@@ -46,8 +46,9 @@ def cmd_train(args):
     from .quant import QuantizationConfig
     from .train import TrainingConfig
     cfg = method_config(args)
+    from .adapters.registry import method
     model = load_model(args.model, quantization=QuantizationConfig(compute_dtype="float32")
-                       if args.method == "qlora" else None)
+                       if method(args.method).quantized_base else None)
     model.apply_adapter(cfg)
     trainable, total = model.parameter_counts()
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -86,22 +87,33 @@ def cmd_generate(args):
 
 
 def cmd_inspect(args):
-    from .adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
+    """Each adapter folder under args.folder: its method (from the registry), rank, targets, and the numbers
+    it trains: with --model, loaded on that base and counted as `train` counts them (its share too)."""
+    from .adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+    from .adapters.registry import method_of
     from .fileio import read_json
     from .safetensors_io import read_header
     folders = [root for root, _, files in os.walk(args.folder) if CONFIG_NAME in files]
     if not folders:
         raise MiniPeftError(f"{args.folder}: no {CONFIG_NAME} in it or below it")
-    base_total = None
-    if args.model:
-        base_total = _model(args).parameter_counts()[1]
     for folder in sorted(folders):
         cfg = read_json(os.path.join(folder, CONFIG_NAME), f"{folder}: no {CONFIG_NAME}")
+        name = method_of(read_adapter_config(folder)).name
         header, _ = read_header(os.path.join(folder, WEIGHTS_NAME))
-        n = sum(_numel(info.shape) for info in header.values())
-        share = f" ({100 * n / base_total:.3f}% of the base's {base_total:,})" if base_total else ""
-        print(f"{folder}\n  method: {cfg.get('peft_type')}  rank: {cfg.get('r', '-')}  alpha: {cfg.get('lora_alpha', '-')}"
-              f"\n  targets: {cfg.get('target_modules')}\n  tensors: {len(header)}  parameters: {n:,}{share}")
+        n, share = sum(_numel(info.shape) for k, info in header.items() if not _shared_key(k)), ""
+        if args.model:
+            model = _model(args)
+            model.load_adapters(folder)
+            n, total = model.parameter_counts()
+            n, share = n, f" ({100 * n / (total - n):.3f}% of the base's {total - n:,})"
+        print(f"{folder}\n  method: {cfg.get('peft_type')} ({name})  rank: {cfg.get('r', '-')}  "
+              f"alpha: {cfg.get('lora_alpha', '-')}\n  targets: {cfg.get('target_modules')}\n"
+              f"  tensors: {len(header)}  trained parameters: {n:,}{share}")
+
+
+def _shared_key(key: str) -> bool:
+    """A frozen tensor the layers share (VeRA's base_model.vera_A), not a trained one."""
+    return key.startswith("base_model.") and not key.startswith("base_model.model.")
 
 
 def cmd_memory(args):

@@ -7,7 +7,7 @@ import contextlib
 
 import numpy as np
 
-from . import backend, hooks
+from . import backend, hooks, shorthands
 from .adapters import inject, peft_io, prompt_learning, registry
 from .adapters.base import NAME_RE
 from .adapters.modules_to_save import add_trained_copy, trained_copy_paths
@@ -238,32 +238,7 @@ class Model:
         return sum(int(np.prod(p.shape)) for p in params if p.requires_grad), total
 
 
-def _shorthand(method, registered: bool) -> None:
-    """Model.apply_<name>(cfg=None, name="default", **fields) while a method is registered (METHOD-3)."""
-    attr = f"apply_{method.name}"
-    if not registered:
-        delattr(Model, attr)
-        return
-    if hasattr(Model, attr) and not getattr(getattr(Model, attr), "is_shorthand", False):
-        raise ConfigError(f"method name {method.name!r} would replace Model.{attr}; pick another name")
-
-    def apply(self, cfg=None, name: str = "default", **fields):
-        if cfg is not None and fields:
-            raise ConfigError(f"apply_{method.name}: pass a config or its fields, not both ({sorted(fields)})")
-        cfg = method.config(**fields) if cfg is None else cfg
-        if method.quantized_base and not is_quantized(self.net):
-            parent = registry.method_of_class(method.config.__mro__[1]).name
-            raise ConfigError(f"apply_{method.name} needs a 4-bit model: load it with minipeft.load_model(path, "
-                              f"quantization=minipeft.QuantizationConfig(...)), or use apply_{parent} on a float model")
-        return self.apply_adapter(cfg, name)
-    apply.__name__ = apply.__qualname__ = attr
-    apply.is_shorthand = True
-    apply.__doc__ = (f"{method.summary}\n\nSame as apply_adapter({method.config.__name__}(**fields), name); "
-                     f"{method.config.__name__} also takes PEFT's field names. Paper: {method.paper}.")
-    setattr(Model, attr, apply)
-
-
-registry.on_register(_shorthand)
+registry.on_register(shorthands.installer(Model))  # Model.apply_<name> for every method (METHOD-3)
 
 
 def load_model(path_or_id: str, dtype: str = "float32", quantization=None, seed: int = 0) -> Model:

@@ -167,3 +167,18 @@ def test_a_method_from_outside_the_package_works_end_to_end(rowscale, tmp_path):
     from minipeft.cli import build_parser
     assert build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o",
                                       "--method", "rowscale"]).method == "rowscale"
+
+
+@pytest.mark.spec("METHOD-2")
+def test_inspect_names_the_method_and_counts_what_train_counts(tmp_path, capsys):
+    """minipeft inspect reads the registry: DoRA shows as dora, and the trained count equals the model's own
+    (VeRA's file also holds the frozen shared A and B, which are not counted)."""
+    from minipeft.cli import main
+    for name in ("dora", "vera", "adalora"):
+        model = mp.load_model(mp.DEMO_MODEL)
+        getattr(model, f"apply_{name}")()
+        model.save_adapters(str(tmp_path / name))
+        for base in ([], ["--model", mp.DEMO_MODEL]):
+            assert main(["inspect", str(tmp_path / name), *base]) == 0
+            shown = capsys.readouterr().out
+            assert f"({name})" in shown and f"trained parameters: {model.parameter_counts()[0]:,}" in shown
