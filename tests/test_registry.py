@@ -182,3 +182,11 @@ def test_inspect_names_the_method_and_counts_what_train_counts(tmp_path, capsys)
             assert main(["inspect", str(tmp_path / name), *base]) == 0
             shown = capsys.readouterr().out
             assert f"({name})" in shown and f"trained parameters: {model.parameter_counts()[0]:,}" in shown
+
+
+def test_the_custom_method_example_runs(rowscale, capsys):
+    """python examples/custom_method.py: trains, reloads with equal logits, merges (README, Adding a method)."""
+    hist = rowscale.main()
+    shown = capsys.readouterr().out
+    assert hist["loss"][-1] < 0.8 * hist["loss"][0]
+    assert "saved and reloaded: max logit difference 0.0e+00" in shown and "at init the logits move by 0.0e+00" in shown
