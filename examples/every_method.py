@@ -18,6 +18,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import minipeft as mp  # noqa: E402
 from finetune_lora import exact_match  # noqa: E402
+from minipeft.adapters import registry  # noqa: E402
 from minipeft.adapters.registry import METHODS  # noqa: E402
 from tasks import examples  # noqa: E402
 
@@ -27,7 +28,7 @@ LR = {"lora": 1e-2, "qlora": 1e-2, "dora": 3e-2, "adalora": 3e-2, "vera": 0.3, "
 
 
 def run(method: str, steps: int, train, held) -> tuple:
-    quant = mp.QuantizationConfig(compute_dtype="float32") if method == "qlora" else None
+    quant = mp.QuantizationConfig(compute_dtype="float32") if registry.method(method).quantized_base else None
     extra = {"total_step": steps, "tinit": steps // 10, "tfinal": steps // 5} if method == "adalora" else {}
     model = mp.load_model(mp.DEMO_MODEL, quantization=quant)
     model.apply_adapter(METHODS[method](**extra))

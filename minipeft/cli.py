@@ -164,6 +164,7 @@ def _numel(shape):
 
 
 def build_parser():
+    from .adapters.lora import INITS
     from .adapters.registry import METHODS
     ap = argparse.ArgumentParser(prog="minipeft", description="Parameter-efficient fine-tuning you can read.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -178,7 +179,7 @@ def build_parser():
     t.add_argument("--dropout", type=float, default=None)
     t.add_argument("--target-modules", nargs="+", default=None, help="names, or all-linear (LoRA default q_proj v_proj)")
     t.add_argument("--rslora", action="store_true")
-    t.add_argument("--init", default=None, choices=["default", "gaussian", "pissa", "olora"])
+    t.add_argument("--init", default=None, choices=list(INITS), help="LoRA's initialisation (spec/lora.md LORA-1)")
     t.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="any other config field, VALUE as JSON (e.g. --set initial_rank=12 --set total_step=300)")
     t.add_argument("--lr", type=float, default=1e-4)
