@@ -104,9 +104,31 @@ def budget_at(step: int, cfg: AdaLoRAConfig, b0: int, b_T: int) -> tuple[int, bo
     return int((b0 - b_T) * left ** 3 + b_T), step % cfg.delta_t == 0
 
 
+class AdaLoRAHook(TrainingHook):
+    """One active AdaLoRA adapter in model.train: the penalty in its loss (ADALORA-6), the rank allocation
+    after each step (ADALORA-7..9) and the allocator's state in checkpoints (ADALORA-13)."""
+
+    exclusive = "allocates its own ranks while training"  # ADALORA-12: PEFT trains one AdaLoRA adapter
+
+    def __init__(self, name: str, deltas: dict, cfg: AdaLoRAConfig):
+        self.key, self.deltas, self.cfg = name, deltas, cfg
+
+    def regularization(self):
+        return AdaLoRALinear.regularization(self.deltas, self.cfg)
+
+    def after_step(self, step: int) -> None:
+        AdaLoRALinear.after_step(self.deltas, self.cfg, step)
+
+    def state(self) -> tuple[dict, dict]:
+        return AdaLoRALinear.training_state(self.deltas, self.cfg)
+
+    def load_state(self, arrays: dict, info: dict) -> None:
+        AdaLoRALinear.load_training_state(self.deltas, self.cfg, arrays, info)
+
+
 class AdaLoRALinear(Delta):
     LEAVES = ("lora_A", "lora_B", "lora_E")
-    training_hook = None  # AdaLoRAHook, below: model.train's hook of an active adapter (minipeft/hooks.py)
+    training_hook = AdaLoRAHook  # model.train's hook of each active adapter (minipeft/hooks.py)
 
     def __init__(self, in_features, out_features, r, ranknum, cfg: AdaLoRAConfig, key: str, rng):
         xp = backend.xp()
@@ -154,7 +176,7 @@ class AdaLoRALinear(Delta):
                 ("lora_B", Tensor(xp.take(self.lora_B.data, kept, axis=1))),
                 ("lora_E", Tensor(xp.take(self.lora_E.data, kept, axis=0)))]
 
-    # ---- training: AdaLoRAHook (below) calls these (minipeft/hooks.py) ------------------------------
+    # ---- training: AdaLoRAHook (above) calls these (minipeft/hooks.py) ------------------------------
     @staticmethod
     def regularization(deltas: dict, cfg: AdaLoRAConfig):
         """ADALORA-6: orth_reg_weight * mean(||A Aᵀ - I||_F, ||Bᵀ B - I||_F over layers), a scalar Tensor."""
@@ -221,30 +243,6 @@ class AdaLoRALinear(Delta):
         xp = backend.xp_of(s["lora_E"])
         return s["lora_E"][:, 0] + (xp.mean(s["lora_A"], axis=1) + xp.mean(s["lora_B"], axis=0))
 
-
-class AdaLoRAHook(TrainingHook):
-    """One active AdaLoRA adapter in model.train: the penalty in its loss (ADALORA-6), the rank allocation
-    after each step (ADALORA-7..9) and the allocator's state in checkpoints (ADALORA-13)."""
-
-    exclusive = "allocates its own ranks while training"  # ADALORA-12: PEFT trains one AdaLoRA adapter
-
-    def __init__(self, name: str, deltas: dict, cfg: AdaLoRAConfig):
-        self.key, self.deltas, self.cfg = name, deltas, cfg
-
-    def regularization(self):
-        return AdaLoRALinear.regularization(self.deltas, self.cfg)
-
-    def after_step(self, step: int) -> None:
-        AdaLoRALinear.after_step(self.deltas, self.cfg, step)
-
-    def state(self) -> tuple[dict, dict]:
-        return AdaLoRALinear.training_state(self.deltas, self.cfg)
-
-    def load_state(self, arrays: dict, info: dict) -> None:
-        AdaLoRALinear.load_training_state(self.deltas, self.cfg, arrays, info)
-
-
-AdaLoRALinear.training_hook = AdaLoRAHook
 
 
 def mask_to_budget(deltas: dict, k: int) -> dict:
