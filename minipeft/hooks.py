@@ -1,8 +1,8 @@
 """Training hooks: how a method or a training procedure takes part in `model.train` without the loop
 knowing it by name (spec/training.md TRAIN-10..TRAIN-13).
 
-A hook is an object with any of the methods of `TrainingHook` below (every one has a do-nothing
-default). They come from two places, in this order:
+A hook is a subclass of `TrainingHook` below that overrides the methods it needs (every one has a
+do-nothing default; anything else is refused before training). Hooks come from two places, in order:
   1. the active adapters: a layer class with a `training_hook` attribute (a TrainingHook class)
      gets one hook per active adapter, built as training_hook(name, {path: delta}, cfg) (AdaLoRA);
   2. the user: TrainingConfig(hooks=[...]) (procedures: a rank schedule, merge-and-restart, ...).

@@ -149,7 +149,7 @@ def mixed_batch(model, adapter_names, batch: int):
     if model.net.training:
         raise ConfigError("adapter_names is for inference: call model.net.eval() first (PEFT refuses it in training too)")
     layers = [m for _, m in model.net.named_modules() if isinstance(m, (AdaptedLayer, TrainedCopy))]
-    if any(getattr(m, "merged", None) for m in layers):
+    if any(isinstance(m, AdaptedLayer) and m.merged for m in layers):
         raise ConfigError("adapter_names with merged adapters: call unmerge_adapter() first (as PEFT requires)")
     groups = [(n, [b for b, m in enumerate(names) if m == n]) for n in dict.fromkeys(names)]
     for m in layers:

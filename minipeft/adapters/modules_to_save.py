@@ -44,8 +44,10 @@ class TrainedCopy(Module):
     def forward(self, x, *args, **kwargs):
         if self.groups is None:
             return self.current()(x, *args, **kwargs)
-        parts = [self.modules_to_save[n] if n in self.modules_to_save else self.original_module for n, _ in self.groups]
-        parts = [m(rows_of(x, rows), *args, **kwargs) for m, (_, rows) in zip(parts, self.groups)]  # METHOD-6
+        parts = []  # METHOD-6: each group's rows through its adapter's copy, or the original where it has none
+        for n, rows in self.groups:
+            module = self.modules_to_save[n] if n in self.modules_to_save else self.original_module
+            parts.append(module(rows_of(x, rows), *args, **kwargs))
         return take_rows(concat(parts, axis=0), batch_order(self.groups))
 
     def __getattr__(self, attr):  # weight, in_features, ... of the module in use
