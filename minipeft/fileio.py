@@ -11,9 +11,10 @@ What is guaranteed (IO-1):
 - atomic_save_dir: each file under `path` is at every instant a complete old or a complete new
   version of itself. The folder as a whole is not atomic: after a crash half way some files may
   be new and others old (see atomic_save_dir for the order).
-- A killed writer may leave a temporary file `.<name>.<random>.tmp` (or a folder
-  `.<name>.<random>.tmpdir`) next to the target. Such names start with a dot and end in .tmp or
-  .tmpdir, so they are never taken for the file itself; they are safe to delete.
+- A killed writer may leave a temporary file `.<name>.<random>.tmp`, or a folder of that name
+  (atomic_path) or `.<name>.<random>.tmpdir` (atomic_save_dir), next to the target. Such names
+  start with a dot and end in .tmp or .tmpdir, so they are never taken for the file itself; they
+  are safe to delete.
 """
 from __future__ import annotations
 
@@ -45,6 +46,29 @@ def _temp_name(path: str, suffix: str) -> str:
     return os.path.join(folder, f".{name}.{secrets.token_hex(6)}{suffix}")
 
 
+def _reserve(path: str, suffix: str, create) -> str:
+    """A fresh temporary name next to `path`, made with create(name) (which fails if it exists)."""
+    while True:
+        tmp = _temp_name(path, suffix)
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _new_file(name: str) -> None:
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
+
+
+def _commit(written: str, path: str) -> None:
+    """fsync the finished temporary file, rename it over `path`, fsync the folder (IO-1)."""
+    with open(written, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(written, path)
+    _fsync_dir(os.path.dirname(path))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb"):
     """Open a temporary file next to `path` for writing; on a clean exit it replaces `path`.
@@ -54,24 +78,41 @@ def atomic_write(path: str, mode: str = "wb"):
     if mode not in ("wb", "w"):
         raise ConfigError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
     path = os.path.abspath(path)
-    while True:
-        tmp = _temp_name(path, ".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-            break
-        except FileExistsError:
-            continue
+    tmp = _reserve(path, ".tmp", _new_file)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    _fsync_dir(os.path.dirname(path))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a file name for a writer that takes a name rather than a file object (the safetensors
+    library); on a clean exit that file replaces `path` as with atomic_write (IO-1).
+
+    The library writes its own temporary file (`.tmpXXXXXX`, mode 0600, never fsynced) next to the
+    name it is given and renames it. So the name yielded lies in a private folder
+    `.<name>.<random>.tmp`: a killed writer leaves only that folder, under a name IO-1 allows, and
+    the finished file gets the mode open() gives (0666 less the umask) and an fsync before it
+    replaces `path`.
+    """
+    path = os.path.abspath(path)
+    folder = _reserve(path, ".tmp", os.mkdir)
+    inner = os.path.join(folder, os.path.basename(path))
+    try:
+        _new_file(inner)
+        mode = os.stat(inner).st_mode & 0o777  # what open() gives here, without touching the umask
+        yield inner
+        os.chmod(inner, mode)
+        _commit(inner, path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -129,8 +170,8 @@ def atomic_save_dir(path: str):
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path}: exists and is not a folder; remove it or choose another path")
-    tmp = _temp_name(path, ".tmpdir")
-    os.makedirs(tmp)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _reserve(path, ".tmpdir", os.mkdir)
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -1,4 +1,4 @@
-"""safetensors files, read and written in pure Python with NumPy (spec/io.md IO-2, IO-3).
+"""safetensors files, read and written through the safetensors library (spec/io.md IO-2, IO-3).
 
 Layout (IO-2): 8 bytes N (unsigned 64-bit little endian), then N bytes of UTF-8 JSON starting
 with "{" and padded with spaces to a multiple of 8, then the data section. The JSON maps each
@@ -13,6 +13,11 @@ CheckpointError naming the file, the key and what to do. Nothing is ever unpickl
 
 BF16 has no NumPy dtype: it is read into float32 arrays holding the bf16 values exactly, and
 written from float32 (nearest-even rounding) when asked with dtypes={name: "BF16"} (BACKEND-5).
+
+What is ours and why: the library writes every file (layout, order, padding) and reads every
+tensor but BF16, which its NumPy loader refuses (NumPy has no bfloat16; we read those bytes
+ourselves). The header is checked here before the library sees the file, because the library's
+errors name neither the key nor the remedy and some of its checks come after allocating.
 """
 from __future__ import annotations
 
@@ -21,21 +26,21 @@ import os
 from typing import NamedTuple
 
 import numpy as np
+import safetensors
+from safetensors import TensorSpec, safe_open, serialize_file
 
 from .backend import bf16_bits_from_float32, float32_from_bf16_bits, to_host
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write
+from .fileio import atomic_path
 
 MAX_HEADER = 100_000_000  # bytes; the safetensors reference rejects larger headers too
 MAX_NDIM = 64  # NumPy's limit
-# code -> NumPy storage dtype (little endian), in the safetensors package's alignment order:
-# it writes tensors sorted by descending rank here, then by name (we match it byte for byte).
+# code -> NumPy storage dtype (little endian)
 DTYPES = {
     "BOOL": "|b1", "U8": "|u1", "I8": "|i1", "I16": "<i2", "U16": "<u2", "F16": "<f2",
     "BF16": "<u2", "I32": "<i4", "U32": "<u4", "F32": "<f4", "F64": "<f8", "I64": "<i8",
     "U64": "<u8",
 }
-_RANK = {code: i for i, code in enumerate(DTYPES)}
 _CODE_OF = {np.dtype(v).newbyteorder("<"): k for k, v in DTYPES.items() if k != "BF16"}
 _FIX = "the file is damaged or was not written by a safetensors writer; download or save it again"
 
@@ -195,27 +200,37 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     try:
         with open(path, "rb") as f:
             infos, metadata, start = _read_checked_header(f, path)
-            for key, info in sorted(infos.items(), key=lambda kv: kv[1].begin):
-                buf = np.empty(info.end - info.begin, np.uint8)  # a validated size, within the file
-                f.seek(start + info.begin)
-                view, got = memoryview(buf), 0
-                while got < buf.size:  # one read() returns at most ~2 GiB on Linux
-                    k = f.readinto(view[got:])
-                    if not k:
-                        raise _bad(path, key, "file shrank while being read")
-                    got += k
-                tensors[key] = _decode(path, key, info, buf)
+            with safe_open(path, framework="numpy") as lib:
+                for key, info in infos.items():
+                    if info.dtype == "BF16":  # the library's NumPy loader has no bfloat16
+                        tensors[key] = float32_from_bf16_bits(_read_bytes(f, path, key, start, info)
+                                                              .view(DTYPES["BF16"]).reshape(info.shape))
+                    else:
+                        tensors[key] = _checked(path, key, info, lib.get_tensor(key))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the file ({e}); check the path and permissions") from e
-    return {k: tensors[k] for k in infos}, metadata  # header order
+    except safetensors.SafetensorError as e:  # changed since the header was checked
+        raise _bad(path, None, f"the safetensors library refuses it ({e})") from None
+    return tensors, metadata  # header order
 
 
-def _decode(path, key, info: TensorInfo, buf: np.ndarray) -> np.ndarray:
-    if info.dtype == "BOOL" and buf.size and buf.max() > 1:
+def _read_bytes(f, path, key, start, info: TensorInfo) -> np.ndarray:
+    buf = np.empty(info.end - info.begin, np.uint8)  # a validated size, within the file
+    f.seek(start + info.begin)
+    view, got = memoryview(buf), 0
+    while got < buf.size:  # one read() returns at most ~2 GiB on Linux
+        k = f.readinto(view[got:])
+        if not k:
+            raise _bad(path, key, "file shrank while being read")
+        got += k
+    return buf
+
+
+def _checked(path, key, info: TensorInfo, a: np.ndarray) -> np.ndarray:
+    if tuple(a.shape) != info.shape or a.dtype.newbyteorder("<") != np.dtype(DTYPES[info.dtype]):
+        raise _bad(path, key, f"the file changed while being read ({a.dtype} {a.shape} read, {info} checked)")
+    if info.dtype == "BOOL" and a.size and a.view(np.uint8).max() > 1:
         raise _bad(path, key, "BOOL tensor holds bytes other than 0 and 1")
-    a = buf.view(DTYPES[info.dtype]).reshape(info.shape)
-    if info.dtype == "BF16":
-        return float32_from_bf16_bits(a)
     return a
 
 
@@ -240,9 +255,9 @@ def _encode(name, a, code) -> tuple[str, np.ndarray]:
 
 def write_safetensors(path: str, tensors: dict, metadata: dict[str, str] | None = None,
                       dtypes: dict[str, str] | None = None) -> None:
-    """Write tensors (NumPy, or any backend's arrays) atomically (IO-1) in the byte layout the
-    safetensors package writes (IO-2). dtypes={name: "BF16"} stores that float array as bfloat16
-    (rounded to nearest even); any other code casts with NumPy's astype."""
+    """Write tensors (NumPy, or any backend's arrays) atomically (IO-1) with the safetensors
+    library (IO-2). dtypes={name: "BF16"} stores that float array as bfloat16 (rounded to nearest
+    even); any other code casts with NumPy's astype."""
     dtypes = dtypes or {}
     unknown = set(dtypes) - set(tensors)
     if unknown:
@@ -254,18 +269,12 @@ def write_safetensors(path: str, tensors: dict, metadata: dict[str, str] | None 
         if not isinstance(name, str) or name == "__metadata__" or not _valid_unicode(name):
             raise ConfigError(f"tensor name {name!r} is not allowed; use a string other than '__metadata__'")
         encoded[name] = _encode(name, a, dtypes.get(name))
-    order = sorted(encoded, key=lambda k: (-_RANK[encoded[k][0]], k))
-    header, offset = {}, 0
-    if metadata is not None:
-        header["__metadata__"] = dict(sorted(metadata.items()))
-    for name in order:
-        code, a = encoded[name]
-        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # pad so that the data section starts 8-byte aligned
-    with atomic_write(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name in order:
-            f.write(encoded[name][1].reshape(-1).view(np.uint8).data)
+    specs = {name: TensorSpec(dtype=_LIBRARY_DTYPE[code], shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+             for name, (code, a) in encoded.items()}  # `encoded` keeps the arrays alive meanwhile
+    with atomic_path(path) as tmp:
+        serialize_file(specs, tmp, metadata=metadata)
+
+
+# the library's dtype names (NumPy's, and "bfloat16" for the raw bits) of each safetensors code
+_LIBRARY_DTYPE = {code: ("bfloat16" if code == "BF16" else "bool" if code == "BOOL" else np.dtype(v).name)
+                  for code, v in DTYPES.items()}

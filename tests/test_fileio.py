@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from minipeft.errors import ConfigError
-from minipeft.fileio import atomic_save_dir, atomic_write, atomic_write_json
+from minipeft.fileio import atomic_path, atomic_save_dir, atomic_write, atomic_write_json
 from minipeft.safetensors_io import read_safetensors, write_safetensors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,6 +74,33 @@ def test_atomic_write_modes_and_json(tmp_path):
     text = (tmp_path / "c.json").read_text(encoding="utf-8")
     assert json.loads(text) == {"b": 1, "a": ["é"]} and text.index('"a"') < text.index('"b"')
     assert text.endswith("}\n") and "é" in text
+
+
+@pytest.mark.spec("IO-1")
+def test_atomic_path_for_name_taking_writers(tmp_path, monkeypatch):
+    """The safetensors library writes by name (its own 0600 temp file, renamed): atomic_path
+    still gives open()'s mode, fsyncs before the rename, and leaves nothing behind."""
+    p = tmp_path / "w.safetensors"
+    p.write_bytes(b"old")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", pathlib.Path(b).name)),
+                                                     real_replace(a, b)))
+    write_safetensors(p, {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"k": "v"})
+    assert events[-3:] == [("fsync", False), ("replace", p.name), ("fsync", True)]
+    tensors, meta = read_safetensors(p)
+    assert meta == {"k": "v"} and tensors["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask and leftovers(tmp_path) == []
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_path(p) as name:
+            pathlib.Path(name).write_bytes(b"half")
+            raise OSError("disk full")
+    assert p.read_bytes()[:8] != b"half" and read_safetensors(p)[1] == {"k": "v"}
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.spec("IO-1")
