@@ -51,6 +51,7 @@ class TrainingConfig:
     plot_path: str | None = None  # write the loss curve as PNG (needs matplotlib)
     memory_budget_gb: float | None = None  # refuse a run memory.estimate puts above this many GiB (TRAIN-9)
     hooks: tuple = ()  # TrainingHook objects of procedures (minipeft/hooks.py), after the adapters' own
+    optimizer: object = None  # None/"adamw", or an optimiser's name or options: "loraplus", LoraFAConfig(...)
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "epochs"):
@@ -104,6 +105,16 @@ def _loss(model, ids, mask, labels):
 
 
 def train(model, train_data, cfg: TrainingConfig) -> dict:
+    from .optimizers import training_hook
+    optimiser = training_hook(model, cfg.optimizer)  # before `named`: LoRA-FA freezes lora_A
+    try:
+        return _train(model, train_data, cfg, [optimiser] if optimiser else [])
+    finally:
+        if optimiser:
+            optimiser.end()
+
+
+def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
     named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
     if not named:
         raise ConfigError("the model has no trainable parameters: apply an adapter first (apply_lora), "
@@ -122,7 +133,7 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                      cfg.memory_budget_gb)
     per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.gradient_accumulation_steps))
     total = cfg.max_steps or per_epoch * cfg.epochs
-    hooks = model.training_hooks() + list(cfg.hooks)  # TRAIN-10: the methods' and procedures' part in the loop
+    hooks = model.training_hooks() + optimiser + list(cfg.hooks)  # TRAIN-10: the methods' and procedures' part
     H.check_hooks(hooks)
     groups = H.param_groups(hooks, named)
     opt = H.optimizer(hooks, named, groups, cfg) or AdamW(named, lr=cfg.learning_rate,
@@ -181,7 +192,8 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
                 break
     finally:
         for h in hooks:
-            h.end()
+            if h not in optimiser:  # train() ends it, also when training never started
+                h.end()
         bar.close()
         model.net.gradient_checkpointing = False
         model.net.eval()

@@ -17,7 +17,7 @@ from minipeft.quant.linear4bit import dequantize_model, quantize_model
 from tests.helpers import TINY_LLAMA, assert_close, max_rel_err, tiny_llama
 
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
-METHODS = [m.name for m in mp.methods() if m.config.__module__.startswith("minipeft.")]
+METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
 QUANT = mp.QuantizationConfig(compute_dtype="float32")
 
 

@@ -14,7 +14,8 @@ import dataclasses
 
 from ..errors import CheckpointError, ConfigError
 
-KINDS = ("layer", "prompt", "procedure", "initialiser")
+KINDS = ("layer", "prompt", "procedure", "initialiser", "optimiser")
+TRAINING_KINDS = ("optimiser", "procedure")  # a method that is a TrainingHook (hook=...), not an adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Method:
     """One registered method, as `minipeft.methods()` lists it."""
 
     name: str  # the stem of apply_<name>, adapters/<name>.py, spec/<name>.md, the CLI's --method
-    config: type  # its AdapterConfig dataclass
+    config: type  # its AdapterConfig dataclass (an optimiser or procedure: its options dataclass)
     layer: type | None  # its layer (or prompt encoder) class; None: the one of the config's parent method
     kind: str  # one of KINDS
     paper: str  # title, authors, year, arXiv id
@@ -30,22 +31,30 @@ class Method:
     mergeable: bool = True  # its update folds into the base weights (merge_adapter, merge_and_unload)
     in_peft: bool = True  # PEFT 0.21 has it, and loads its files
     quantized_base: bool = False  # it runs over a 4-bit base (load_model(..., quantization=...)) only
+    hook: type | None = None  # an optimiser or procedure: its TrainingHook class, built as hook(model, options)
+
+    @property
+    def is_adapter(self) -> bool:
+        """An adapter method (apply_<name>, the CLI's --method), not an optimiser or procedure of model.train."""
+        return self.kind not in TRAINING_KINDS
 
     @property
     def peft_type(self) -> str | None:
         """PEFT's peft_type of the saved adapter_config.json, or None where PEFT lacks the method."""
-        return self.config.peft_type if self.in_peft else None
+        return getattr(self.config, "peft_type", None) if self.in_peft else None  # an optimiser has none
 
 
 _METHODS: dict[str, Method] = {}  # name -> Method, in registration order
-METHODS: dict[str, type] = {}  # name -> config class (the CLI's --method choices)
+METHODS: dict[str, type] = {}  # name -> config class of the adapter methods (the CLI's --method choices)
 REGISTRY: dict[type, type] = {}  # config class -> layer class, for the methods with a layer class of their own
 _LISTENERS: list = []  # listener(method, registered) as a method comes and goes (Model's apply_<name> shorthands)
 
 
 def register(name: str, config: type, layer: type | None = None, *, kind: str = "layer", paper: str = "",
-             summary: str = "", mergeable: bool = True, in_peft: bool = True, quantized_base: bool = False) -> Method:
-    """Add a method (METHOD-1). The name must be new; registering the same config class again is refused."""
+             summary: str = "", mergeable: bool = True, in_peft: bool = True, quantized_base: bool = False,
+             hook: type | None = None) -> Method:
+    """Add a method (METHOD-1). The name must be new; registering the same config class again is refused.
+    An optimiser or procedure (kind in TRAINING_KINDS) gives its TrainingHook class as hook= and no layer."""
     if not name.isidentifier() or name != name.lower():
         raise ConfigError(f"method name {name!r} must be a lower-case Python identifier (it names apply_{name})")
     if name in _METHODS:
@@ -54,13 +63,21 @@ def register(name: str, config: type, layer: type | None = None, *, kind: str = 
         raise ConfigError(f"method {name!r}: kind={kind!r} must be one of {', '.join(KINDS)}")
     if any(m.config is config for m in _METHODS.values()):
         raise ConfigError(f"{config.__name__} is registered already, as {method_of_class(config).name!r}")
-    if layer is None and _inherited_layer(config) is None:
+    if kind in TRAINING_KINDS:
+        if hook is None or layer is not None:
+            raise ConfigError(f"method {name!r}: a {kind} is a training hook: register(..., hook=<its TrainingHook "
+                              f"class>) with no layer")
+    elif hook is not None:
+        raise ConfigError(f"method {name!r}: hook= is for kinds {', '.join(TRAINING_KINDS)}, not {kind!r}")
+    elif layer is None and _inherited_layer(config) is None:
         raise ConfigError(f"method {name!r}: {config.__name__} derives from no registered config, so it needs a "
                           f"layer class (register(..., layer=...))")
-    m = Method(name, config, layer, kind, paper, summary, mergeable, in_peft, quantized_base)
-    for listener in _LISTENERS:  # first: a listener may refuse the method (a name Model already uses)
-        listener(m, True)
-    _METHODS[name], METHODS[name] = m, config
+    m = Method(name, config, layer, kind, paper, summary, mergeable, in_peft, quantized_base, hook)
+    if m.is_adapter:
+        for listener in _LISTENERS:  # first: a listener may refuse the method (a name Model already uses)
+            listener(m, True)
+        METHODS[name] = config
+    _METHODS[name] = m
     if layer is not None:
         REGISTRY[config] = layer
     return m
@@ -71,18 +88,20 @@ def unregister(name: str) -> None:
     m = method(name)
     if m.config.__module__.startswith(__package__ + "."):
         raise ConfigError(f"{name!r} is one of minipeft's own methods; only methods registered elsewhere unregister")
-    del _METHODS[name], METHODS[name]
+    del _METHODS[name]
+    METHODS.pop(name, None)
     REGISTRY.pop(m.config, None)
-    for listener in _LISTENERS:
+    for listener in _LISTENERS if m.is_adapter else ():
         listener(m, False)
 
 
 def on_register(listener) -> None:
-    """Call listener(method, True) for every method registered so far and every one registered later,
-    and listener(method, False) for each one unregistered."""
+    """Call listener(method, True) for every adapter method registered so far and every one registered
+    later, and listener(method, False) for each one unregistered (optimisers and procedures are not told)."""
     _LISTENERS.append(listener)
     for m in _METHODS.values():
-        listener(m, True)
+        if m.is_adapter:
+            listener(m, True)
 
 
 def methods() -> list[Method]:
