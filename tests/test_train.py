@@ -240,3 +240,14 @@ def test_resume_with_a_different_rank_stops_before_any_step(tmp_path):
     with pytest.raises(mp.ConfigError, match=r"checkpoint-2.*'r'.* 4 in the checkpoint but 8 now"):
         m.train(data, TrainingConfig(resume_from=str(tmp_path / "a"), **cfg))
     assert all(np.array_equal(before[n], v) for n, v in trainable(m).items())  # no step was taken
+
+
+@pytest.mark.spec("TRAIN-15")
+def test_train_keywords_override_the_config_and_unknown_ones_are_errors():
+    data = token_data(8, seed=5)
+    hist = lora_model().train(data, TrainingConfig(batch_size=2, **QUIET), max_steps=3)
+    assert len(hist["loss"]) == 3  # was 4: max_steps next to a config was dropped
+    with pytest.raises(mp.ConfigError, match=r"no field 'max_step'; did you mean max_steps or "):
+        lora_model().train(data, TrainingConfig(**QUIET), max_step=3)
+    with pytest.raises(mp.ConfigError, match=r"no field 'lr'"):
+        lora_model().train(data, lr=1e-3)
