@@ -4,12 +4,13 @@ switch, merge, merge-and-unload, generate."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 
 from . import backend, hooks, shorthands
 from .adapters import inject, peft_io, prompt_learning, registry
-from .adapters.base import NAME_RE
+from .adapters.base import NAME_RE, no_field
 from .adapters.modules_to_save import add_trained_copy, trained_copy_paths
 from .adapters.registry import layer_class
 from .autograd import Tensor, no_grad
@@ -208,7 +209,12 @@ class Model:
     def train(self, train_data, config=None, **kwargs):
         """Fine-tune the trainable parameters (see minipeft/train.py); returns the loss history."""
         from .train import TrainingConfig, train
-        return train(self, train_data, config or TrainingConfig(**kwargs))
+        fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+        for key in kwargs:
+            if key not in fields:
+                raise no_field("TrainingConfig (model.train's keywords)", key, fields)
+        # keywords given next to a config override its fields rather than being dropped
+        return train(self, train_data, dataclasses.replace(config, **kwargs) if config else TrainingConfig(**kwargs))
 
     def trainable_parameters(self):
         return self.net.trainable_parameters()

@@ -20,6 +20,7 @@ from . import backend
 from . import hooks as H
 from .autograd import no_grad
 from .data import collate, count_targets, prepare
+from .adapters.peft_io import config_dict
 from .errors import ConfigError, TrainingError
 from .fileio import atomic_save_dir, atomic_write_json
 from .memory import check_budget
@@ -242,6 +243,7 @@ def latest_checkpoint(path: str) -> str:
 
 def load_checkpoint(model, opt, named, hooks, path):
     path = latest_checkpoint(path)
+    check_same_adapters(model, path)
     with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
         state = json.load(f)
     weights, _ = read_safetensors(os.path.join(path, "trainable.safetensors"))
@@ -262,6 +264,28 @@ def load_checkpoint(model, opt, named, hooks, path):
     history = state["history"]
     history["eval_loss"] = [tuple(e) for e in history.get("eval_loss", [])]
     return state["step"], history
+
+
+RESUME_FIELDS = ("peft_type", "r", "target_modules", "base_model_name_or_path")  # method, rank, targets, base
+
+
+def check_same_adapters(model, path: str) -> None:
+    """TRAIN-14: a checkpoint's adapter/adapter_config.json must agree with the model's adapters on
+    method, rank, targets and base model, or the resumed run would write an unloadable adapter."""
+    for name, cfg in model.peft_configs.items():
+        file = os.path.join(path, "adapter", "" if name == "default" else name, "adapter_config.json")
+        if not os.path.isfile(file):
+            continue
+        with open(file, encoding="utf-8") as f:
+            old = json.load(f)
+        new = config_dict(model, cfg)
+        for k in RESUME_FIELDS:
+            a, b = old.get(k), new.get(k)
+            if isinstance(a, list) and isinstance(b, list):
+                a, b = sorted(a), sorted(b)
+            if a != b:
+                raise ConfigError(f"{file}: field {k!r} of adapter {name!r} is {old.get(k)!r} in the checkpoint but "
+                                  f"{new.get(k)!r} now; resume with the checkpoint's settings or start a new output_dir")
 
 
 def _jsonable(obj):

@@ -227,3 +227,27 @@ def test_eval_loss_per_epoch_and_plot(tmp_path):
                                               plot_path=str(tmp_path / "loss.png"), **QUIET))
     assert [s for s, _ in h["eval_loss"]] == [2, 4]
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.spec("TRAIN-14")
+def test_resume_with_a_different_rank_stops_before_any_step(tmp_path):
+    data = token_data(8, seed=5)
+    cfg = dict(learning_rate=5e-3, batch_size=4, epochs=1, **QUIET)
+    lora_model().train(data, TrainingConfig(output_dir=str(tmp_path / "a"), save_steps=1, **cfg))
+    m = tiny_llama(0)
+    m.apply_lora(mp.LoRAConfig(rank=8, alpha=8, target_modules="all-linear"))
+    before = trainable(m)
+    with pytest.raises(mp.ConfigError, match=r"checkpoint-2.*'r'.* 4 in the checkpoint but 8 now"):
+        m.train(data, TrainingConfig(resume_from=str(tmp_path / "a"), **cfg))
+    assert all(np.array_equal(before[n], v) for n, v in trainable(m).items())  # no step was taken
+
+
+@pytest.mark.spec("TRAIN-15")
+def test_train_keywords_override_the_config_and_unknown_ones_are_errors():
+    data = token_data(8, seed=5)
+    hist = lora_model().train(data, TrainingConfig(batch_size=2, **QUIET), max_steps=3)
+    assert len(hist["loss"]) == 3  # was 4: max_steps next to a config was dropped
+    with pytest.raises(mp.ConfigError, match=r"no field 'max_step'; did you mean max_steps or "):
+        lora_model().train(data, TrainingConfig(**QUIET), max_step=3)
+    with pytest.raises(mp.ConfigError, match=r"no field 'lr'"):
+        lora_model().train(data, lr=1e-3)

@@ -33,6 +33,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 COMMON_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "exclude_modules")
 
 
+def no_field(owner: str, key: str, fields, aliases: dict | None = None) -> ConfigError:
+    """The error for a keyword `owner` does not take: it names the closest fields (and PEFT aliases)."""
+    aliases = aliases or {}
+    close = difflib.get_close_matches(key, sorted(set(fields) | set(aliases)), n=3, cutoff=0.6)
+    close = [f"{c} (PEFT's name of {aliases[c]})" if c in aliases else c for c in close]
+    hint = f"; did you mean {' or '.join(close)}?" if close else "."
+    return ConfigError(f"{owner} has no field {key!r}{hint} Its fields: {', '.join(sorted(fields))}")
+
+
 class ConfigType(type):
     """The metaclass of every AdapterConfig: a config also takes PEFT's names for its fields (METHOD-4),
     `LoRAConfig(r=8, lora_alpha=16, init_lora_weights=True)` = `LoRAConfig(rank=8, alpha=16, init="default")`,
@@ -48,10 +57,7 @@ class ConfigType(type):
         for key, value in kwargs.items():
             ours = key if key in fields else aliases.get(key)
             if ours is None:
-                close = difflib.get_close_matches(key, sorted(fields | set(aliases)), n=3, cutoff=0.6)
-                close = [f"{c} (PEFT's name of {aliases[c]})" if c in aliases else c for c in close]
-                hint = f"; did you mean {' or '.join(close)}?" if close else "."
-                raise ConfigError(f"{cls.__name__} has no field {key!r}{hint} Its fields: {', '.join(sorted(fields))}")
+                raise no_field(cls.__name__, key, fields, aliases)
             if ours in out:
                 raise ConfigError(f"{cls.__name__}: {given[ours]!r} and {key!r} name the same field; give one of them")
             if key != ours:  # a PEFT value where ours differ (init_lora_weights=True is init="default")
