@@ -14,6 +14,38 @@ def _model(args):
     return load_model(args.model)
 
 
+def field_values(items, flag: str) -> dict:
+    """{FIELD: VALUE} from repeated FIELD=VALUE flags, VALUE read as JSON where it parses, else as a string."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{flag} {item!r}: write FIELD=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def optimizer_options(args):
+    """--optimizer and --optimizer-arg: None (AdamW) or the optimiser's options (minipeft/optimizers)."""
+    import dataclasses
+    from .adapters.registry import method
+    values = field_values(args.optimizer_arg, "--optimizer-arg")
+    if args.optimizer == "adamw":
+        if values:
+            raise ConfigError("--optimizer-arg needs --optimizer (loraplus, lorafa, riemannian); AdamW takes --lr")
+        return None
+    cls = method(args.optimizer).config
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"--optimizer {args.optimizer} has no option {', '.join(unknown)}; its options: "
+                          f"{', '.join(sorted(fields))}")
+    return cls(**values)
+
+
 def method_config(args):
     """The --method's config from the flags that name its fields (--rank, --alpha, ...) and --set FIELD=VALUE
     (VALUE read as JSON where it parses, else as a string); unset flags leave the config's defaults."""
@@ -26,14 +58,7 @@ def method_config(args):
              "target_modules": None if args.target_modules is None else
              ("all-linear" if args.target_modules == ["all-linear"] else tuple(args.target_modules))}
     kwargs = {k: v for k, v in given.items() if v is not None}
-    for item in args.set or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: write FIELD=VALUE")
-        try:
-            kwargs[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            kwargs[key] = raw
+    kwargs.update(field_values(args.set, "--set"))
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ConfigError(f"--method {args.method} has no field {', '.join(unknown)}; its fields: "
@@ -46,6 +71,7 @@ def cmd_train(args):
     from .quant import QuantizationConfig
     from .train import TrainingConfig
     cfg = method_config(args)
+    optimizer = optimizer_options(args)  # checked before the model is loaded
     from .adapters.registry import method
     model = load_model(args.model, quantization=QuantizationConfig(compute_dtype="float32")
                        if method(args.method).quantized_base else None)
@@ -56,7 +82,7 @@ def cmd_train(args):
         learning_rate=args.lr, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         epochs=args.epochs, max_steps=args.max_steps, warmup_steps=args.warmup, seed=args.seed,
         output_dir=args.output, save_steps=args.save_steps, resume_from=args.resume_from,
-        plot_path=args.plot))
+        plot_path=args.plot, optimizer=optimizer))
     model.save_adapters(args.output)
     print(f"final loss {hist['loss'][-1]:.4f}; adapter saved to {args.output}")
 
@@ -165,7 +191,8 @@ def _numel(shape):
 
 def build_parser():
     from .adapters.lora import INITS
-    from .adapters.registry import METHODS
+    from .adapters.registry import METHODS, methods
+    optimisers = [m.name for m in methods() if m.kind == "optimiser"]
     ap = argparse.ArgumentParser(prog="minipeft", description="Parameter-efficient fine-tuning you can read.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="fine-tune a model with an adapter (LoRA by default) and save it (PEFT format)")
@@ -182,6 +209,10 @@ def build_parser():
     t.add_argument("--init", default=None, choices=list(INITS), help="LoRA's initialisation (spec/lora.md LORA-1)")
     t.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="any other config field, VALUE as JSON (e.g. --set initial_rank=12 --set total_step=300)")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw"] + optimisers,
+                   help="AdamW, or an adapter optimiser: LoRA+, LoRA-FA, Riemannian (spec/<name>.md)")
+    t.add_argument("--optimizer-arg", action="append", metavar="OPTION=VALUE",
+                   help="an option of --optimizer, VALUE as JSON (e.g. --optimizer-arg loraplus_lr_ratio=16)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--grad-accum", type=int, default=1)

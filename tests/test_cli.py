@@ -65,11 +65,28 @@ def test_fields_flags_and_set_reach_the_config(data, tmp_path):
         (4, "all-linear", 4, True)
 
 
+@pytest.mark.spec("LORAPLUS-4", "RIEM-2")
+@pytest.mark.parametrize("optimizer", ["loraplus", "lorafa", "riemannian"])
+def test_optimizer_flags_train_and_save_a_lora(data, tmp_path, optimizer):
+    out = tmp_path / optimizer
+    extra = ["--optimizer-arg", "loraplus_lr_ratio=4"] if optimizer == "loraplus" else []
+    assert main(["train", "--model", minipeft.DEMO_MODEL, "--data", data, "--output", str(out), "--optimizer",
+                 optimizer, *extra, "--max-steps", "2", "--lr", "1e-2"]) == 0
+    model = minipeft.load_model(minipeft.DEMO_MODEL)
+    model.load_adapters(str(out))
+    B = [p.numpy() for n, p in model.net.named_parameters() if "lora_B" in n]
+    assert B and all(abs(b).max() > 0 for b in B)  # trained from B = 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "ia3", "--rank", "4"], "ia3 has no field rank"),
     (["--set", "rank"], "write FIELD=VALUE"),
     (["--set", "rank=-1"], "rank"),
     (["--method", "prompt_tuning", "--set", "num_virtual_tokens=0"], "num_virtual_tokens"),
+    (["--optimizer", "loraplus", "--optimizer-arg", "loraplus_lr_ratio=0"], "loraplus_lr_ratio"),
+    (["--optimizer", "loraplus", "--optimizer-arg", "ratio=4"], "loraplus has no option ratio"),
+    (["--optimizer-arg", "reg=0.1"], "needs --optimizer"),
+    (["--optimizer", "lorafa", "--method", "dora"], "LoRA-FA"),
 ])
 def test_bad_fields_are_clear_errors_that_write_nothing(data, tmp_path, capsys, argv, message):
     out = tmp_path / "never"
