@@ -236,6 +236,11 @@ class Model:
         for h in self.training_hooks():
             h.after_step(step)
 
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: trainable params: T || all params: N || trainable%: P (the counts of parameter_counts)."""
+        trainable, total = self.parameter_counts()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts its elements, as a float one."""
         params = self.net.parameters()

@@ -398,3 +398,17 @@ def test_training_continues_in_peft_and_comes_back(lib, base, tmp_path):
     back = minipeft.load_model(base())
     back.load_adapters(str(tmp_path / "theirs"))
     report("PEFT-continued adapter back in minipeft", max_rel_err(back(IDS), hf_logits(lib, pm)))
+
+
+@pytest.mark.parametrize("case", ["basic", "bias_all", "modules_to_save"])
+def test_print_trainable_parameters_prints_peft_s_line(lib, base, case, capsys):
+    """Issue 21 item 13: model.print_trainable_parameters() prints what PeftModel's prints, same numbers."""
+    _, _, peft = lib
+    peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(task_type="CAUSAL_LM", **CASES[case])) \
+        .print_trainable_parameters()
+    theirs = capsys.readouterr().out
+    model = minipeft.load_model(base())
+    model.apply_adapter(LoRAConfig.from_peft(dict(peft_type="LORA", **CASES[case])))
+    model.print_trainable_parameters()
+    ours = capsys.readouterr().out
+    assert ours == theirs and ours.startswith("trainable params: ")
