@@ -294,3 +294,22 @@ def test_context_tokenizer_and_memory_budget_are_checked_before_work(tmp_path):
     ia3 = tiny_llama().apply_ia3(mp.IA3Config())
     with pytest.raises(ConfigError, match="LoRA and QLoRA"):
         ia3.train([{"input_ids": [1, 2, 3]}], TrainingConfig(memory_budget_gb=1.0, **QUIET))
+
+
+@pytest.mark.spec("IO-10")
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nan_in_a_base_weight_is_refused_naming_the_tensor(tmp_path, bad):
+    """Issue 21 item 14: before, the model loaded without a word and every logit was NaN."""
+    from minipeft.safetensors_io import read_safetensors, write_safetensors
+    tiny_llama().save(str(tmp_path / "m"))
+    file = tmp_path / "m" / "model.safetensors"
+    tensors, meta = read_safetensors(str(file))
+    key = "model.layers.1.mlp.down_proj.weight"
+    tensors[key][3, 5] = bad
+    write_safetensors(str(file), tensors, meta)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{key}' holds 1 NaN/Inf value\(s\) "
+                                              rf"\(first at index \(3, 5\)\)"):
+        mp.load_model(str(tmp_path / "m"))
+    tensors[key][3, 5] = 0.0
+    write_safetensors(str(file), tensors, meta)
+    assert np.isfinite(mp.load_model(str(tmp_path / "m"))(np.array([[1, 2, 3]])).numpy()).all()

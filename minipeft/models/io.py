@@ -118,6 +118,11 @@ def load_state(net, tensors: dict, dtype: str, folder: str) -> None:
                                   f"({net.config.model_type}, config.json) expects {p.shape}")
         if not np.issubdtype(arr.dtype, np.floating):
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {arr.dtype}, expected a float type")
+        bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))  # IO-10: one pass per tensor
+        if bad:
+            first = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+            raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN/Inf value(s) (first at index {first}); "
+                                  f"every output would be NaN. The checkpoint is damaged: download or save it again")
         p.data = backend.asarray(arr, dtype)
         assigned.add(name)
     missing = [n for n in params if n not in assigned and n not in tied]
