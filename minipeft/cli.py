@@ -32,10 +32,12 @@ def optimizer_options(args):
     """--optimizer and --optimizer-arg: None (AdamW) or the optimiser's options (minipeft/optimizers)."""
     import dataclasses
     from .adapters.registry import method
+    from .optimizers import optimisers
     values = field_values(args.optimizer_arg, "--optimizer-arg")
     if args.optimizer == "adamw":
         if values:
-            raise ConfigError("--optimizer-arg needs --optimizer (loraplus, lorafa, riemannian); AdamW takes --lr")
+            raise ConfigError(f"--optimizer-arg needs --optimizer ({', '.join(m.name for m in optimisers())}); "
+                              f"AdamW takes --lr")
         return None
     cls = method(args.optimizer).config
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -191,8 +193,9 @@ def _numel(shape):
 
 def build_parser():
     from .adapters.lora import INITS
-    from .adapters.registry import METHODS, methods
-    optimisers = [m.name for m in methods() if m.kind == "optimiser"]
+    from .adapters.registry import METHODS
+    from .optimizers import optimisers
+    optimiser_names = [m.name for m in optimisers()]
     ap = argparse.ArgumentParser(prog="minipeft", description="Parameter-efficient fine-tuning you can read.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="fine-tune a model with an adapter (LoRA by default) and save it (PEFT format)")
@@ -209,7 +212,7 @@ def build_parser():
     t.add_argument("--init", default=None, choices=list(INITS), help="LoRA's initialisation (spec/lora.md LORA-1)")
     t.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="any other config field, VALUE as JSON (e.g. --set initial_rank=12 --set total_step=300)")
-    t.add_argument("--optimizer", default="adamw", choices=["adamw"] + optimisers,
+    t.add_argument("--optimizer", default="adamw", choices=["adamw"] + optimiser_names,
                    help="AdamW, or an adapter optimiser: LoRA+, LoRA-FA, Riemannian (spec/<name>.md)")
     t.add_argument("--optimizer-arg", action="append", metavar="OPTION=VALUE",
                    help="an option of --optimizer, VALUE as JSON (e.g. --optimizer-arg loraplus_lr_ratio=16)")

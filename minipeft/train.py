@@ -116,7 +116,7 @@ def train(model, train_data, cfg: TrainingConfig) -> dict:
 
 
 def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
-    named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
+    named = model.net.named_trainable_parameters()
     if not named:
         raise ConfigError("the model has no trainable parameters: apply an adapter first (apply_lora), "
                           "or call model.net.requires_grad_(True) for full fine-tuning")

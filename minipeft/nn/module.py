@@ -46,6 +46,10 @@ class Module:
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    def named_trainable_parameters(self) -> dict:
+        """{name: Tensor} of the parameters that require a gradient, in named_parameters order."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
     def state_dict(self) -> dict:
         """{dotted name: array}, the checkpoint keys."""
         return {name: p.data for name, p in self.named_parameters()}

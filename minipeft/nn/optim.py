@@ -38,14 +38,21 @@ class AdamW:
                 if g is None:
                     continue
                 xp = backend.xp_of(g)
-                if name not in self.m:
-                    self.m[name], self.v[name] = xp.zeros_like(g), xp.zeros_like(g)
-                m = self.m[name] = b1 * self.m[name] + (1.0 - b1) * g
-                v = self.v[name] = b2 * self.v[name] + (1.0 - b2) * (g * g)
+                m, v = self.moments(name, g)
                 w, lr = p.data, self.lr * self.scale[name]
                 if self.wd[name]:
                     w = w * (1.0 - lr * self.wd[name])
                 p.data = w - lr * (m / c1) / (xp.sqrt(v / c2) + self.eps)
+
+    def moments(self, name: str, g):
+        """Update and return (m, v) of parameter `name` with its gradient g (zeros before the first step)."""
+        b1, b2 = self.betas
+        if name not in self.m:
+            xp = backend.xp_of(g)
+            self.m[name], self.v[name] = xp.zeros_like(g), xp.zeros_like(g)
+        m = self.m[name] = b1 * self.m[name] + (1.0 - b1) * g
+        v = self.v[name] = b2 * self.v[name] + (1.0 - b2) * (g * g)
+        return m, v
 
     def zero_grad(self):
         for p in self.params.values():

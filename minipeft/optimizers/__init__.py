@@ -19,23 +19,26 @@ from .loraplus import LoraPlusConfig, create_loraplus_optimizer  # noqa: E402
 from .riemannian import RiemannianConfig, create_riemannian_optimizer  # noqa: E402
 
 
+def optimisers() -> list:
+    """The registered optimisers (kind "optimiser"), in registration order."""
+    return [m for m in _registry.methods() if m.kind == "optimiser"]
+
+
 def training_hook(model, optimizer):
     """The TrainingHook of TrainingConfig.optimizer: None (AdamW: no hook), a registered optimiser's name
     (its defaults) or an instance of its options class."""
     if optimizer is None or optimizer == "adamw":
         return None
-    names = [m.name for m in _registry.methods() if m.kind == "optimiser"]
+    known = optimisers()
+    names = ", ".join(m.name for m in known)
+    for m in known:
+        if optimizer == m.name or isinstance(optimizer, m.config):
+            return m.hook(model, m.config() if optimizer == m.name else optimizer)
     if isinstance(optimizer, str):
-        if optimizer not in names:
-            raise _ConfigError(f"TrainingConfig.optimizer={optimizer!r}: use adamw or one of {', '.join(names)}")
-        m = _registry.method(optimizer)
-        return m.hook(model, m.config())
-    for m in _registry.methods():
-        if m.kind == "optimiser" and isinstance(optimizer, m.config):
-            return m.hook(model, optimizer)
-    raise _ConfigError(f"TrainingConfig.optimizer={optimizer!r}: give an optimiser's name ({', '.join(names)}) "
-                       f"or its options (LoraPlusConfig(...), LoraFAConfig(...), RiemannianConfig(...))")
+        raise _ConfigError(f"TrainingConfig.optimizer={optimizer!r}: use adamw or one of {names}")
+    raise _ConfigError(f"TrainingConfig.optimizer={optimizer!r}: give an optimiser's name ({names}) or its options "
+                       f"({', '.join(m.config.__name__ + '(...)' for m in known)})")
 
 
 __all__ = ["create_loraplus_optimizer", "create_lorafa_optimizer", "create_riemannian_optimizer",
-           "LoraPlusConfig", "LoraFAConfig", "RiemannianConfig", "training_hook"]
+           "LoraPlusConfig", "LoraFAConfig", "RiemannianConfig", "optimisers", "training_hook"]

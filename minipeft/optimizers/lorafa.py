@@ -28,6 +28,7 @@ from ..autograd import no_grad
 from ..errors import ConfigError
 from ..hooks import TrainingHook
 from ..nn.optim import AdamW
+from .checks import number
 from .pairs import lora_pairs
 
 DELTA = 1e-8  # PEFT's damping before the pseudo-inverse
@@ -43,9 +44,8 @@ class LoraFAConfig:
     def __post_init__(self):
         if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0):
             raise ConfigError(f"LoraFAConfig.r={self.r!r} must be a positive integer")
-        a = self.lora_alpha
-        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0):
-            raise ConfigError(f"LoraFAConfig.lora_alpha={a!r} must be a number > 0")
+        if self.lora_alpha is not None:
+            number("LoraFAConfig", "lora_alpha", self.lora_alpha)
 
 
 def trained_pairs(model, opts: LoraFAConfig) -> list:
@@ -102,18 +102,20 @@ class LoraFAAdamW(AdamW):
                     A, s = self.scalings[name]
                     g = projected_grad_B(g, A.data, s)
                 xp = backend.xp_of(g)
-                if name not in self.m:
-                    self.m[name], self.v[name] = xp.zeros_like(g), xp.zeros_like(g)
-                m = self.m[name] = b1 * self.m[name] + (1.0 - b1) * g
-                v = self.v[name] = b2 * self.v[name] + (1.0 - b2) * (g * g)
+                m, v = self.moments(name, g)
                 lr = self.lr * self.scale[name]
                 w = p.data - (lr * step_size) * m / (xp.sqrt(v) + self.eps)
                 p.data = w - (lr * self.wd[name]) * w if self.wd[name] else w
 
 
-def _freeze_A(pairs) -> dict:
-    """Freeze every A (LORAFA-1); returns {A's name: (Tensor, requires_grad before)}."""
-    before = {p.a_name: (p.A, p.A.requires_grad) for p in pairs}
+def scalings(pairs) -> dict:
+    """{B's name: (A, s)}: what LoraFAAdamW projects B's gradient with."""
+    return {p.b_name: (p.A, p.delta.s) for p in pairs}
+
+
+def _freeze_A(pairs) -> list:
+    """Freeze every A (LORAFA-1); returns [(A, requires_grad before)]."""
+    before = [(p.A, p.A.requires_grad) for p in pairs]
     for p in pairs:
         p.A.requires_grad = False
         p.A.grad = None
@@ -126,8 +128,8 @@ def create_lorafa_optimizer(model, r: int | None = None, lora_alpha: float | Non
     PEFT does) and returns the LoRA-FA AdamW over the remaining trainable parameters."""
     pairs = trained_pairs(model, LoraFAConfig(r, lora_alpha))
     _freeze_A(pairs)
-    named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
-    return LoraFAAdamW(named, {p.b_name: (p.A, p.delta.s) for p in pairs}, lr=lr, weight_decay=weight_decay)
+    named = model.net.named_trainable_parameters()
+    return LoraFAAdamW(named, scalings(pairs), lr=lr, weight_decay=weight_decay)
 
 
 class LoraFAHook(TrainingHook):
@@ -140,11 +142,11 @@ class LoraFAHook(TrainingHook):
         self.before = _freeze_A(self.pairs)
 
     def optimizer(self, named, groups, cfg):
-        return LoraFAAdamW(named, {p.b_name: (p.A, p.delta.s) for p in self.pairs}, lr=cfg.learning_rate,
+        return LoraFAAdamW(named, scalings(self.pairs), lr=cfg.learning_rate,
                            weight_decay=cfg.weight_decay, groups=groups)
 
     def end(self):
-        for A, trainable in self.before.values():
+        for A, trainable in self.before:
             A.requires_grad = trainable
 
 

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..hooks import TrainingHook
 from ..nn.layers import LayerNorm
 from ..nn.optim import AdamW
+from .checks import number
 
 
 @dataclasses.dataclass
@@ -33,13 +34,10 @@ class LoraPlusConfig:
     loraplus_weight_decay: float | None = None
 
     def __post_init__(self):
-        for f in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"LoraPlusConfig.{f}={v!r} must be a number > 0")
-        wd = self.loraplus_weight_decay
-        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float)) or not wd >= 0):
-            raise ConfigError(f"LoraPlusConfig.loraplus_weight_decay={wd!r} must be a number >= 0")
+        number("LoraPlusConfig", "loraplus_lr_ratio", self.loraplus_lr_ratio)
+        number("LoraPlusConfig", "loraplus_lr_embedding", self.loraplus_lr_embedding)
+        if self.loraplus_weight_decay is not None:
+            number("LoraPlusConfig", "loraplus_weight_decay", self.loraplus_weight_decay, strict=False)
 
 
 def loraplus_groups(model, named: dict, ratio: float, weight_decay: float) -> dict:
@@ -66,7 +64,7 @@ def create_loraplus_optimizer(model, *, lr: float, loraplus_lr_ratio: float, lor
         raise ConfigError("create_loraplus_optimizer: weight_decay has no effect in PEFT (each LoRA+ group sets its "
                           "own); pass loraplus_weight_decay instead")
     opts = LoraPlusConfig(loraplus_lr_ratio, loraplus_lr_embedding, loraplus_weight_decay)
-    named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
+    named = model.net.named_trainable_parameters()
     if not named:
         raise ConfigError("create_loraplus_optimizer: the model has no trainable parameters; apply an adapter first")
     groups = loraplus_groups(model, named, opts.loraplus_lr_ratio, opts.loraplus_weight_decay)

@@ -19,6 +19,7 @@ from ..autograd import no_grad
 from ..errors import ConfigError
 from ..hooks import TrainingHook
 from ..nn.optim import AdamW
+from .checks import number
 from .pairs import lora_pairs
 
 
@@ -28,8 +29,7 @@ class RiemannianConfig:
     reg: float = 1e-2
 
     def __post_init__(self):
-        if isinstance(self.reg, bool) or not isinstance(self.reg, (int, float)) or not self.reg >= 0:
-            raise ConfigError(f"RiemannianConfig.reg={self.reg!r} must be a number >= 0")
+        number("RiemannianConfig", "reg", self.reg, strict=False)
 
 
 def damped_inverse(M, reg: float):
@@ -76,7 +76,7 @@ def create_riemannian_optimizer(model, *, lr: float, reg: float = 1e-2, betas=(0
     """peft.optimizers.create_riemannian_optimizer with optimizer_cls=torch.optim.AdamW."""
     opts = RiemannianConfig(reg)
     pairs = trainable_pairs(model)
-    named = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
+    named = model.net.named_trainable_parameters()
     return RiemannianAdamW(named, pairs, opts.reg, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
