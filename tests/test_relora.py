@@ -150,4 +150,4 @@ def test_models_relora_cannot_fold_into_are_refused_before_any_step():
         ReLoRAHook(d, ok)
     with pytest.raises(ConfigError, match="apply_lora first"):
         ReLoRAHook(tiny_llama(), ok)
-    assert [m.name for m in mp.procedures.procedures()][:1] == ["relora"]
+    assert "relora" in [m.name for m in mp.procedures.procedures()]
