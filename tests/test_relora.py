@@ -97,6 +97,8 @@ def test_W_is_W0_plus_the_folded_deltas_and_merge_and_unload_adds_the_last():
     W = base_W(m)
     for p in W0:
         assert_close(W[p], W0[p] + sum(f[p] for f in spy.folded), rtol=1e-5, atol=1e-6, label=p)
+    p = next(iter(W0))  # three rank-4 pieces: W - W0 has rank 12 where min(out, in) allows (the paper's point)
+    assert np.linalg.matrix_rank(W[p] - W0[p], tol=1e-6) == min(12, *W[p].shape)
     m.merge_and_unload()
     for p, w in base_W_plain(m, W0).items():
         assert_close(w, W[p] + last[p], rtol=1e-5, atol=1e-6, label=p)

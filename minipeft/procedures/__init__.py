@@ -14,6 +14,7 @@ from ..adapters import registry as _registry
 for _info in _pkgutil.walk_packages(__path__, __name__ + "."):
     _importlib.import_module(_info.name)
 
+from .chainlora import ChainLoRAConfig, ChainLoRAHook  # noqa: E402
 from .deltalora import DeltaLoRAConfig, DeltaLoRAHook  # noqa: E402
 from .relora import ReLoRAConfig, ReLoRAHook  # noqa: E402
 
@@ -23,4 +24,5 @@ def procedures() -> list:
     return [m for m in _registry.methods() if m.kind == "procedure"]
 
 
-__all__ = ["ReLoRAConfig", "ReLoRAHook", "DeltaLoRAConfig", "DeltaLoRAHook", "procedures"]
+__all__ = ["ReLoRAConfig", "ReLoRAHook", "DeltaLoRAConfig", "DeltaLoRAHook", "ChainLoRAConfig", "ChainLoRAHook",
+           "procedures"]
