@@ -2,6 +2,7 @@
 base weights W of its LoRA layers as NumPy, s B A of each (rebuilt from the spec's formula), and a run that
 is checkpointed mid-procedure and resumed."""
 import numpy as np
+import pytest
 
 from minipeft.adapters.inject import adapted_layers
 from minipeft.train import TrainingConfig
@@ -25,9 +26,9 @@ def sBA(model) -> dict:
     return out
 
 
-def resumed_equals_full(make_hook, tmp_path, ckpt_step=4, **run):
-    """Train RUN with a hook, checkpointing every ckpt_step; resume a fresh model from checkpoint-<ckpt_step>:
-    (full history, resumed history, full model, resumed model)."""
+def resumed_equals_full(make_hook, tmp_path, procedure, ckpt_step=4, **run):
+    """Train RUN with a hook, checkpointing every ckpt_step; resume a fresh model from checkpoint-<ckpt_step>.
+    Asserts the losses and W are equal bit for bit and that save_adapters warns that `procedure` changed W."""
     cfg = {**RUN, **run}
     full_model = lora_model()
     full = full_model.train(DATA, TrainingConfig(hooks=[make_hook(full_model)], output_dir=str(tmp_path / "a"),
@@ -35,4 +36,8 @@ def resumed_equals_full(make_hook, tmp_path, ckpt_step=4, **run):
     again = lora_model()
     resumed = again.train(DATA, TrainingConfig(hooks=[make_hook(again)], **cfg,
                                                resume_from=str(tmp_path / "a" / f"checkpoint-{ckpt_step}")))
-    return full, resumed, full_model, again
+    assert len(full["loss"]) == cfg["max_steps"] and resumed["loss"] == full["loss"]  # bit for bit
+    Wa, Wb = base_W(full_model), base_W(again)
+    assert all(np.array_equal(Wa[p], Wb[p]) for p in Wa)
+    with pytest.warns(UserWarning, match=f"{procedure} changed the base weights"):
+        full_model.save_adapters(str(tmp_path / "adapter"))

@@ -77,12 +77,7 @@ def test_a_knot_resets_the_optimizer_so_the_next_step_is_adamws_first():
 @pytest.mark.spec("CHAINLORA-4", "TRAIN-13")
 def test_a_run_resumed_inside_a_link_gives_the_same_losses_and_W(tmp_path):
     make = lambda m: ChainLoRAHook(m, ChainLoRAConfig(links=(3, 3, 4)))  # noqa: E731
-    full, resumed, a, b = resumed_equals_full(make, tmp_path, ckpt_step=4)  # after one knot, inside link 2
-    assert len(full["loss"]) == 10 and resumed["loss"] == full["loss"]
-    Wa, Wb = base_W(a), base_W(b)
-    assert all(np.array_equal(Wa[p], Wb[p]) for p in Wa)
-    with pytest.warns(UserWarning, match="Chain of LoRA changed the base weights"):
-        a.save_adapters(str(tmp_path / "ad"))
+    resumed_equals_full(make, tmp_path, "Chain of LoRA", ckpt_step=4)  # after one knot, inside link 2
 
 
 @pytest.mark.spec("CHAINLORA-5")

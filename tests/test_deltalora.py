@@ -55,14 +55,9 @@ def test_the_forward_is_W_x_plus_sBAx_with_the_changed_W():
 
 
 @pytest.mark.spec("DELTALORA-4", "TRAIN-13")
-def test_a_run_resumed_mid_procedure_gives_the_same_losses_and_W(tmp_path, recwarn):
+def test_a_run_resumed_mid_procedure_gives_the_same_losses_and_W(tmp_path):
     make = lambda m: DeltaLoRAHook(m, DeltaLoRAConfig(update_delta_start=2, delta_lambda=0.5))  # noqa: E731
-    full, resumed, a, b = resumed_equals_full(make, tmp_path)
-    assert len(full["loss"]) == 10 and resumed["loss"] == full["loss"]
-    Wa, Wb = base_W(a), base_W(b)
-    assert all(np.array_equal(Wa[p], Wb[p]) for p in Wa)
-    with pytest.warns(UserWarning, match="Delta-LoRA changed the base weights"):
-        a.save_adapters(str(tmp_path / "ad"))
+    resumed_equals_full(make, tmp_path, "Delta-LoRA")
 
 
 @pytest.mark.spec("DELTALORA-5")

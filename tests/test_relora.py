@@ -111,10 +111,7 @@ def base_W_plain(m, paths):
 @pytest.mark.spec("RELORA-5", "TRAIN-13", "TRAIN-16")
 def test_a_run_resumed_between_restarts_gives_the_same_losses_and_W(tmp_path):
     make = lambda m: ReLoRAHook(m, ReLoRAConfig(reset_every=3, restart_warmup=1))  # noqa: E731
-    full, resumed, a, b = resumed_equals_full(make, tmp_path)  # checkpoint after step 4: one restart behind
-    assert len(full["loss"]) == 10 and resumed["loss"] == full["loss"]  # bit for bit
-    Wa, Wb = base_W(a), base_W(b)
-    assert all(np.array_equal(Wa[p], Wb[p]) for p in Wa)
+    resumed_equals_full(make, tmp_path, "ReLoRA")  # checkpoint after step 4: one restart behind
 
 
 @pytest.mark.spec("RELORA-5")
