@@ -21,6 +21,7 @@ from .model import Model, load_model
 from .quant import QuantizationConfig, nf4_dequantize, nf4_quantize
 from .train import TrainingConfig
 from . import optimizers
+from . import procedures
 
 import os as _os
 
@@ -30,5 +31,5 @@ __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config",
-           "methods", "Method", "register_method", "TrainingHook", "optimizers",
+           "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

@@ -12,11 +12,15 @@ adapter's name as its key.
 In the loop (minipeft/train.py), per optimizer step:
     groups   = param_groups(named) of every hook, merged  (before the optimizer is made)
     opt      = the one hook's optimizer(named, groups, cfg), or AdamW(named, ..., groups)
+    attach(opt) of each hook, once, before a resume loads the optimizer's state
+    lr       = the schedule's lr times every hook's lr_scale(step)
     loss     = LM loss + sum of regularization() over hooks        (each micro-batch)
     backward; clip; opt.step(); after_step(step) of each hook (gradients still there); zero_grad
 and at the end of training end(); checkpoints save state() and a resume gives it to load_state().
 """
 from __future__ import annotations
+
+import math
 
 from .errors import ConfigError
 
@@ -36,6 +40,14 @@ class TrainingHook:
         """An optimizer to use instead of AdamW, or None. It needs AdamW's interface: an `lr` attribute
         the loop sets each step, step(), zero_grad(), t, state_dict() and load_state_dict(arrays, t)."""
         return None
+
+    def attach(self, opt) -> None:
+        """Once, after the optimizer is made and before a resume loads its state: a procedure that prunes
+        or resets the optimizer's moments (ReLoRA, Chain of LoRA) keeps `opt` here (TRAIN-16)."""
+
+    def lr_scale(self, step: int) -> float:
+        """A factor on the schedule's learning rate of step `step` (0-based): ReLoRA's restart warmup (TRAIN-16)."""
+        return 1.0
 
     def regularization(self):
         """A scalar Tensor added to each micro-batch's loss, or None."""
@@ -90,6 +102,17 @@ def regularization(hooks: list):
     """The sum of the hooks' regularization terms, or None."""
     terms = [t for t in (h.regularization() for h in hooks) if t is not None]
     return sum(terms[1:], terms[0]) if terms else None
+
+
+def attach(hooks: list, opt) -> None:
+    """Give every hook the optimizer (TRAIN-16)."""
+    for h in hooks:
+        h.attach(opt)
+
+
+def lr_scale(hooks: list, step: int) -> float:
+    """The product of the hooks' lr_scale(step) (TRAIN-16)."""
+    return math.prod(h.lr_scale(step) for h in hooks)
 
 
 def param_groups(hooks: list, named: dict) -> dict:

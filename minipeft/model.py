@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -200,6 +201,10 @@ class Model:
         return self
 
     def save_adapters(self, path: str, names=None) -> None:
+        if getattr(self, "base_changed_by", None):  # RELORA-5, DELTALORA-4, CHAINLORA-4
+            warnings.warn(f"{self.base_changed_by} changed the base weights W while training: the adapter saved "
+                          f"at {path} lacks what W took in. Save the trained model with "
+                          f"model.merge_and_unload().save(path)", UserWarning, stacklevel=2)
         peft_io.save_adapters(self, path, names)
 
     def load_adapters(self, path: str, name: str = "default", strict: bool = True):

@@ -139,6 +139,7 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
     groups = H.param_groups(hooks, named)
     opt = H.optimizer(hooks, named, groups, cfg) or AdamW(named, lr=cfg.learning_rate,
                                                           weight_decay=cfg.weight_decay, groups=groups)
+    H.attach(hooks, opt)  # TRAIN-16: procedures that prune or reset the moments keep it
     history = {"step": [], "loss": [], "lr": [], "grad_norm": [], "eval_loss": [], "tokens_per_s": []}
     step = 0
     if cfg.resume_from:
@@ -153,7 +154,7 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
                 if step >= total:
                     break
                 t0 = time.perf_counter()
-                lr = opt.lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, total, cfg.schedule)
+                lr = opt.lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, total, cfg.schedule) * H.lr_scale(hooks, step)
                 batches = [collate(mb, pad_id) for mb in group]
                 n_total = max(sum(count_targets(b[2]) for b in batches), 1)
                 loss_value, tokens = 0.0, 0

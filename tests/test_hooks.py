@@ -211,3 +211,30 @@ def test_hook_state_is_checkpointed_and_resume_is_exact(tmp_path):
     forgetful.load_state = lambda arrays, info: None
     other = lost.train(data, TrainingConfig(resume_from=str(tmp_path / "checkpoint-8"), hooks=(forgetful,), **run))
     assert other["loss"][:8] == full["loss"][:8] and other["loss"][8:] != full["loss"][8:]
+
+
+class Halver(mp.TrainingHook):
+    """lr_scale 0.5 on odd steps; records the optimizer attach gives it and when (its moments then)."""
+    key = "halver"
+
+    def __init__(self):
+        self.attached = []
+
+    def attach(self, opt):
+        self.attached.append((opt, opt.t, dict(opt.m)))
+
+    def lr_scale(self, step):
+        return 0.5 if step % 2 else 1.0
+
+
+@pytest.mark.spec("TRAIN-16")
+def test_attach_gets_the_optimizer_once_before_the_resume_and_lr_scale_multiplies_the_schedule(tmp_path):
+    data = token_data(8, seed=2)
+    cfg = dict(learning_rate=1e-2, batch_size=2, max_steps=4, warmup_steps=1, schedule="cosine", **QUIET)
+    h = Halver()
+    hist = lora_model().train(data, TrainingConfig(hooks=[h], output_dir=str(tmp_path), save_steps=2, **cfg))
+    assert hist["lr"] == [lr_at(k, 1e-2, 1, 4, "cosine") * (0.5 if k % 2 else 1.0) for k in range(4)]
+    assert len(h.attached) == 1 and isinstance(h.attached[0][0], AdamW)
+    again = Halver()
+    lora_model().train(data, TrainingConfig(hooks=[again], resume_from=str(tmp_path), **cfg))
+    assert len(again.attached) == 1 and again.attached[0][1:] == (0, {})  # before load_state_dict
