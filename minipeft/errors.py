@@ -20,3 +20,14 @@ class BackendError(MiniPeftError):
 
 class TrainingError(MiniPeftError):
     """Training hit a state it cannot continue from (NaN loss, bad data)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training at a step boundary (TRAIN-20). A KeyboardInterrupt, so code that does not
+    catch it stops as on any Ctrl-C; `step`, `checkpoint` (the folder saved, or None without an output_dir)
+    and `history` say where it stopped and how to go on (resume_from=checkpoint)."""
+
+    def __init__(self, step: int, checkpoint, history: dict):
+        where = f"; checkpoint saved: {checkpoint}" if checkpoint else "; no output_dir, so no checkpoint"
+        super().__init__(f"training interrupted after step {step}{where}")
+        self.step, self.checkpoint, self.history = step, checkpoint, history

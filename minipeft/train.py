@@ -1,6 +1,8 @@
 """The training loop (spec/training.md): AdamW on the trainable parameters, warmup then linear or
 cosine decay, gradient accumulation equal to the larger batch (TRAIN-3), clipping by global norm,
-seeded shuffling, per-epoch evaluation, checkpoints and an exact resume (TRAIN-4), a progress bar.
+seeded shuffling, evaluation per epoch or every eval_steps, checkpoints with rotation, the best one kept
+and loaded back, early stopping, an exact resume (TRAIN-4, TRAIN-17), a progress bar and a JSONL log, and
+Ctrl-C that saves a checkpoint (TRAIN-20).
 
 One optimizer step takes batch_size * gradient_accumulation_steps examples. Each micro-batch's
 mean loss is weighted by its share of the step's target tokens, so accumulating 4 micro-batches
@@ -9,7 +11,6 @@ of 1 gives the same gradient as one batch of 4 (HF's num_items_in_batch rule).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -17,16 +18,19 @@ import time
 import numpy as np
 
 from . import backend
+from . import checkpoints as C
 from . import hooks as H
+from . import train_report as R
 from .autograd import no_grad
 from .data import collate, count_targets, prepare
-from .adapters.peft_io import config_dict
-from .errors import ConfigError, TrainingError
-from .fileio import atomic_save_dir, atomic_write_json
+from .errors import ConfigError, TrainingError, TrainingInterrupted
+from .fileio import atomic_write_json
 from .memory import check_budget
 from .models.blocks import causal_lm_loss
 from .nn.optim import AdamW, clip_grad_norm, lr_at
-from .safetensors_io import read_safetensors, write_safetensors
+
+DEFAULT_SAVE_STEPS = 500  # transformers' default: with an output_dir, a checkpoint every 500 steps and at the end
+CONFIG_NAME = "train_config.json"  # the resolved TrainingConfig, written to output_dir when training starts
 
 
 @dataclasses.dataclass
@@ -45,8 +49,13 @@ class TrainingConfig:
     seed: int = 0
     shuffle: bool = True
     max_length: int | None = None  # truncate examples to this many tokens
-    output_dir: str | None = None  # where checkpoints go
-    save_steps: int | None = None  # a checkpoint every N optimizer steps (needs output_dir)
+    output_dir: str | None = None  # where checkpoints, log.jsonl and train_config.json go
+    save_steps: int | None = None  # a checkpoint every N optimizer steps (needs output_dir; default 500)
+    save_total_limit: int | None = None  # keep the newest N checkpoints (and the best); None: all
+    eval_steps: int | None = None  # evaluate every N steps (None: at each epoch's end), and at the end
+    load_best_model_at_end: bool = False  # load the checkpoint with the lowest eval loss when training ends
+    early_stopping_patience: int | None = None  # stop after N evaluations without an improvement
+    early_stopping_threshold: float = 0.0  # an improvement is an eval loss lower than the best by more than this
     resume_from: str | None = None  # a checkpoint folder, or an output_dir (its latest checkpoint)
     progress: bool = True
     plot_path: str | None = None  # write the loss curve as PNG (needs matplotlib)
@@ -63,11 +72,55 @@ class TrainingConfig:
             raise ConfigError(f"TrainingConfig.learning_rate={self.learning_rate!r} must be > 0")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"TrainingConfig.schedule={self.schedule!r}: use linear, cosine or constant")
-        if self.save_steps and not self.output_dir:
-            raise ConfigError("TrainingConfig.save_steps needs output_dir")
+        for name in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ConfigError(f"TrainingConfig.{name}={v!r} must be a positive integer or None")
+        for name in ("save_steps", "save_total_limit", "load_best_model_at_end"):
+            if getattr(self, name) and not self.output_dir:
+                raise ConfigError(f"TrainingConfig.{name} needs output_dir (where the checkpoints go)")
+        for name in ("eval_steps", "load_best_model_at_end", "early_stopping_patience"):
+            if getattr(self, name) and self.eval_data is None:
+                raise ConfigError(f"TrainingConfig.{name} needs eval_data (it works from the eval loss)")
+        if self.load_best_model_at_end and (not self.eval_steps or self.save_every % self.eval_steps):
+            raise ConfigError(f"TrainingConfig.load_best_model_at_end needs eval_steps set and save_steps "
+                              f"({self.save_every}) a multiple of it (eval_steps={self.eval_steps!r}), so that "
+                              f"every checkpoint has an eval loss to compare")
+        if not self.early_stopping_threshold >= 0:
+            raise ConfigError(f"TrainingConfig.early_stopping_threshold={self.early_stopping_threshold!r} must be >= 0")
         budget = self.memory_budget_gb
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
             raise ConfigError(f"TrainingConfig.memory_budget_gb={budget!r} must be a positive number of GiB")
+
+    @property
+    def save_every(self) -> int:
+        return self.save_steps or DEFAULT_SAVE_STEPS
+
+    def to_json(self) -> dict:
+        """The resolved config as train_config.json stores it (data and hooks by description, not by value)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "eval_data" and v is not None and not isinstance(v, str):
+                v = f"<{len(v)} records>" if hasattr(v, "__len__") else repr(v)
+            elif f.name == "hooks":
+                v = [type(h).__name__ for h in v]
+            elif not isinstance(v, (str, int, float, bool, type(None))):
+                v = repr(v)
+            out[f.name] = v
+        return out
+
+
+def should_stop_early(evals: list, patience, threshold: float) -> bool:
+    """TRAIN-17: True when the last `patience` evaluations each failed to beat the best eval loss before them
+    by more than `threshold` (worked out from the history, so a resumed run stops where the full one would)."""
+    if not patience:
+        return False
+    best, bad = math.inf, 0
+    for _, loss in evals:
+        bad = 0 if best == math.inf or loss < best - threshold else bad + 1
+        best = min(best, loss)
+    return bad >= patience
 
 
 def _order(n: int, epoch: int, cfg) -> np.ndarray:
@@ -140,58 +193,72 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
     opt = H.optimizer(hooks, named, groups, cfg) or AdamW(named, lr=cfg.learning_rate,
                                                           weight_decay=cfg.weight_decay, groups=groups)
     H.attach(hooks, opt)  # TRAIN-16: procedures that prune or reset the moments keep it
+    R.check_plot(cfg.plot_path)  # TRAIN-18: an optional extra is checked before any step
     history = {"step": [], "loss": [], "lr": [], "grad_norm": [], "eval_loss": [], "tokens_per_s": []}
     step = 0
     if cfg.resume_from:
-        step, history = load_checkpoint(model, opt, named, hooks, cfg.resume_from)
+        step, history = C.load_checkpoint(model, opt, named, hooks, cfg.resume_from)
+    run = _Run(model, opt, named, hooks, cfg, history, step)
+    log = R.JsonlLog(cfg.output_dir, history, per_epoch)
+    if cfg.output_dir:
+        atomic_write_json(os.path.join(cfg.output_dir, CONFIG_NAME), cfg.to_json())
     model.net.gradient_checkpointing = cfg.gradient_checkpointing
     model.net.train()
-    bar = _progress(total, step, cfg.progress)
-    last_ckpt = None
+    bar = R.progress(total, step, cfg.progress)
     try:
-        for epoch in range(step // per_epoch, math.ceil(total / per_epoch)):
-            for group in _steps(examples, epoch, cfg)[step - epoch * per_epoch:]:
-                if step >= total:
+        with R.InterruptAtStep() as interrupt:
+            for epoch in range(step // per_epoch, math.ceil(total / per_epoch)):
+                for group in _steps(examples, epoch, cfg)[step - epoch * per_epoch:]:
+                    if step >= total:
+                        break
+                    t0 = time.perf_counter()
+                    lr = opt.lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, total, cfg.schedule) * H.lr_scale(hooks, step)
+                    batches = [collate(mb, pad_id) for mb in group]
+                    n_total = max(sum(count_targets(b[2]) for b in batches), 1)
+                    loss_value, tokens = 0.0, 0
+                    for ids, mask, labels in batches:
+                        share = count_targets(labels) / n_total
+                        loss = _loss(model, ids, mask, labels)
+                        reg = H.regularization(hooks)  # the methods' own loss terms (AdaLoRA's penalty), or None
+                        if reg is not None:
+                            loss = loss + reg
+                        lv = loss.item()
+                        if not math.isfinite(lv):
+                            run.diverged(step, "loss", lv, lr)
+                        (loss * share).backward()
+                        loss_value += lv * share
+                        tokens += int(mask.sum())
+                    norm = clip_grad_norm(list(named.values()), cfg.max_grad_norm)
+                    if not math.isfinite(norm):
+                        run.diverged(step, "gradient norm", norm, lr)
+                    opt.step()
+                    for h in hooks:  # per-step updates (AdaLoRA's rank allocation), gradients still there
+                        h.after_step(step)
+                    opt.zero_grad()
+                    step += 1
+                    rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm, "tokens_per_s": rate}
+                    for k, v in record.items():
+                        history[k].append(v)
+                    log.write(record)
+                    if evals is not None and (step % (cfg.eval_steps or per_epoch) == 0 or step >= total):
+                        history["eval_loss"].append((step, evaluate(model, evals, cfg.batch_size, pad_id)))
+                        log.write({"step": step, "eval_loss": history["eval_loss"][-1][1]})
+                    bar.update(1)
+                    bar.set_postfix(R.postfix(history, per_epoch))
+                    stop = should_stop_early(history["eval_loss"], cfg.early_stopping_patience,
+                                             cfg.early_stopping_threshold)
+                    if step % cfg.save_every == 0 or step >= total or stop or interrupt.requested:
+                        run.save(step)
+                    if interrupt.requested:
+                        raise TrainingInterrupted(step, run.saved, history)
+                    if stop:
+                        history["stopped_early"] = step
+                        break
+                if step >= total or "stopped_early" in history:
                     break
-                t0 = time.perf_counter()
-                lr = opt.lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, total, cfg.schedule) * H.lr_scale(hooks, step)
-                batches = [collate(mb, pad_id) for mb in group]
-                n_total = max(sum(count_targets(b[2]) for b in batches), 1)
-                loss_value, tokens = 0.0, 0
-                for ids, mask, labels in batches:
-                    share = count_targets(labels) / n_total
-                    loss = _loss(model, ids, mask, labels)
-                    reg = H.regularization(hooks)  # the methods' own loss terms (AdaLoRA's penalty), or None
-                    if reg is not None:
-                        loss = loss + reg
-                    lv = loss.item()
-                    if not math.isfinite(lv):
-                        raise TrainingError(f"step {step}: the loss is {lv}; training stopped. "
-                                            f"Last good checkpoint: {last_ckpt or 'none'}")
-                    (loss * share).backward()
-                    loss_value += lv * share
-                    tokens += int(mask.sum())
-                norm = clip_grad_norm(list(named.values()), cfg.max_grad_norm)
-                if not math.isfinite(norm):
-                    raise TrainingError(f"step {step}: the gradient norm is {norm}; training stopped. "
-                                        f"Last good checkpoint: {last_ckpt or 'none'}")
-                opt.step()
-                for h in hooks:  # per-step updates (AdaLoRA's rank allocation), gradients still there
-                    h.after_step(step)
-                opt.zero_grad()
-                step += 1
-                rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                for k, v in (("step", step), ("loss", loss_value), ("lr", lr), ("grad_norm", norm),
-                             ("tokens_per_s", rate)):
-                    history[k].append(v)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:.0f}")
-                if cfg.save_steps and step % cfg.save_steps == 0:
-                    last_ckpt = save_checkpoint(model, opt, named, hooks, cfg.output_dir, step, history)
-            if evals is not None and (step % per_epoch == 0 or step >= total):
-                history["eval_loss"].append((step, evaluate(model, evals, cfg.batch_size, pad_id)))
-            if step >= total:
-                break
+            if cfg.load_best_model_at_end:
+                run.load_best()
     finally:
         for h in hooks:
             if h not in optimiser:  # train() ends it, also when training never started
@@ -200,121 +267,43 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
         model.net.gradient_checkpointing = False
         model.net.eval()
         backend.release_host_memory()  # BACKEND-7: the steps' freed buffers go back to the OS
-    if cfg.plot_path:
-        plot_history(history, cfg.plot_path)
+    R.try_plot(history, cfg.plot_path)  # TRAIN-18: last, and a failure only warns
     return history
 
 
-def _progress(total, start, enabled):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, disable=not enabled, desc="training", unit="step")
+class _Run:
+    """The checkpoints of one training run: periodic saves with rotation (TRAIN-4, TRAIN-17), the state saved
+    named when the loss diverges (TRAIN-6), and the best checkpoint loaded back at the end (TRAIN-17)."""
 
+    def __init__(self, model, opt, named, hooks, cfg, history, step):
+        self.model, self.opt, self.named, self.hooks, self.cfg, self.history = model, opt, named, hooks, cfg, history
+        self.saved = C.latest_checkpoint(cfg.resume_from) if cfg.resume_from else None  # the last one written or resumed from
+        self.saved_step = step  # no checkpoint is written again for the step a run resumed from
 
-# ---- checkpoints (TRAIN-4) -----------------------------------------------------------------
-def save_checkpoint(model, opt, named, hooks, output_dir, step, history) -> str:
-    """output_dir/checkpoint-<step>: trainable weights, optimizer moments, step, RNG state, history,
-    and the adapters in PEFT format. Written to a temporary folder and renamed into place."""
-    path = os.path.join(output_dir, f"checkpoint-{step}")
-    os.makedirs(output_dir, exist_ok=True)
-    with atomic_save_dir(path) as tmp:
-        write_safetensors(os.path.join(tmp, "trainable.safetensors"),
-                          {n: np.ascontiguousarray(backend.to_host(p.data)) for n, p in named.items()})
-        write_safetensors(os.path.join(tmp, "optimizer.safetensors"), opt.state_dict())
-        method = {h.key: h.state() for h in hooks}  # {key: (arrays, json)}: the hooks' state (AdaLoRA's allocator)
-        write_safetensors(os.path.join(tmp, "method_state.safetensors"),
-                          {f"{a}/{k}": np.ascontiguousarray(v) for a, (arrays, _) in method.items()
-                           for k, v in arrays.items()})
-        state = {"step": step, "adam_t": opt.t, "rng": model.rng.get_state(), "history": history,
-                 "method_state": {a: info for a, (_, info) in method.items()}}
-        atomic_write_json(os.path.join(tmp, "trainer_state.json"), _jsonable(state))
-        if model.peft_configs:  # inside the folder that appears whole (TRAIN-8)
-            model.save_adapters(os.path.join(tmp, "adapter"))
-    return path
+    def save(self, step: int) -> None:
+        if not self.cfg.output_dir or step == self.saved_step and self.saved:
+            return
+        self.saved = C.save_checkpoint(self.model, self.opt, self.named, self.hooks, self.cfg.output_dir, step,
+                                       self.history)
+        self.saved_step = step
+        best = C.best_checkpoint(self.cfg.output_dir, self.history) if self.cfg.load_best_model_at_end else None
+        C.rotate(self.cfg.output_dir, self.cfg.save_total_limit, keep=best)
 
+    def diverged(self, step: int, what: str, value: float, lr: float) -> None:
+        """TRAIN-6: no update for this step and no new checkpoint (the weights that gave a non-finite loss are
+        not good ones); the error names the last checkpoint, which rotation has not touched, and what to try."""
+        self.opt.zero_grad()
+        recent = ", ".join(f"{x:.4g}" for x in self.history["loss"][-3:]) or "none"
+        hint = (f"resume_from={self.saved!r} (step {self.saved_step}) with a lower learning_rate" if self.saved else
+                "no checkpoint was saved before it (set output_dir and save_steps to keep some); "
+                "start again with a lower learning_rate")
+        raise TrainingError(f"step {step + 1}: the {what} is {value}, so training stopped with no update for this "
+                            f"step (learning rate {lr:.3g}; the last losses: {recent}). Last good checkpoint: "
+                            f"{self.saved or 'none'}; {hint}")
 
-def latest_checkpoint(path: str) -> str:
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return path
-    found = [d for d in os.listdir(path) if d.startswith("checkpoint-") and d[11:].isdigit()] \
-        if os.path.isdir(path) else []
-    if not found:
-        raise ConfigError(f"resume_from={path!r}: no checkpoint there (expected trainer_state.json or checkpoint-N/)")
-    return os.path.join(path, max(found, key=lambda d: int(d[11:])))
-
-
-def load_checkpoint(model, opt, named, hooks, path):
-    path = latest_checkpoint(path)
-    check_same_adapters(model, path)
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    weights, _ = read_safetensors(os.path.join(path, "trainable.safetensors"))
-    if set(weights) != set(named):
-        raise ConfigError(f"{path}: its trainable parameters differ from the model's "
-                          f"(e.g. {sorted(set(weights) ^ set(named))[:3]}); resume with the same adapters")
-    for n, p in named.items():
-        p.data = backend.asarray(weights[n], "float32")
-    moments, _ = read_safetensors(os.path.join(path, "optimizer.safetensors"))
-    opt.load_state_dict(moments, state["adam_t"])
-    model.rng.set_state(state["rng"])
-    if "method_state" in state:
-        arrays, _ = read_safetensors(os.path.join(path, "method_state.safetensors"))
-        for h in hooks:
-            if h.key in state["method_state"]:
-                h.load_state({k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(h.key + "/")},
-                             state["method_state"][h.key])
-    history = state["history"]
-    history["eval_loss"] = [tuple(e) for e in history.get("eval_loss", [])]
-    return state["step"], history
-
-
-RESUME_FIELDS = ("peft_type", "r", "target_modules", "base_model_name_or_path")  # method, rank, targets, base
-
-
-def check_same_adapters(model, path: str) -> None:
-    """TRAIN-14: a checkpoint's adapter/adapter_config.json must agree with the model's adapters on
-    method, rank, targets and base model, or the resumed run would write an unloadable adapter."""
-    for name, cfg in model.peft_configs.items():
-        file = os.path.join(path, "adapter", "" if name == "default" else name, "adapter_config.json")
-        if not os.path.isfile(file):
-            continue
-        with open(file, encoding="utf-8") as f:
-            old = json.load(f)
-        new = config_dict(model, cfg)
-        for k in RESUME_FIELDS:
-            a, b = old.get(k), new.get(k)
-            if isinstance(a, list) and isinstance(b, list):
-                a, b = sorted(a), sorted(b)
-            if a != b:
-                raise ConfigError(f"{file}: field {k!r} of adapter {name!r} is {old.get(k)!r} in the checkpoint but "
-                                  f"{new.get(k)!r} now; resume with the checkpoint's settings or start a new output_dir")
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    return obj
-
-
-def plot_history(history: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ConfigError("plot_path needs matplotlib: pip install matplotlib") from e
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(history["step"], history["loss"], label="train loss")
-    if history["eval_loss"]:
-        ax.plot(*zip(*history["eval_loss"]), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    def load_best(self) -> None:
+        """TRAIN-17: the checkpoint with the lowest eval loss (its weights, optimizer and hook state)."""
+        best = C.best_checkpoint(self.cfg.output_dir, self.history)
+        if best is not None:
+            C.load_checkpoint(self.model, self.opt, self.named, self.hooks, best)
+            self.history["best_checkpoint"] = best
