@@ -412,3 +412,20 @@ def test_print_trainable_parameters_prints_peft_s_line(lib, base, case, capsys):
     model.print_trainable_parameters()
     ours = capsys.readouterr().out
     assert ours == theirs and ours.startswith("trainable params: ")
+
+
+@pytest.mark.spec("LORA-13")
+def test_unmatched_targets_as_peft_treats_them(lib, base, tmp_path):
+    """PEFT 0.21.2 refuses the string "q_proj" (a whole-path regex) and a list matching nothing, and accepts
+    ["q_proj", "nope_proj"] silently; minipeft refuses the same two and warns on the third, whose adapter
+    then loads in PEFT with equal logits."""
+    _, _, peft = lib
+    for tm in ("q_proj", ["nope_proj"]):
+        with pytest.raises(ValueError, match="not found in the base model"):
+            peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(target_modules=tm))
+        with pytest.raises(minipeft.errors.ConfigError, match="matches no linear layer"):
+            minipeft.load_model(base()).apply_lora(target_modules=tm)
+    peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(target_modules=["q_proj", "nope_proj"]))
+    with pytest.warns(UserWarning, match=r"\['nope_proj'\] match no linear layer"):
+        model, pm = minipeft_saved_in_peft(lib, base(), LoRAConfig(target_modules=["q_proj", "nope_proj"]), tmp_path)
+    report("partly matching list minipeft->PEFT", max_rel_err(model(IDS), hf_logits(lib, pm)))

@@ -491,6 +491,33 @@ def test_target_modules_rules(tm, exclude, layers_to, pattern):
     assert {p for p, _ in layers(model, "default")} == expect
 
 
+@pytest.mark.spec("LORA-13")
+def test_a_string_that_matches_nothing_says_it_is_a_regex_and_names_the_layers():
+    """Before: "q_proj" (a string) gave 'matches no linear layer' and nothing on why. Now the message says
+    it is a whole-path regex, shows a path, lists the leaf names and suggests ["q_proj"], which works."""
+    model = make_model()
+    with pytest.raises(ConfigError) as e:
+        model.apply_lora(target_modules="q_proj")
+    msg = str(e.value)
+    assert "regular expression that must match the whole module path" in msg
+    assert "'model.layers.0.self_attn.q_proj'" in msg and "target_modules=['q_proj']" in msg
+    assert "named: " + ", ".join(sorted(NAMES + ["lm_head"])) in msg
+    model.apply_lora(target_modules=["q_proj"])
+    assert {p for p, _ in layers(model, "default")} == {f"model.layers.{i}.self_attn.q_proj" for i in range(L)}
+
+
+@pytest.mark.spec("LORA-13")
+def test_list_entries_that_match_nothing_are_named():
+    """Before: ("q_proj", "v_prj") silently adapted q_proj alone. Now a UserWarning names 'v_prj' and the leaf
+    names (PEFT 0.21.2 accepts such a list, so it is not an error); a list matching nothing is a ConfigError."""
+    model = make_model()
+    with pytest.warns(UserWarning, match=r"\['v_prj'\] match no linear layer.*named: down_proj, gate_proj"):
+        model.apply_lora(target_modules=("q_proj", "v_prj"))
+    assert {p for p, _ in layers(model, "default")} == {f"model.layers.{i}.self_attn.q_proj" for i in range(L)}
+    with pytest.raises(ConfigError, match=r"\('v_prj', 'qq'\) matches no linear layer.*named: down_proj"):
+        make_model().apply_lora(target_modules=("v_prj", "qq"))
+
+
 # ---- LORA-11: errors leave the model unchanged -------------------------------------------------------------------
 BAD = [
     dict(rank=0), dict(rank=-2), dict(rank=2.5), dict(alpha=0), dict(alpha=-1), dict(dropout=1.0), dict(dropout=-0.1),
