@@ -3,12 +3,14 @@ rebuilt independently: the prompt-tuned logits against the *base* model run on i
 [P; E[ids]] (a code path without the adapter), the loss against a NumPy cross-entropy, generate
 against greedy full forwards. Helpers here are shared by the other prompt-learning test files."""
 import json
+import os
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import minipeft
 from helpers import assert_close, tiny_llama
 from minipeft import LoRAConfig, PromptTuningConfig
 from minipeft.autograd import Tensor
@@ -185,3 +187,26 @@ def test_model_errors():
                                              "intermediate_size": 32, "max_position_embeddings": 16})))
     with pytest.raises(ConfigError, match="model_type"):
         bert.apply_prompt_tuning(num_virtual_tokens=2)
+
+
+CARRIED = os.path.join(os.path.dirname(minipeft.__file__), "data", "tiny-llama-chars")
+
+
+@pytest.mark.spec("PROMPT-9")
+def test_init_text_saves_the_tokenizer_peft_needs(tmp_path):
+    """Before: an init_text adapter's adapter_config.json had no tokenizer_name_or_path, which PEFT's
+    PromptTuningConfig requires for prompt_tuning_init TEXT. Now it holds the base model's path or id,
+    reloads with it, and a path the user gave is kept."""
+    m = minipeft.load_model(CARRIED).apply_prompt_tuning(num_virtual_tokens=6, init_text="next")
+    m.save_adapters(str(tmp_path / "a"))
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["prompt_tuning_init"] == "TEXT" and cfg["tokenizer_name_or_path"] == CARRIED
+    again = minipeft.load_model(CARRIED)
+    again.load_adapters(str(tmp_path / "a"))
+    assert again.peft_configs["default"].tokenizer_name_or_path == CARRIED
+    mine = minipeft.load_model(CARRIED).apply_prompt_tuning(init_text="ab", tokenizer_name_or_path="my/tok")
+    mine.save_adapters(str(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["tokenizer_name_or_path"] == "my/tok"
+    random = tiny_llama().apply_prompt_tuning(num_virtual_tokens=2)
+    random.save_adapters(str(tmp_path / "c"))  # no text, no tokenizer: PEFT's RANDOM needs none
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["tokenizer_name_or_path"] is None
