@@ -4,6 +4,7 @@ input refused with a CheckpointError that names the file and the key (MODEL-1, M
 The comparison with transformers itself is tests/test_models_oracle.py."""
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -358,6 +359,30 @@ def test_save_then_load_is_exact(folder, family, tmp_path):
         np.testing.assert_array_equal(before[k].numpy(), after[k].numpy(), err_msg=k)
     ids, _ = ids_and_mask()
     np.testing.assert_array_equal(m(ids).numpy(), back(ids).numpy())
+
+
+CARRIED = os.path.join(os.path.dirname(minipeft.__file__), "data", "tiny-llama-chars")
+TOKENIZER_EXTRAS = {"special_tokens_map.json": '{"bos_token": "<s>", "eos_token": "</s>"}', "vocab.json": '{"a": 0}',
+                    "merges.txt": "#version: 0.2\na b\n", "added_tokens.json": "{}", "tokenizer.model": "sp",
+                    "generation_config.json": '{"bos_token_id": 1, "eos_token_id": 2}', "chat_template.jinja": "{{ x }}"}
+
+
+@pytest.mark.spec("MODEL-11")
+def test_save_keeps_every_tokenizer_file(tmp_path):
+    """Before: save() wrote tokenizer.json alone, so tokenizer_config.json, special_tokens_map.json, the
+    generation config and a slow tokenizer's vocab/merges were lost. Now each is copied byte for byte,
+    after a merge too; the weights, config.json and a README are not copied from the base."""
+    base = tmp_path / "base"
+    shutil.copytree(CARRIED, base)
+    for name, text in {**TOKENIZER_EXTRAS, "README.md": "card"}.items():
+        (base / name).write_text(text)
+    m = minipeft.load_model(str(base)).apply_lora(target_modules=["q_proj"])
+    m.merge_and_unload().save(str(tmp_path / "out"))
+    kept = ["tokenizer.json", "tokenizer_config.json", *TOKENIZER_EXTRAS]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(kept + ["config.json", "model.safetensors"])
+    for name in kept:
+        assert (tmp_path / "out" / name).read_bytes() == (base / name).read_bytes(), name
+    assert minipeft.load_model(str(tmp_path / "out")).tokenizer.encode("abc") == m.tokenizer.encode("abc")
 
 
 @pytest.mark.spec("MODEL-7")

@@ -1,11 +1,12 @@
-"""HF checkpoint folders in and out (spec/transformer.md MODEL-7..MODEL-9).
+"""HF checkpoint folders in and out (spec/transformer.md MODEL-7..MODEL-9, MODEL-11).
 
 A folder holds config.json, model.safetensors (or shards listed in model.safetensors.index.json)
-and optionally tokenizer.json. A Hub repo id is resolved through huggingface_hub's local cache
+and optionally tokenizer.json and the other tokenizer files, which save() copies. A Hub repo id is resolved through huggingface_hub's local cache
 (offline works once downloaded). Only safetensors and JSON are ever read: nothing is unpickled.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -23,6 +24,10 @@ from .config import read_config
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "embeddings.position_ids")
 # heads a checkpoint may carry that the minipeft model does not use (BERT's MLM/NSP heads)
 IGNORED_PREFIXES = ("cls.",)
+# what transformers' AutoTokenizer and GenerationConfig read from a model folder (MODEL-11): fetched with
+# a Hub model and copied by save() as they are
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                   "spiece.model", "sentencepiece*.model", "*.tiktoken", "chat_template*", "generation_config.json")
 
 
 def resolve(path_or_id: str) -> str:
@@ -35,7 +40,7 @@ def resolve(path_or_id: str) -> str:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise CheckpointError(f"{path_or_id}: not a folder, and huggingface_hub is not installed") from e
-    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    patterns = ["*.json", "*.safetensors", *TOKENIZER_FILES]
     errors = []
     for offline in (True, False):
         try:
@@ -172,8 +177,17 @@ def load_net(path_or_id: str, dtype: str = "float32"):
     return net, folder
 
 
-def save_net(net, path: str, tokenizer_file: str | None = None) -> None:
-    """Write an HF folder transformers loads: config.json, model.safetensors (float32), tokenizer.json."""
+def tokenizer_files(folder: str | None) -> list[str]:
+    """The files of `folder` named as TOKENIZER_FILES, sorted (none without a folder)."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+                  and any(fnmatch.fnmatch(n, pat) for pat in TOKENIZER_FILES))
+
+
+def save_net(net, path: str, source_folder: str | None = None) -> None:
+    """Write an HF folder transformers loads: config.json, model.safetensors (float32), and every tokenizer
+    and generation file of the folder the model came from (MODEL-11)."""
     from . import HF_CLASS_NAMES
     cfg = dict(net.config.raw)
     cfg.update(model_type=net.config.model_type, architectures=[HF_CLASS_NAMES[net.config.model_type]])
@@ -183,5 +197,5 @@ def save_net(net, path: str, tokenizer_file: str | None = None) -> None:
     with atomic_save_dir(path) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), weights, {"format": "pt"})
         atomic_write_json(os.path.join(tmp, "config.json"), cfg)
-        if tokenizer_file:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+        for f in tokenizer_files(source_folder):
+            shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
