@@ -385,6 +385,50 @@ def test_save_keeps_every_tokenizer_file(tmp_path):
     assert minipeft.load_model(str(tmp_path / "out")).tokenizer.encode("abc") == m.tokenizer.encode("abc")
 
 
+@pytest.mark.spec("IO-11")
+def test_a_relative_path_is_taken_from_the_current_folder(tmp_path, monkeypatch):
+    """Before: a relative path that was not there from the current folder went to the Hub client and came back
+    as a truncated HFValidationError. Now an existing relative path loads from any folder, and a missing one
+    is a CheckpointError showing the absolute path tried, that it is no Hub id, and what to do."""
+    shutil.copytree(CARRIED, tmp_path / "models" / "base")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    m = minipeft.load_model("../models/base")
+    assert m.name_or_path == "../models/base" and m.folder == str(tmp_path / "models" / "base")
+    assert m.tokenizer.encode("abc") == minipeft.load_model(minipeft.DEMO_MODEL).tokenizer.encode("abc")
+    with pytest.raises(CheckpointError) as e:
+        minipeft.load_model("minipeft/data/tiny-llama-chars")
+    msg = str(e.value)
+    assert f"as a folder: {tmp_path / 'work' / 'minipeft/data/tiny-llama-chars'} does not exist" in msg
+    assert f"taken from the current folder, {tmp_path / 'work'}" in msg
+    assert "as a Hub repo id: it is not one (HFValidationError: Repo id must be in the form" in msg
+    assert "minipeft.DEMO_MODEL" in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+@pytest.mark.spec("IO-11")
+def test_a_missing_hub_id_reports_both_tries_whole(tmp_path, monkeypatch):
+    """Before: the Hub error was cut at 200 characters. Now both tries (cache, Hub) are reported whole, with
+    the offline advice, and the fact that HF_HUB_OFFLINE kept the Hub from being asked."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    calls = []
+
+    def fake(repo_id, allow_patterns, local_files_only):
+        calls.append(local_files_only)
+        raise OSError(f"try {len(calls)}: " + "long explanation " * 30 + "END")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        minipeft.load_model("someorg/some-model")
+    msg = str(e.value)
+    assert calls == [True, False] and msg.count("END") == 2
+    assert "as a Hub repo id in the local Hugging Face cache: OSError: try 1: long" in msg
+    assert "as a Hub repo id on the Hub: OSError: try 2: long" in msg
+    assert f"as a folder: {tmp_path / 'someorg' / 'some-model'} does not exist" in msg
+    assert "download the model first while online" in msg and "HF_HUB_OFFLINE is set, so the Hub was not asked" in msg
+
+
 @pytest.mark.spec("MODEL-7")
 @pytest.mark.parametrize("code", ["F16", "BF16"])
 def test_half_precision_checkpoints_load_their_exact_values(tmp_path, code):

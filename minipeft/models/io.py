@@ -31,24 +31,37 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
 
 
 def resolve(path_or_id: str) -> str:
-    """A local folder, or the snapshot folder of a Hub repo id (downloaded once, then offline)."""
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if os.path.exists(path_or_id):
-        raise CheckpointError(f"{path_or_id}: expected a model folder (config.json + model.safetensors), got a file")
+    """IO-11: the absolute folder of a path that exists (relative to the current folder, ~ expanded); else
+    the snapshot folder of a Hub repo id, from the local cache, then the Hub. Neither: a CheckpointError
+    saying what was tried and what to do offline."""
+    path = os.path.abspath(os.path.expanduser(path_or_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: expected a model folder (config.json + model.safetensors), got a file")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise CheckpointError(f"{path_or_id}: not a folder, and huggingface_hub is not installed") from e
+        raise CheckpointError(f"{path}: no such folder, and huggingface_hub is not installed") from e
     patterns = ["*.json", "*.safetensors", *TOKENIZER_FILES]
-    errors = []
-    for offline in (True, False):
+    tried = []
+    for offline, where in ((True, "in the local Hugging Face cache"), (False, "on the Hub")):
         try:
             return snapshot_download(repo_id=path_or_id, allow_patterns=patterns, local_files_only=offline)
-        except Exception as e:  # the hub client raises many types; report the last
-            errors.append(f"{type(e).__name__}: {e}")
-    raise CheckpointError(f"{path_or_id}: not a local folder and not found in the Hugging Face cache or Hub "
-                          f"({errors[-1][:200]}). Pass a folder with config.json and model.safetensors.")
+        except Exception as e:  # the hub client raises many types; each is reported whole
+            said = f"{type(e).__name__}: {' '.join(str(e).split()).rstrip('.')}"
+            if type(e).__name__ == "HFValidationError":  # not an id at all: the Hub is not asked
+                tried.append(f"as a Hub repo id: it is not one ({said})")
+                break
+            tried.append(f"as a Hub repo id {where}: {said}")
+    offline_now = " HF_HUB_OFFLINE is set, so the Hub was not asked." if constants.HF_HUB_OFFLINE else ""
+    raise CheckpointError(
+        f"{path_or_id!r} is neither a model folder nor a Hub model found. Tried: as a folder: {path} does not "
+        f"exist (a relative path is taken from the current folder, {os.getcwd()}); " + "; ".join(tried) + ". "
+        "What to do: pass the folder holding config.json and model.safetensors (absolute, or relative to the "
+        "current folder), or a Hub id ('name' or 'org/name'). Offline (HF_HUB_OFFLINE=1) only the cache is "
+        "read: download the model first while online (load_model(id) once, or `huggingface-cli download "
+        f"<id>`).{offline_now} The model minipeft carries is at minipeft.DEMO_MODEL.")
 
 
 def weight_files(folder: str) -> list[str]:
