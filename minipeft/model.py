@@ -209,8 +209,10 @@ class Model:
                           f"model.merge_and_unload().save(path)", UserWarning, stacklevel=2)
         peft_io.save_adapters(self, path, names)
 
-    def load_adapters(self, path: str, name: str = "default", strict: bool = True):
-        return peft_io.load_adapters(self, path, name, strict)
+    def load_adapters(self, path: str, name: str = "default", strict: bool = True, subfolder: str | None = None):
+        """The adapters at path (or path/subfolder), as PEFT-7 finds them: a folder with adapter_config.json
+        (as `name`), its sub-folders with one each (under their names), a checkpoint-N folder's adapter/."""
+        return peft_io.load_adapters(self, path, name, strict, subfolder)
 
     # ---- training ----------------------------------------------------------------------------
     def train(self, train_data, config=None, **kwargs):

@@ -151,3 +151,21 @@ def test_the_checkout_root_holds_the_real_suite():
     import os
     import minipeft.cli as cli
     assert os.path.isfile(os.path.join(cli.checkout_root(), "benchmarks", "__main__.py"))
+
+
+@pytest.mark.spec("PEFT-7")
+def test_generate_takes_a_checkpoint_or_a_named_adapter_folder(tmp_path, capsys):
+    """Before: `generate --adapter out/checkpoint-N` and `--adapter` on a folder of named adapters failed
+    (no adapter_config.json there). Now both load, and the text is the Python API's."""
+    from minipeft import TrainingConfig
+    rows = [{"prompt": "next abc =", "completion": " bcd"}] * 4
+    model = minipeft.load_model(minipeft.DEMO_MODEL).apply_lora(target_modules=["q_proj", "v_proj"], name="nxt")
+    model.train(rows, TrainingConfig(max_steps=2, batch_size=2, learning_rate=5e-2, output_dir=str(tmp_path / "run"),
+                                     progress=False))
+    model.save_adapters(str(tmp_path / "named"))
+    want = model.generate("next abc =", max_new_tokens=4)
+    for folder in (tmp_path / "run" / "checkpoint-2", tmp_path / "named"):
+        capsys.readouterr()
+        assert main(["generate", "--model", minipeft.DEMO_MODEL, "--adapter", str(folder), "--prompt", "next abc =",
+                     "--max-new-tokens", "4"]) == 0
+        assert capsys.readouterr().out.strip() == want.strip()
