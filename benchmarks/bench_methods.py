@@ -37,7 +37,7 @@ SEED = {
     "vera": ("0.01%", "Very Low", "Good", "Fast"), "lokr": ("0.05%", "Low", "Good", "Fast"),
     "loha": ("0.1%", "Low", "Good", "Fast"), "ia3": ("0.01%", "Very Low", "Good", "Very Fast"),
     "prefix_tuning": ("0.1%", "Low", "Good", "Medium"), "prompt_tuning": ("0.01%", "Very Low", "Moderate", "Fast"),
-    "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"),
+    "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -64,6 +64,7 @@ def configs(mp, steps: int):
         "prompt_tuning": (adapter(mp.PromptTuningConfig()), {}),
         "ptuning": (adapter(mp.PTuningConfig()), {}),
         "ptuning_v2": (adapter(mp.PTuningV2Config()), {}),
+        "loraxs": (adapter(mp.LoRAXSConfig()), {}),
     }
 
 

@@ -26,7 +26,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MINIPEFT_NUM_THREADS"):  # BLAS, torch, minipeft
+        os.environ.setdefault(var, str(args.threads))
     import numpy as np
     import torch
     import bitsandbytes.functional as F

@@ -1,6 +1,6 @@
 """Training-step time and peak memory: minipeft against torch (+ PEFT) on the same random llama.
 
-Each case runs in a fresh subprocess (so its peak RSS is its own), with the same thread count,
+Each case runs in a fresh subprocess (its peak RSS, VmHWM, is its own: benchmarks/peak_memory.py), with the same thread count,
 a warm-up step, then --repeats steps; the table's times and ratio are the fastest step of each
 (host stalls only add time), with the medians beside them, and the ratio of CPU seconds per
 step (process time of all threads: immune to stalls, and a fair basis with --threads 1). Cases:
@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peak_memory import peak_rss_mb  # noqa: E402
 
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172, vocab_size=256, seq=64),
@@ -118,7 +120,7 @@ def timed(step, repeats):
         cpu.append(time.process_time() - c0)
     # the minimum is the ratio's basis: on a shared host, stalls only ever add time to a step
     return {"seconds": min(times), "median_s": statistics.median(times), "cpu_s": min(cpu),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def child(args):

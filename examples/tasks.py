@@ -9,6 +9,7 @@ so held-out exact match starts near 0 and measures what the adapter taught.
 """
 from __future__ import annotations
 
+import os
 import random
 import string
 
@@ -30,12 +31,40 @@ def answer(task: str, w: str) -> str:
 
 
 def examples(task: str, n: int, seed: int, exclude=frozenset()) -> list[dict]:
-    """n prompt/completion pairs whose words are not in `exclude` (held-out words stay unseen)."""
+    """n prompt/completion pairs whose prompts are not in `exclude` (the held-out records' prompts stay unseen)."""
     rng, out, seen = random.Random(seed), [], set()
     while len(out) < n:
         w = word(rng)
-        if w in exclude or w in seen:
+        prompt = f"{task} {w} ="
+        if prompt in exclude or w in seen:
             continue
         seen.add(w)
-        out.append({"prompt": f"{task} {w} =", "completion": f" {answer(task, w)}"})
+        out.append({"prompt": prompt, "completion": f" {answer(task, w)}"})
     return out
+
+
+def main(argv=None) -> None:
+    """python examples/tasks.py next 2000 --seed 7 --out train.jsonl [--exclude held.jsonl]"""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description="write a task's prompt/completion records as .jsonl",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("task", choices=["copy", "sort", "next"], help="the task")
+    ap.add_argument("n", type=int, help="how many records")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the words")
+    ap.add_argument("--out", required=True, help=".jsonl file to write")
+    ap.add_argument("--exclude", default=None, help="a .jsonl file whose words stay out (held-out records)")
+    args = ap.parse_args(argv)
+    held = set()
+    if args.exclude:
+        with open(args.exclude, encoding="utf-8") as f:
+            held = {json.loads(line)["prompt"] for line in f if line.strip()}
+    rows = examples(args.task, args.n, args.seed, exclude=held)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"{len(rows)} {args.task} records written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

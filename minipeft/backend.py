@@ -225,6 +225,48 @@ def chunk_length(a, host: int) -> int:
     return max(a.shape[0], 1) if _kind(a) == "cupy" else host
 
 
+def host_threads() -> int:
+    """Threads a host loop may use (BACKEND-9): MINIPEFT_NUM_THREADS, else OMP_NUM_THREADS, else the
+    cores this process may run on."""
+    for var in ("MINIPEFT_NUM_THREADS", "OMP_NUM_THREADS"):
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_POOLS: dict = {}  # thread count -> the executor of map_chunks (made once, reused)
+
+
+def map_chunks(fn, starts, a) -> None:
+    """fn(start) for every start (BACKEND-9). On NumPy arrays, over a pool of host_threads() threads:
+    NumPy releases the GIL in take and in ufunc loops, so chunks that write disjoint slices run on
+    several cores; elsewhere (CuPy, the strict guard) one after the other. Either way the same values."""
+    starts = list(starts)
+    k = min(host_threads(), len(starts))
+    if _kind(a) != "numpy" or k <= 1:
+        for s in starts:
+            fn(s)
+        return
+    if k not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOLS[k] = ThreadPoolExecutor(k, thread_name_prefix="minipeft")
+    for _ in _POOLS[k].map(fn, starts):  # re-raises a chunk's exception here
+        pass
+
+
+def multiply_into(out, start: int, x, y) -> None:
+    """out[start : start + size] = reshape(x * y, (-1,)) for a 1-D out (BACKEND-9): NumPy writes the
+    product straight into out (no temporary); other libraries assign it."""
+    n = 1
+    for d in x.shape:
+        n *= d
+    if _kind(out) == "numpy":
+        np.multiply(x, y, out=out[start:start + n].reshape(x.shape))
+    else:
+        out[start:start + n] = xp_of(out).reshape(x * y, (-1,))
+
+
 # ---- random numbers (BACKEND-6) ------------------------------------------------------------
 class RNG:
     """Seeded random numbers, drawn on the host with NumPy's PCG64 and moved to the backend, so

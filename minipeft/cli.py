@@ -1,4 +1,4 @@
-"""The `minipeft` command: train, merge, generate, inspect, memory, bench (each with --help)."""
+"""The `minipeft` command: train, eval, merge, generate, inspect, memory, bench (each with --help)."""
 from __future__ import annotations
 
 import argparse
@@ -6,87 +6,13 @@ import json
 import os
 import sys
 
+from .cli_train import add_train_parser
 from .errors import ConfigError, MiniPeftError
 
 
 def _model(args):
     from .model import load_model
     return load_model(args.model)
-
-
-def field_values(items, flag: str) -> dict:
-    """{FIELD: VALUE} from repeated FIELD=VALUE flags, VALUE read as JSON where it parses, else as a string."""
-    out = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"{flag} {item!r}: write FIELD=VALUE")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
-def optimizer_options(args):
-    """--optimizer and --optimizer-arg: None (AdamW) or the optimiser's options (minipeft/optimizers)."""
-    import dataclasses
-    from .adapters.registry import method
-    from .optimizers import optimisers
-    values = field_values(args.optimizer_arg, "--optimizer-arg")
-    if args.optimizer == "adamw":
-        if values:
-            raise ConfigError(f"--optimizer-arg needs --optimizer ({', '.join(m.name for m in optimisers())}); "
-                              f"AdamW takes --lr")
-        return None
-    cls = method(args.optimizer).config
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"--optimizer {args.optimizer} has no option {', '.join(unknown)}; its options: "
-                          f"{', '.join(sorted(fields))}")
-    return cls(**values)
-
-
-def method_config(args):
-    """The --method's config from the flags that name its fields (--rank, --alpha, ...) and --set FIELD=VALUE
-    (VALUE read as JSON where it parses, else as a string); unset flags leave the config's defaults."""
-    import dataclasses
-    from .adapters.registry import METHODS
-    cls = METHODS[args.method]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "init": args.init,
-             "use_rslora": args.rslora or None,
-             "target_modules": None if args.target_modules is None else
-             ("all-linear" if args.target_modules == ["all-linear"] else tuple(args.target_modules))}
-    kwargs = {k: v for k, v in given.items() if v is not None}
-    kwargs.update(field_values(args.set, "--set"))
-    unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        raise ConfigError(f"--method {args.method} has no field {', '.join(unknown)}; its fields: "
-                          f"{', '.join(sorted(fields))}")
-    return cls(**kwargs)
-
-
-def cmd_train(args):
-    from .model import load_model
-    from .quant import QuantizationConfig
-    from .train import TrainingConfig
-    cfg = method_config(args)
-    optimizer = optimizer_options(args)  # checked before the model is loaded
-    from .adapters.registry import method
-    model = load_model(args.model, quantization=QuantizationConfig(compute_dtype="float32")
-                       if method(args.method).quantized_base else None)
-    model.apply_adapter(cfg)
-    trainable, total = model.parameter_counts()
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    hist = model.train(args.data, TrainingConfig(
-        learning_rate=args.lr, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        epochs=args.epochs, max_steps=args.max_steps, warmup_steps=args.warmup, seed=args.seed,
-        output_dir=args.output, save_steps=args.save_steps, resume_from=args.resume_from,
-        plot_path=args.plot, optimizer=optimizer))
-    model.save_adapters(args.output)
-    print(f"final loss {hist['loss'][-1]:.4f}; adapter saved to {args.output}")
 
 
 def cmd_merge(args):
@@ -112,6 +38,26 @@ def cmd_generate(args):
         model.load_adapters(args.adapter)
     print(model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+
+
+def cmd_eval(args):
+    """The held-out loss (and perplexity) of a model, with an adapter or not, over a .jsonl file; with
+    --exact-match also the share of {prompt, completion} records whose greedy completion is exact."""
+    import math
+    from .data import read_records
+    from .train import evaluate_data
+    model = _model(args)
+    if args.adapter:
+        model.load_adapters(args.adapter)
+    loss, n = evaluate_data(model, args.data, args.batch_size, args.max_length)
+    print(f"eval loss {loss:.4f} (perplexity {math.exp(min(loss, 700)):.3f}) over {n:,} target tokens")
+    if args.exact_match:
+        records = list(read_records(args.data))
+        if not all(isinstance(r, dict) and {"prompt", "completion"} <= set(r) for r in records):
+            raise ConfigError(f"--exact-match needs {{prompt, completion}} records in {args.data}")
+        right = sum(model.generate(r["prompt"], max_new_tokens=args.max_new_tokens).strip() == r["completion"].strip()
+                    for r in records)
+        print(f"exact match {right / len(records):.1%} ({right} of {len(records)})")
 
 
 def cmd_inspect(args):
@@ -194,42 +140,15 @@ def _numel(shape):
 
 
 def build_parser():
-    from .adapters.lora import INITS
-    from .adapters.registry import METHODS
-    from .optimizers import optimisers
-    optimiser_names = [m.name for m in optimisers()]
     ap = argparse.ArgumentParser(prog="minipeft", description="Parameter-efficient fine-tuning you can read.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="fine-tune a model with an adapter (LoRA by default) and save it (PEFT format)")
-    t.add_argument("--model", required=True, help="model folder or cached Hub repo id")
-    t.add_argument("--data", required=True, help=".jsonl file of {text} or {prompt, completion} records")
-    t.add_argument("--output", required=True, help="adapter folder to write")
-    t.add_argument("--method", default="lora", choices=sorted(METHODS),
-                   help="the adapter method (qlora loads the model in NF4 first)")
-    t.add_argument("--rank", type=int, default=None, help="the method's rank (LoRA default 8)")
-    t.add_argument("--alpha", type=float, default=None, help="(LoRA default 16)")
-    t.add_argument("--dropout", type=float, default=None)
-    t.add_argument("--target-modules", nargs="+", default=None, help="names, or all-linear (LoRA default q_proj v_proj)")
-    t.add_argument("--rslora", action="store_true")
-    t.add_argument("--init", default=None, choices=list(INITS), help="LoRA's initialisation (spec/lora.md LORA-1)")
-    t.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="any other config field, VALUE as JSON (e.g. --set initial_rank=12 --set total_step=300)")
-    t.add_argument("--optimizer", default="adamw", choices=["adamw"] + optimiser_names,
-                   help="AdamW, or an adapter optimiser: LoRA+, LoRA-FA, Riemannian (spec/<name>.md)")
-    t.add_argument("--optimizer-arg", action="append", metavar="OPTION=VALUE",
-                   help="an option of --optimizer, VALUE as JSON (e.g. --optimizer-arg loraplus_lr_ratio=16)")
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--warmup", type=int, default=0)
-    t.add_argument("--save-steps", type=int, default=None)
-    t.add_argument("--resume-from", default=None)
-    t.add_argument("--plot", default=None, help="write the loss curve to this PNG")
-    t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(fn=cmd_train)
-    m = sub.add_parser("merge", help="merge one or more adapters into the base and save a plain HF model")
+    add_train_parser(sub, parents=[common])
+
+    def command(name, help):  # every subcommand: --debug, and its defaults shown in --help (CLI-1)
+        return sub.add_parser(name, help=help, parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = command("merge", "merge one or more adapters into the base and save a plain HF model")
     m.add_argument("--model", required=True)
     m.add_argument("--adapters", nargs="+", required=True, help="adapter folders")
     m.add_argument("--weights", nargs="+", type=float, default=None)
@@ -238,7 +157,7 @@ def build_parser():
     m.add_argument("--density", type=float, default=0.5)
     m.add_argument("--output", required=True)
     m.set_defaults(fn=cmd_merge)
-    g = sub.add_parser("generate", help="generate text (greedy by default), optionally with an adapter")
+    g = command("generate", "generate text (greedy by default), optionally with an adapter")
     g.add_argument("--model", required=True)
     g.add_argument("--adapter", default=None)
     g.add_argument("--prompt", required=True)
@@ -248,11 +167,21 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
-    i = sub.add_parser("inspect", help="list the adapters in a folder: method, rank, targets, parameters")
+    e = command("eval", "held-out loss of a model (with an adapter or not) on a .jsonl file, and exact match")
+    e.add_argument("--model", required=True, help="model folder or cached Hub repo id")
+    e.add_argument("--adapter", default=None, help="adapter folder to load first")
+    e.add_argument("--data", required=True, help=".jsonl file of {text} or {prompt, completion} records")
+    e.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    e.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+    e.add_argument("--exact-match", action="store_true", help="also generate each completion greedily and count "
+                                                              "the exact ones")
+    e.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per prompt for --exact-match")
+    e.set_defaults(fn=cmd_eval)
+    i = command("inspect", "list the adapters in a folder: method, rank, targets, parameters")
     i.add_argument("folder")
     i.add_argument("--model", default=None, help="base model, to print the adapters' share of its parameters")
     i.set_defaults(fn=cmd_inspect)
-    me = sub.add_parser("memory", help="estimate the memory of one training step (spec/memory.md), in GB")
+    me = command("memory", "estimate the memory of one training step (spec/memory.md), in GB")
     me.add_argument("--model", required=True, help="config.json, or a folder holding one")
     me.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
     me.add_argument("--rank", type=int, default=8)
@@ -264,7 +193,7 @@ def build_parser():
     me.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
                     help="qlora's compute dtype")
     me.set_defaults(fn=cmd_memory)
-    b = sub.add_parser("bench", help="the speed suite against torch/PEFT/bitsandbytes (python -m benchmarks; "
+    b = command("bench", "the speed suite against torch/PEFT/bitsandbytes (python -m benchmarks; "
                                      "a source checkout with the oracle and bench extras)")
     b.add_argument("--quick", action="store_true", help="tiny and small only, no long sequences")
     b.add_argument("--threads", type=int, default=None, help="threads for both sides (default: every core)")
@@ -273,12 +202,28 @@ def build_parser():
 
 
 def main(argv=None):
+    """CLI-4: every error is one line on stderr and a non-zero status (2: a minipeft error, 1: any other,
+    130: Ctrl-C); --debug shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv[argv.index(args.cmd) + 1:]  # the subcommand's own arguments
     try:
         status = args.fn(args)
     except MiniPeftError as e:
+        if args.debug:
+            raise
         print(f"minipeft: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("minipeft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - CLI-4: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"minipeft: error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1
     return status or 0
 
 

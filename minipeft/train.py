@@ -30,7 +30,7 @@ from .models.blocks import causal_lm_loss
 from .nn.optim import AdamW, clip_grad_norm, lr_at
 
 DEFAULT_SAVE_STEPS = 500  # transformers' default: with an output_dir, a checkpoint every 500 steps and at the end
-CONFIG_NAME = "train_config.json"  # the resolved TrainingConfig, written to output_dir when training starts
+CONFIG_NAME = "training_args.json"  # the resolved TrainingConfig, written to output_dir when training starts
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ class TrainingConfig:
     seed: int = 0
     shuffle: bool = True
     max_length: int | None = None  # truncate examples to this many tokens
-    output_dir: str | None = None  # where checkpoints, log.jsonl and train_config.json go
+    output_dir: str | None = None  # where checkpoints, log.jsonl and training_args.json go
     save_steps: int | None = None  # a checkpoint every N optimizer steps (needs output_dir; default 500)
     save_total_limit: int | None = None  # keep the newest N checkpoints (and the best); None: all
     eval_steps: int | None = None  # evaluate every N steps (None: at each epoch's end), and at the end
@@ -97,7 +97,7 @@ class TrainingConfig:
         return self.save_steps or DEFAULT_SAVE_STEPS
 
     def to_json(self) -> dict:
-        """The resolved config as train_config.json stores it (data and hooks by description, not by value)."""
+        """The resolved config as training_args.json stores it (data and hooks by description, not by value)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -153,6 +153,25 @@ def evaluate(model, examples, batch_size: int, pad_id: int) -> float:
     return total / max(n, 1)
 
 
+def tokenized(model, data, max_length=None, name="train_data"):
+    """(examples, pad id): every record of `data` tokenized and checked against the model (TRAIN-5);
+    max_length truncates, else a record longer than the context is an error."""
+    ctx_len = model.config.max_position_embeddings
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else (eos or 0)
+    limit = min(max_length or ctx_len, ctx_len)
+    return prepare(data, model.tokenizer, eos, model.config.vocab_size, limit, name,
+                   truncate=max_length is not None), pad_id
+
+
+def evaluate_data(model, data, batch_size: int = 8, max_length=None) -> tuple[float, int]:
+    """(token-weighted mean loss, number of target tokens) of the model over `data` (records or a .jsonl),
+    as training evaluates eval_data."""
+    examples, pad_id = tokenized(model, data, max_length, "data")
+    return evaluate(model, examples, batch_size, pad_id), sum(count_targets(collate([e], pad_id)[2]) for e in examples)
+
+
 def _loss(model, ids, mask, labels):
     logits = model.net(backend.asarray(ids), attention_mask=backend.asarray(mask))
     return causal_lm_loss(logits, backend.asarray(labels))
@@ -173,15 +192,8 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
     if not named:
         raise ConfigError("the model has no trainable parameters: apply an adapter first (apply_lora), "
                           "or call model.net.requires_grad_(True) for full fine-tuning")
-    ctx_len = model.config.max_position_embeddings
-    eos = model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else (eos or 0)
-    limit = min(cfg.max_length or ctx_len, ctx_len)
-    examples = prepare(train_data, model.tokenizer, eos, model.config.vocab_size, limit,
-                       truncate=cfg.max_length is not None)
-    evals = prepare(cfg.eval_data, model.tokenizer, eos, model.config.vocab_size, limit, "eval_data",
-                    truncate=cfg.max_length is not None) if cfg.eval_data is not None else None
+    examples, pad_id = tokenized(model, train_data, cfg.max_length)
+    evals = tokenized(model, cfg.eval_data, cfg.max_length, "eval_data")[0] if cfg.eval_data is not None else None
     if cfg.memory_budget_gb is not None:  # TRAIN-9: before any work
         check_budget(model, max(len(ids) for ids, _ in examples), cfg.batch_size, cfg.gradient_checkpointing,
                      cfg.memory_budget_gb)

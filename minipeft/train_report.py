@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import signal
+import sys
 import threading
 import warnings
 
@@ -93,8 +94,7 @@ class InterruptAtStep:
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, self._old)  # the second Ctrl-C is a plain KeyboardInterrupt
-        warnings.warn("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
-                      stacklevel=2)
+        sys.stderr.write("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)\n")
 
     def __exit__(self, *exc):
         if self.enabled:

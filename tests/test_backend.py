@@ -219,6 +219,63 @@ def test_chunk_length_is_the_host_chunk_on_the_cpu(any_backend):
     assert backend.chunk_length(a, 4096) == 4096
 
 
+# ---- BACKEND-9 ---------------------------------------------------------------------------------
+@pytest.mark.spec("BACKEND-9")
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_map_chunks_gives_the_serial_values_on_any_thread_count(any_backend, threads, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_NUM_THREADS", threads)
+    xp = backend.xp()
+    x = backend.asarray(np.arange(1000, dtype=np.float32))
+    out = xp.zeros((1000,), dtype=xp.float32)
+    seen = []
+
+    def chunk(start):
+        seen.append(start)
+        piece = x[start:min(start + 96, 1000)]
+        backend.multiply_into(out, start, xp.reshape(piece, (-1, 1)), piece[:, None] * 0 + 2.0)
+
+    backend.map_chunks(chunk, range(0, 1000, 96), x)
+    assert sorted(seen) == list(range(0, 1000, 96))
+    assert np.array_equal(backend.to_host(out), 2 * np.arange(1000, dtype=np.float32))
+    assert backend.host_threads() == int(threads)
+
+
+@pytest.mark.spec("BACKEND-9")
+def test_map_chunks_raises_a_chunks_exception(monkeypatch):
+    monkeypatch.setenv("MINIPEFT_NUM_THREADS", "2")
+
+    def chunk(start):
+        if start == 3:
+            raise ValueError("chunk 3 failed")
+
+    with pytest.raises(ValueError, match="chunk 3 failed"):
+        backend.map_chunks(chunk, range(6), np.zeros(6))
+
+
+@pytest.mark.spec("BACKEND-9", "NF4-7")
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 6), st.sampled_from([64, 128]), st.integers(0, 2**32 - 1))
+def test_nf4_dequantize_is_the_same_bit_for_bit_on_one_thread_and_several(rows, block, seed):
+    from minipeft.quant import nf4_dequantize, nf4_quantize
+    w = np.random.default_rng(seed).standard_normal((rows * 700 + 3,)).astype(np.float32)
+    t = nf4_quantize(w, block_size=block)
+    old = os.environ.get("MINIPEFT_NUM_THREADS")
+    try:
+        os.environ["MINIPEFT_NUM_THREADS"] = "1"
+        one = backend.to_host(nf4_dequantize(t))
+        os.environ["MINIPEFT_NUM_THREADS"] = "3"
+        from minipeft.quant import nf4 as nf4_module
+        chunk = nf4_module.DEQUANT_CHUNK
+        nf4_module.DEQUANT_CHUNK = block  # many chunks, so the threads share the work
+        try:
+            several = backend.to_host(nf4_dequantize(t))
+        finally:
+            nf4_module.DEQUANT_CHUNK = chunk
+    finally:
+        os.environ.pop("MINIPEFT_NUM_THREADS") if old is None else os.environ.__setitem__("MINIPEFT_NUM_THREADS", old)
+    assert one.tobytes() == several.tobytes()
+
+
 @pytest.mark.oracle
 @pytest.mark.spec("BACKEND-5")
 def test_bf16_rounding_equals_torch():

@@ -28,6 +28,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "prefix_tuning": ("PrefixTuningConfig", "PREFIX_TUNING", "prompt", False, False),
     "ptuning": ("PTuningConfig", "P_TUNING", "prompt", False, False),
     "ptuning_v2": ("PTuningV2Config", "PREFIX_TUNING", "prompt", False, False),
+    "loraxs": ("LoRAXSConfig", None, "layer", True, False),  # PEFT has no LoRA-XS (in_peft=False)
 }
 
 
@@ -44,7 +45,7 @@ def rowscale():
 
 
 @pytest.mark.spec("METHOD-2")
-def test_methods_lists_the_twelve_with_their_flags():
+def test_methods_lists_the_built_in_ones_with_their_flags():
     got = {m.name: (m.config.__name__, m.peft_type, m.kind, m.mergeable, m.quantized_base) for m in mp.methods()
            if m.is_adapter and m.config.__module__.startswith("minipeft.")}  # optimisers: test_optimizers.py
     assert got == BUILT_IN

@@ -150,7 +150,7 @@ def test_the_log_holds_every_step_and_evaluation_and_a_resume_rewrites_it(tmp_pa
     assert [r["lr"] for r in steps] == h["lr"] and [r["grad_norm"] for r in steps] == h["grad_norm"]
     assert [(r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r] == h["eval_loss"]
     assert [r["epoch"] for r in steps] == [s / 4 for s in h["step"]]
-    assert set(json.loads((tmp_path / "a" / "train_config.json").read_text())) >= {"learning_rate", "eval_steps"}
+    assert set(json.loads((tmp_path / "a" / "training_args.json").read_text())) >= {"learning_rate", "eval_steps"}
     # a run that died after checkpoint-4 wrote lines past it; the resume's log is the full run's again
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / R.LOG_NAME).write_text("\n".join(json.dumps(r) for r in lines[:9]) + '\n{"step": 5, "lo')
@@ -185,13 +185,13 @@ class CtrlCAt(TrainingHook):
 
 
 @pytest.mark.spec("TRAIN-20", "TRAIN-8")
-def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resume_is_exact(tmp_path):
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resume_is_exact(tmp_path, capsys):
     """Issue 21 item 3: before, Ctrl-C printed a traceback and saved nothing."""
     data, cfg = token_data(8), dict(**{**RUN, "epochs": 2})
     full = lora_model().train(data, TrainingConfig(**cfg))
-    with pytest.warns(UserWarning, match="interrupt: finishing this step"):
-        with pytest.raises(mp.errors.TrainingInterrupted) as caught:
-            lora_model().train(data, TrainingConfig(output_dir=str(tmp_path), hooks=(CtrlCAt(2),), **cfg))
+    with pytest.raises(mp.errors.TrainingInterrupted) as caught:
+        lora_model().train(data, TrainingConfig(output_dir=str(tmp_path), hooks=(CtrlCAt(2),), **cfg))
+    assert "interrupt: finishing this step, then saving a checkpoint" in capsys.readouterr().err
     e = caught.value
     assert isinstance(e, KeyboardInterrupt) and e.step == 3 and e.checkpoint == str(tmp_path / "checkpoint-3")
     assert e.history["loss"] == full["loss"][:3] and steps_in(tmp_path) == [3]

@@ -1,0 +1,7 @@
+"""python -m minipeft: the same as the `minipeft` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
