@@ -61,9 +61,10 @@ def cmd_eval(args):
 
 
 def cmd_inspect(args):
-    """Each adapter folder under args.folder: its method (from the registry), rank, targets, and the numbers
-    it trains: with --model, loaded on that base and counted as `train` counts them (its share too)."""
-    from .adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+    """Each adapter folder under args.folder: its method by its own name (METHOD-9: DoRA, not PEFT's LORA), rank,
+    targets, and the numbers it trains: with --model, loaded on that base and counted by parameter_counts, the
+    line `train` prints."""
+    from .adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_folder, read_adapter_config
     from .adapters.registry import method_of
     from .fileio import read_json
     from .safetensors_io import read_header
@@ -72,17 +73,18 @@ def cmd_inspect(args):
         raise MiniPeftError(f"{args.folder}: no {CONFIG_NAME} in it or below it")
     for folder in sorted(folders):
         cfg = read_json(os.path.join(folder, CONFIG_NAME), f"{folder}: no {CONFIG_NAME}")
-        name = method_of(read_adapter_config(folder)).name
+        adapter = read_adapter_config(folder)
+        flags = "".join(f", {k}" for k, v in adapter.PEFT_FLAGS.items() if v)
         header, _ = read_header(os.path.join(folder, WEIGHTS_NAME))
-        n, share = sum(_numel(info.shape) for k, info in header.items() if not _shared_key(k)), ""
+        counted = f"trained parameters: {sum(_numel(i.shape) for k, i in header.items() if not _shared_key(k)):,}"
         if args.model:
             model = _model(args)
-            model.load_adapters(folder)
+            load_adapter_folder(model, folder, "default", strict=True)  # this folder's alone, not its sub-folders'
             n, total = model.parameter_counts()
-            n, share = n, f" ({100 * n / (total - n):.3f}% of the base's {total - n:,})"
-        print(f"{folder}\n  method: {cfg.get('peft_type')} ({name})  rank: {cfg.get('r', '-')}  "
-              f"alpha: {cfg.get('lora_alpha', '-')}\n  targets: {cfg.get('target_modules')}\n"
-              f"  tensors: {len(header)}  trained parameters: {n:,}{share}")
+            counted = f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.3f}%)"
+        print(f"{folder}\n  method: {method_of(adapter).title} (PEFT: {cfg.get('peft_type')}{flags})  rank: "
+              f"{cfg.get('r', '-')}  alpha: {cfg.get('lora_alpha', '-')}\n  targets: {cfg.get('target_modules')}\n"
+              f"  tensors: {len(header)}  {counted}")
 
 
 def _shared_key(key: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import warnings
 
 import numpy as np
@@ -23,8 +24,9 @@ from .quant.linear4bit import Linear4bit, dequantize_model, is_quantized, quanti
 
 
 class Model:
-    def __init__(self, net, tokenizer=None, name_or_path: str = "", seed: int = 0):
+    def __init__(self, net, tokenizer=None, name_or_path: str = "", seed: int = 0, folder: str | None = None):
         self.net, self.tokenizer, self.name_or_path = net, tokenizer, name_or_path
+        self.folder = folder  # the model folder it was read from; save() copies its tokenizer files
         self.config = net.config
         self.peft_configs: dict = {}  # adapter name -> config
         self.active_adapters: list[str] = []
@@ -82,7 +84,7 @@ class Model:
         if is_quantized(self.net):
             raise MiniPeftError("the model is 4-bit quantized and save() writes float checkpoints: call "
                                 "merge_and_unload() first (it dequantizes), or save_adapters() for the adapters alone")
-        save_net(self.net, path, self.tokenizer.path if self.tokenizer else None)
+        save_net(self.net, path, self.folder or (os.path.dirname(self.tokenizer.path) if self.tokenizer else None))
 
     # ---- adapters --------------------------------------------------------------------------
     def apply_adapter(self, cfg, name: str = "default", init_weights: bool = True):
@@ -207,8 +209,10 @@ class Model:
                           f"model.merge_and_unload().save(path)", UserWarning, stacklevel=2)
         peft_io.save_adapters(self, path, names)
 
-    def load_adapters(self, path: str, name: str = "default", strict: bool = True):
-        return peft_io.load_adapters(self, path, name, strict)
+    def load_adapters(self, path: str, name: str = "default", strict: bool = True, subfolder: str | None = None):
+        """The adapters at path (or path/subfolder), as PEFT-7 finds them: a folder with adapter_config.json
+        (as `name`), its sub-folders with one each (under their names), a checkpoint-N folder's adapter/."""
+        return peft_io.load_adapters(self, path, name, strict, subfolder)
 
     # ---- training ----------------------------------------------------------------------------
     def train(self, train_data, config=None, **kwargs):
@@ -262,4 +266,4 @@ def load_model(path_or_id: str, dtype: str = "float32", quantization=None, seed:
     net, folder = load_net(path_or_id, dtype)
     if quantization is not None:
         quantize_model(net, quantization)
-    return Model(net, Tokenizer.from_folder(folder), path_or_id, seed)
+    return Model(net, Tokenizer.from_folder(folder), path_or_id, seed, folder)

@@ -31,7 +31,7 @@ def test_every_registered_method_has_a_cli_case():
     assert sorted(PEFT_TYPE) == sorted(METHODS)
 
 
-@pytest.mark.spec("PEFT-1", "PEFT-3")
+@pytest.mark.spec("PEFT-1", "PEFT-3", "METHOD-9")
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path, capsys):
     out = tmp_path / method
@@ -50,9 +50,15 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     assert capsys.readouterr().out == model.generate("next abc =", max_new_tokens=4) + "\n"
     assert main(["inspect", str(out), "--model", minipeft.DEMO_MODEL]) == 0
     shown = capsys.readouterr().out
-    assert f"method: {PEFT_TYPE[method]}" in shown and "% of the base's" in shown
+    title = RELOADED.get(method, METHODS[method]).__name__.removesuffix("Config")  # DoRA, not PEFT's LORA
+    assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{', use_dora' if method == 'dora' else ''})" in shown
+    train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
+    if method != "adalora":  # AdaLoRA saves the triplets its allocation kept, fewer than train counted at step 0
+        assert shown.rstrip().endswith(train_line)  # METHOD-9: train's count and share, not a share of the base
+    assert "of the base's" not in shown
     if method in ("lora", "dora", "ia3", "loha", "lokr"):  # the file holds exactly the trainable tensors
-        assert f"parameters: {model.parameter_counts()[0]:,} (" in shown
+        assert main(["inspect", str(out)]) == 0
+        assert f"trained parameters: {model.parameter_counts()[0]:,}" in capsys.readouterr().out
 
 
 def test_fields_flags_and_set_reach_the_config(data, tmp_path):
@@ -151,3 +157,21 @@ def test_the_checkout_root_holds_the_real_suite():
     import os
     import minipeft.cli as cli
     assert os.path.isfile(os.path.join(cli.checkout_root(), "benchmarks", "__main__.py"))
+
+
+@pytest.mark.spec("PEFT-7")
+def test_generate_takes_a_checkpoint_or_a_named_adapter_folder(tmp_path, capsys):
+    """Before: `generate --adapter out/checkpoint-N` and `--adapter` on a folder of named adapters failed
+    (no adapter_config.json there). Now both load, and the text is the Python API's."""
+    from minipeft import TrainingConfig
+    rows = [{"prompt": "next abc =", "completion": " bcd"}] * 4
+    model = minipeft.load_model(minipeft.DEMO_MODEL).apply_lora(target_modules=["q_proj", "v_proj"], name="nxt")
+    model.train(rows, TrainingConfig(max_steps=2, batch_size=2, learning_rate=5e-2, output_dir=str(tmp_path / "run"),
+                                     progress=False))
+    model.save_adapters(str(tmp_path / "named"))
+    want = model.generate("next abc =", max_new_tokens=4)
+    for folder in (tmp_path / "run" / "checkpoint-2", tmp_path / "named"):
+        capsys.readouterr()
+        assert main(["generate", "--model", minipeft.DEMO_MODEL, "--adapter", str(folder), "--prompt", "next abc =",
+                     "--max-new-tokens", "4"]) == 0
+        assert capsys.readouterr().out.strip() == want.strip()

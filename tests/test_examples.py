@@ -28,3 +28,43 @@ def test_every_method_example_trains_saves_and_reloads(capsys):
     assert every_method.main(["--steps", "3", "--methods", *methods]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [r[0] for r in rows] == methods and all(r[-1] == "True" for r in rows)
+
+
+def readme_block(first_line: str) -> str:
+    """The README's python code from `first_line` to the end of its block."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"), encoding="utf-8").read()
+    start = text.index(first_line)
+    return text[start:text.index("```", start)]
+
+
+@pytest.mark.spec("LORA-8")
+def test_the_readme_merge_snippet_runs_and_merges_the_mix(tmp_path, monkeypatch, capsys):
+    """The README's merge snippet, run as written on the carried model (its placeholder path replaced): the
+    saved model's logits are those of the active "mix" adapter. Before, the snippet activated "translation",
+    so merge_and_unload merged that adapter alone and "mix" was made for nothing (shown by dropping the line)."""
+    import numpy as np
+
+    import minipeft as mp
+    monkeypatch.chdir(tmp_path)
+    for folder, targets, seed in (("my-lora", ["q_proj", "v_proj"], 1), ("other", ["k_proj", "o_proj"], 2)):
+        m = mp.load_model(mp.DEMO_MODEL).apply_lora(target_modules=targets)
+        rng = np.random.default_rng(seed)
+        for _, p in m.net.named_parameters():
+            if p.requires_grad:
+                p.data = (p.data + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)
+        m.save_adapters(folder)
+    snippet = readme_block('base = mp.load_model("path/or/repo-id")').replace('"path/or/repo-id"', "mp.DEMO_MODEL")
+    ids = [[1, 3, 4, 5, 6, 7]]
+    ref = mp.load_model(mp.DEMO_MODEL)
+    ref.load_adapters("my-lora", name="translation")
+    ref.load_adapters("other", name="grammar")
+    ref.merge_adapters({"translation": 0.7, "grammar": 0.3}, name="mix", combination="cat")
+    ref.set_active_adapter("mix")
+    want = ref(ids).numpy()
+    exec(snippet, {"mp": mp})
+    assert capsys.readouterr().out.strip() != ""
+    got = mp.load_model("merged-model")(ids).numpy()
+    print(f"\n  README merge snippet: max abs diff to the mix adapter {np.abs(got - want).max():.1e}")
+    assert np.allclose(got, want, atol=1e-5)
+    exec(snippet.replace('base.set_active_adapter("mix")', "").replace('"merged-model"', '"old"'), {"mp": mp})
+    assert not np.allclose(mp.load_model("old")(ids).numpy(), want, atol=1e-3)

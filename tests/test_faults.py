@@ -271,7 +271,7 @@ def test_context_tokenizer_and_memory_budget_are_checked_before_work(tmp_path):
     before = {n: p.numpy().copy() for n, p in m.net.named_parameters() if p.requires_grad}
     with pytest.raises(ConfigError, match="65 tokens, longer than the model's context of 64"):
         m.train([{"input_ids": [1] * 65}], TrainingConfig(**QUIET))
-    with pytest.raises(ConfigError, match=r"60 \+ 5 tokens exceed the 64 positions \(max_position_embeddings"):
+    with pytest.raises(ConfigError, match=r"60 prompt tokens \+ 5 new tokens exceed the 64 positions \(max_position_e"):
         m.generate(np.ones((1, 60), np.int64), max_new_tokens=5)
     assert m.generate(np.ones((1, 60), np.int64), max_new_tokens=4, eos_token_id=[]).shape == (1, 64)
     with pytest.raises(ConfigError, match=r"65 tokens, more than the 64 positions \(max_position_embeddings\)"):

@@ -4,6 +4,7 @@ input refused with a CheckpointError that names the file and the key (MODEL-1, M
 The comparison with transformers itself is tests/test_models_oracle.py."""
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -358,6 +359,74 @@ def test_save_then_load_is_exact(folder, family, tmp_path):
         np.testing.assert_array_equal(before[k].numpy(), after[k].numpy(), err_msg=k)
     ids, _ = ids_and_mask()
     np.testing.assert_array_equal(m(ids).numpy(), back(ids).numpy())
+
+
+CARRIED = os.path.join(os.path.dirname(minipeft.__file__), "data", "tiny-llama-chars")
+TOKENIZER_EXTRAS = {"special_tokens_map.json": '{"bos_token": "<s>", "eos_token": "</s>"}', "vocab.json": '{"a": 0}',
+                    "merges.txt": "#version: 0.2\na b\n", "added_tokens.json": "{}", "tokenizer.model": "sp",
+                    "generation_config.json": '{"bos_token_id": 1, "eos_token_id": 2}', "chat_template.jinja": "{{ x }}"}
+
+
+@pytest.mark.spec("MODEL-11")
+def test_save_keeps_every_tokenizer_file(tmp_path):
+    """Before: save() wrote tokenizer.json alone, so tokenizer_config.json, special_tokens_map.json, the
+    generation config and a slow tokenizer's vocab/merges were lost. Now each is copied byte for byte,
+    after a merge too; the weights, config.json and a README are not copied from the base."""
+    base = tmp_path / "base"
+    shutil.copytree(CARRIED, base)
+    for name, text in {**TOKENIZER_EXTRAS, "README.md": "card"}.items():
+        (base / name).write_text(text)
+    m = minipeft.load_model(str(base)).apply_lora(target_modules=["q_proj"])
+    m.merge_and_unload().save(str(tmp_path / "out"))
+    kept = ["tokenizer.json", "tokenizer_config.json", *TOKENIZER_EXTRAS]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(kept + ["config.json", "model.safetensors"])
+    for name in kept:
+        assert (tmp_path / "out" / name).read_bytes() == (base / name).read_bytes(), name
+    assert minipeft.load_model(str(tmp_path / "out")).tokenizer.encode("abc") == m.tokenizer.encode("abc")
+
+
+@pytest.mark.spec("IO-11")
+def test_a_relative_path_is_taken_from_the_current_folder(tmp_path, monkeypatch):
+    """Before: a relative path that was not there from the current folder went to the Hub client and came back
+    as a truncated HFValidationError. Now an existing relative path loads from any folder, and a missing one
+    is a CheckpointError showing the absolute path tried, that it is no Hub id, and what to do."""
+    shutil.copytree(CARRIED, tmp_path / "models" / "base")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    m = minipeft.load_model("../models/base")
+    assert m.name_or_path == "../models/base" and m.folder == str(tmp_path / "models" / "base")
+    assert m.tokenizer.encode("abc") == minipeft.load_model(minipeft.DEMO_MODEL).tokenizer.encode("abc")
+    with pytest.raises(CheckpointError) as e:
+        minipeft.load_model("minipeft/data/tiny-llama-chars")
+    msg = str(e.value)
+    assert f"as a folder: {tmp_path / 'work' / 'minipeft/data/tiny-llama-chars'} does not exist" in msg
+    assert f"taken from the current folder, {tmp_path / 'work'}" in msg
+    assert "as a Hub repo id: it is not one (HFValidationError: Repo id must be in the form" in msg
+    assert "minipeft.DEMO_MODEL" in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+@pytest.mark.spec("IO-11")
+def test_a_missing_hub_id_reports_both_tries_whole(tmp_path, monkeypatch):
+    """Before: the Hub error was cut at 200 characters. Now both tries (cache, Hub) are reported whole, with
+    the offline advice, and the fact that HF_HUB_OFFLINE kept the Hub from being asked."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    calls = []
+
+    def fake(repo_id, allow_patterns, local_files_only):
+        calls.append(local_files_only)
+        raise OSError(f"try {len(calls)}: " + "long explanation " * 30 + "END")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        minipeft.load_model("someorg/some-model")
+    msg = str(e.value)
+    assert calls == [True, False] and msg.count("END") == 2
+    assert "as a Hub repo id in the local Hugging Face cache: OSError: try 1: long" in msg
+    assert "as a Hub repo id on the Hub: OSError: try 2: long" in msg
+    assert f"as a folder: {tmp_path / 'someorg' / 'some-model'} does not exist" in msg
+    assert "download the model first while online" in msg and "HF_HUB_OFFLINE is set, so the Hub was not asked" in msg
 
 
 @pytest.mark.spec("MODEL-7")

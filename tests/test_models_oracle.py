@@ -187,3 +187,36 @@ def test_save_is_read_by_transformers(torch, saved, family, tmp_path):
     with torch.no_grad():
         ref = hf_out(back, torch, ids)
     check(mm(ids), ref, f"{family} saved, read by transformers")
+
+
+@pytest.mark.spec("MODEL-11")
+def test_saved_tokenizer_has_the_base_special_tokens(torch, tmp_path):
+    """A base folder whose tokenizer transformers saved (special tokens, a chat template) plus a
+    generation config and special_tokens_map.json: AutoTokenizer on the merged model minipeft saved has
+    the base's special tokens, ids and template, and GenerationConfig the base's. Before (tokenizer.json
+    alone) AutoTokenizer found no special token at all."""
+    import os
+    import shutil
+    import transformers
+    base = tmp_path / "base"
+    shutil.copytree(os.path.join(os.path.dirname(minipeft.__file__), "data", "tiny-llama-chars"), base)
+    tok = transformers.AutoTokenizer.from_pretrained(str(base))
+    tok.add_special_tokens({"unk_token": "<unk>", "additional_special_tokens": ["<sep>"]})
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(str(base))
+    (base / "special_tokens_map.json").write_text('{"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}')
+    transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, max_new_tokens=7).save_pretrained(str(base))
+    m = minipeft.load_model(str(base)).apply_lora(target_modules=["q_proj", "v_proj"])
+    m.merge_and_unload().save(str(tmp_path / "out"))
+    ref, ours = (transformers.AutoTokenizer.from_pretrained(str(p)) for p in (base, tmp_path / "out"))
+    assert ours.special_tokens_map == ref.special_tokens_map and ref.special_tokens_map["unk_token"] == "<unk>"
+    assert ours.all_special_tokens == ref.all_special_tokens and "<sep>" in ours.all_special_tokens
+    assert ours("ab <sep> c")["input_ids"] == ref("ab <sep> c")["input_ids"]
+    assert ours.chat_template == ref.chat_template
+    gen = [transformers.GenerationConfig.from_pretrained(str(p)).to_dict() for p in (base, tmp_path / "out")]
+    assert gen[0] == gen[1] and gen[1]["max_new_tokens"] == 7
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copyfile(base / name, old / name)
+    assert transformers.AutoTokenizer.from_pretrained(str(old)).special_tokens_map == {}

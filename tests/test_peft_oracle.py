@@ -225,8 +225,8 @@ def test_named_adapters_in_subfolders(lib, base, tmp_path):
     report("subfolder 'other' minipeft->PEFT", max_rel_err(model(IDS), hf_logits(lib, pm)))
     pm.save_pretrained(tmp_path / "peft")  # PEFT writes default at the top, other in other/
     back = minipeft.load_model(base())
-    back.load_adapters(str(tmp_path / "peft"))
-    back.load_adapters(str(tmp_path / "peft" / "other"), "other")
+    back.load_adapters(str(tmp_path / "peft"))  # PEFT-7: "default" from the top, "other" from other/
+    assert sorted(back.peft_configs) == ["default", "other"]
     back.set_active_adapter("other")
     report("subfolder 'other' PEFT->minipeft", max_rel_err(back(IDS), hf_logits(lib, pm)))
 
@@ -412,3 +412,40 @@ def test_print_trainable_parameters_prints_peft_s_line(lib, base, case, capsys):
     model.print_trainable_parameters()
     ours = capsys.readouterr().out
     assert ours == theirs and ours.startswith("trainable params: ")
+
+
+@pytest.mark.spec("LORA-13")
+def test_unmatched_targets_as_peft_treats_them(lib, base, tmp_path):
+    """PEFT 0.21.2 refuses the string "q_proj" (a whole-path regex) and a list matching nothing, and accepts
+    ["q_proj", "nope_proj"] silently; minipeft refuses the same two and warns on the third, whose adapter
+    then loads in PEFT with equal logits."""
+    _, _, peft = lib
+    for tm in ("q_proj", ["nope_proj"]):
+        with pytest.raises(ValueError, match="not found in the base model"):
+            peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(target_modules=tm))
+        with pytest.raises(minipeft.errors.ConfigError, match="matches no linear layer"):
+            minipeft.load_model(base()).apply_lora(target_modules=tm)
+    peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(target_modules=["q_proj", "nope_proj"]))
+    with pytest.warns(UserWarning, match=r"\['nope_proj'\] match no linear layer"):
+        model, pm = minipeft_saved_in_peft(lib, base(), LoRAConfig(target_modules=["q_proj", "nope_proj"]), tmp_path)
+    report("partly matching list minipeft->PEFT", max_rel_err(model(IDS), hf_logits(lib, pm)))
+
+
+@pytest.mark.spec("PEFT-7")
+def test_peft_s_named_adapters_load_under_their_names(lib, base, tmp_path):
+    """PEFT's save_pretrained of adapters named "translation" and "grammar" (no "default") writes one
+    sub-folder each; load_adapters(folder) loads both under those names, each with PEFT's logits."""
+    torch, _, peft = lib
+    pm = peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+                             adapter_name="translation")
+    pm.add_adapter("grammar", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]))
+    perturb_peft(lib, pm)
+    pm.save_pretrained(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["grammar", "translation"]
+    model = minipeft.load_model(base())
+    model.load_adapters(str(tmp_path))
+    assert sorted(model.peft_configs) == ["grammar", "translation"]
+    for name in ("translation", "grammar"):
+        pm.set_adapter(name)
+        model.set_active_adapter(name)
+        report(f"PEFT's sub-folder {name!r} -> minipeft", max_rel_err(model(IDS), hf_logits(lib, pm.eval())))

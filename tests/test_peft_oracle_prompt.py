@@ -13,8 +13,8 @@ from helpers import max_rel_err
 from minipeft.adapters.registry import config_class
 from minipeft.models.blocks import causal_lm_loss
 from minipeft.safetensors_io import write_safetensors
-from test_peft_oracle import (IDS, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_peft,  # noqa: F401
-                              report)
+from test_peft_oracle import (IDS, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_minipeft,  # noqa: F401
+                              perturb_peft, report)
 
 pytestmark = pytest.mark.oracle
 GRAD_TOL = 1e-4
@@ -173,3 +173,33 @@ def test_prefix_under_a_sliding_window_equals_peft(lib, tmp_path, n_virtual):
     model.load_adapters(str(tmp_path / "adapter"))
     assert IDS.shape[1] + n_virtual > cfg.sliding_window
     report(f"prefix {n_virtual} under a window of 4", max_rel_err(model(IDS), hf_logits(lib, pm)))
+
+
+@pytest.mark.spec("PROMPT-9", "PROMPT-1")
+def test_init_text_adapter_loads_in_peft(lib, tmp_path):
+    """An init_text prompt adapter on the carried model (which has a tokenizer): PEFT refuses its config
+    without tokenizer_name_or_path (the old file), loads the saved one with equal logits, and PEFT's TEXT
+    init, tokenizing init_text with the tokenizer the file names, is minipeft's P bit for bit."""
+    import json
+    import os
+    torch, _, peft = lib
+    folder = os.path.join(os.path.dirname(minipeft.__file__), "data", "tiny-llama-chars")
+    model = minipeft.load_model(folder).apply_prompt_tuning(num_virtual_tokens=7, init_text="next")
+    P0 = model.net.prompt_encoder["default"].embedding.weight.data.copy()
+    perturb_minipeft(model)
+    model.save_adapters(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    old = {k: v for k, v in saved.items() if k != "tokenizer_name_or_path"}
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        peft.PromptTuningConfig(**{k: v for k, v in old.items() if k != "peft_type"})
+    ids = [[1, 3, 4, 5, 6]]
+    pm = peft.PeftModel.from_pretrained(hf_model(lib, folder), str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(ids)).logits.numpy()
+    report("init_text minipeft->PEFT", max_rel_err(model(ids), theirs))
+    fresh = peft.get_peft_model(hf_model(lib, folder), peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="TEXT", prompt_tuning_init_text="next",
+        tokenizer_name_or_path=saved["tokenizer_name_or_path"]))
+    theirs_P = fresh.prompt_encoder["default"].embedding.weight.detach().numpy()
+    print(f"\n  init_text P: max abs diff {np.abs(P0 - theirs_P).max():.1e}")
+    assert np.array_equal(P0, theirs_P)

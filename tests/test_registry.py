@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pydoc
+import re
 import sys
 
 import numpy as np
@@ -170,19 +171,27 @@ def test_a_method_from_outside_the_package_works_end_to_end(rowscale, tmp_path):
                                       "--method", "rowscale"]).method == "rowscale"
 
 
-@pytest.mark.spec("METHOD-2")
+@pytest.mark.spec("METHOD-2", "METHOD-9")
 def test_inspect_names_the_method_and_counts_what_train_counts(tmp_path, capsys):
-    """minipeft inspect reads the registry: DoRA shows as dora, and the trained count equals the model's own
-    (VeRA's file also holds the frozen shared A and B, which are not counted)."""
+    """minipeft inspect reads the registry: DoRA shows as DoRA (before: PEFT's LORA, with "(dora)"), and the
+    count equals the model's own (VeRA's file also holds the frozen shared A and B, which are not counted);
+    with --model it is print_trainable_parameters' count and share (before: a share of the base alone)."""
     from minipeft.cli import main
-    for name in ("dora", "vera", "adalora"):
+    for name, title, peft in (("dora", "DoRA", "LORA, use_dora"), ("vera", "VeRA", "VERA"),
+                              ("adalora", "AdaLoRA", "ADALORA")):
         model = mp.load_model(mp.DEMO_MODEL)
         getattr(model, f"apply_{name}")()
         model.save_adapters(str(tmp_path / name))
-        for base in ([], ["--model", mp.DEMO_MODEL]):
-            assert main(["inspect", str(tmp_path / name), *base]) == 0
-            shown = capsys.readouterr().out
-            assert f"({name})" in shown and f"trained parameters: {model.parameter_counts()[0]:,}" in shown
+        assert main(["inspect", str(tmp_path / name)]) == 0
+        shown = capsys.readouterr().out
+        assert f"method: {title} (PEFT: {peft})" in shown
+        assert f"trained parameters: {model.parameter_counts()[0]:,}\n" in shown
+        model.print_trainable_parameters()
+        peft_line = capsys.readouterr().out  # trainable params: T || all params: N || trainable%: P
+        t, n, share = re.match(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)",
+                               peft_line).groups()
+        assert main(["inspect", str(tmp_path / name), "--model", mp.DEMO_MODEL]) == 0
+        assert f"trainable parameters: {t} of {n} ({float(share):.3f}%)" in capsys.readouterr().out
 
 
 def test_the_custom_method_example_runs(rowscale, capsys):

@@ -1,8 +1,10 @@
 """Which modules an adapter targets, and wrapping them (spec/lora.md LORA-10, PEFT's matching rules).
 
 target_modules:
-  - a list: a module matches when its path equals an entry or ends with "." + entry;
-  - a string: a regex that must match the whole path (re.fullmatch);
+  - a list: a module matches when its path equals an entry or ends with "." + entry; an entry that
+    matches no linear layer is a warning naming it (PEFT accepts it silently), none matching an error;
+  - a string: a regex that must match the whole path (re.fullmatch), as in PEFT; matching nothing is
+    an error that suggests the list form (LORA-13);
   - "all-linear": every Linear/Conv1D/Linear4bit except the output head (lm_head).
 A 4-bit Linear4bit (quant/linear4bit.py) counts as a linear layer and is wrapped like one (QLORA-5).
 layers_to_transform keeps only layers whose index (the number after "layers."/"h."/"layer.")
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 
 from ..autograd.tensor import Tensor
 from ..errors import ConfigError
@@ -47,19 +50,41 @@ def find_targets(net, cfg) -> list[str]:
         found = [p for p in paths if p.split(".")[-1] not in OUTPUT_HEADS]
     else:
         found = [p for p in paths if _name_matches(p, cfg.target_modules)]
+        warn_unmatched(paths, cfg.target_modules)
     if cfg.exclude_modules:
         found = [p for p in found if not _name_matches(p, cfg.exclude_modules)]
     if cfg.layers_to_transform is not None:
         keep = {cfg.layers_to_transform} if isinstance(cfg.layers_to_transform, int) else set(cfg.layers_to_transform)
         found = [p for p in found if _layer_index(p, cfg.layers_pattern) in keep]
     if not found:
-        names = sorted({p.split(".")[-1] for p in paths})
         narrowed = "".join(f", {f}={getattr(cfg, f)!r}" for f in ("exclude_modules", "layers_to_transform",
                                                                     "layers_pattern") if getattr(cfg, f) not in (None, ()))
         narrowed += "" if cfg.layers_to_transform != () else ", layers_to_transform=()"
+        hint = ""
+        if isinstance(cfg.target_modules, str) and cfg.target_modules != "all-linear":
+            named = [p for p in paths if p.split(".")[-1] == cfg.target_modules] or paths or [""]
+            hint = (f". A string is a regular expression that must match the whole module path (PEFT's rule, "
+                    f"e.g. {named[0]!r}); to target layers by name pass a list: "
+                    f"target_modules=[{cfg.target_modules!r}]")
         raise ConfigError(f"target_modules={cfg.target_modules!r}{narrowed} matches no linear layer of this model; "
-                          f"its linear layers are named: {', '.join(names)}")
+                          f"its linear layers are named: {leaf_names(paths)}{hint}")
     return found
+
+
+def leaf_names(paths) -> str:
+    """The distinct last components of the paths (q_proj, k_proj, ...), for messages."""
+    return ", ".join(sorted({p.split(".")[-1] for p in paths}))
+
+
+def warn_unmatched(paths, entries) -> None:
+    """LORA-13: list entries that match no linear layer anywhere are named in a warning (PEFT 0.21 accepts a
+    list as long as one entry matches, so a PEFT config keeps loading)."""
+    if isinstance(entries, str):
+        return
+    unmatched = [e for e in entries if not any(_name_matches(p, [e]) for p in paths)]
+    if unmatched and len(unmatched) < len(entries):
+        warnings.warn(f"target_modules entries {unmatched} match no linear layer of this model and are ignored; "
+                      f"its linear layers are named: {leaf_names(paths)}", stacklevel=4)
 
 
 def wrap(net, path: str) -> AdaptedLayer:

@@ -1,7 +1,8 @@
-"""PEFT's on-disk adapter format (spec/peft-format.md PEFT-1..PEFT-6).
+"""PEFT's on-disk adapter format (spec/peft-format.md PEFT-1..PEFT-7).
 
 A folder holds adapter_config.json and adapter_model.safetensors (float32, metadata format=pt).
-The adapter named "default" is saved at the top, every other one in <folder>/<name>/.
+The adapter named "default" is saved at the top, every other one in <folder>/<name>/; loading finds
+them the same way (and a training checkpoint's in its adapter/ folder).
 Keys: "base_model.model." + module path + "." + parameter path inside the delta module, which are
 PEFT's leaf names (lora_A.weight, ...): one generic walk, no per-method table. modules_to_save
 copies are saved under the original module path. Loading is strict: a key the model lacks, a
@@ -19,7 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_save_dir, atomic_write_json, read_json
 from ..models.io import refuse_pickled
 from ..safetensors_io import read_safetensors, write_safetensors
-from .base import COMMON_FIELDS, AdaptedLayer
+from .base import COMMON_FIELDS, NAME_RE, AdaptedLayer
 from .modules_to_save import TrainedCopy
 from .prompt_learning import check_loaded, fit_to_file, prompt_of
 from .registry import config_class
@@ -27,6 +28,7 @@ from .registry import config_class
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 TASK_TYPES = {"bert": "FEATURE_EXTRACTION"}  # every other family is a causal LM
+ADAPTER_CONVERSION = "PEFT's PeftModel.from_pretrained(base_model, folder).save_pretrained(folder, safe_serialization=True)"
 
 
 def adapter_tensors(model, name: str) -> dict:
@@ -111,10 +113,57 @@ def read_adapter_config(folder: str):
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def load_adapters(model, path: str, name: str = "default", strict: bool = True) -> dict:
-    """Add adapter `name` from a PEFT folder. Returns {"missing": [...], "unexpected": [...]}."""
-    refuse_pickled(path, WEIGHTS_NAME, "PEFT's PeftModel.from_pretrained(base_model, folder)"
-                   ".save_pretrained(folder, safe_serialization=True)")  # IO-5, before any file is read
+def load_adapters(model, path: str, name: str = "default", strict: bool = True, subfolder: str | None = None):
+    """Add the adapters found from `path` (PEFT-7): one folder's as `name`, sub-folders' under their names.
+    Returns {"missing": [...], "unexpected": [...]} for one adapter, {name: that} for several."""
+    found = adapter_folders(path, name, subfolder)
+    clash = [n for n, _ in found if n in model.peft_configs]
+    if clash:
+        raise ConfigError(f"{path}: the model has adapters named {clash} already; delete_adapter() them first"
+                          + (" or pass another name=" if clash == [name] else ""))
+    reports = {}
+    try:
+        for n, folder in found:
+            reports[n] = load_adapter_folder(model, folder, n, strict)
+    except Exception:
+        for n in reports:  # all or none: the ones this call loaded go again
+            model.delete_adapter(n)
+        raise
+    return reports[name] if list(reports) == [name] else reports
+
+
+def adapter_folders(path: str, name: str, subfolder: str | None = None) -> list:
+    """[(adapter name, folder)]: `path` (or path/subfolder) itself when it holds adapter_config.json, each
+    sub-folder that holds one, under its name; a training checkpoint-N (trainer_state.json) is read through
+    its adapter/ folder. Nothing found: a CheckpointError listing what is there."""
+    root = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isdir(root):
+        raise CheckpointError(f"{root}: no such adapter folder ({os.path.abspath(root)})")
+    holds = lambda *parts: os.path.isfile(os.path.join(root, *parts))  # noqa: E731
+    if not holds(CONFIG_NAME) and holds("trainer_state.json") and os.path.isdir(os.path.join(root, "adapter")):
+        root = os.path.join(root, "adapter")  # a training checkpoint-N (minipeft/checkpoints.py)
+    subs = [d for d in sorted(os.listdir(root)) if not d.startswith(".") and holds(d, CONFIG_NAME)]  # .x: killed
+    for d in subs:
+        if not NAME_RE.match(d):
+            raise CheckpointError(f"{os.path.join(root, d)}: the sub-folder's name {d!r} is not an adapter name "
+                                  f"(letters, digits, '_', '-'); load it alone with subfolder={d!r} and a name=")
+    found = ([(name, root)] if holds(CONFIG_NAME) else []) + [(d, os.path.join(root, d)) for d in subs]
+    if found:
+        return found
+    refuse_pickled(root, WEIGHTS_NAME, ADAPTER_CONVERSION)  # IO-5: only pickled weights here
+    entries = sorted(d + "/" * os.path.isdir(os.path.join(root, d)) for d in os.listdir(root) if not d.startswith("."))
+    runs = [e.rstrip("/") for e in entries if e.startswith("checkpoint-") and e.endswith("/")]
+    hint = f"; training checkpoints here: pass one, e.g. {os.path.join(root, runs[-1])}" if runs else ""
+    raise CheckpointError(f"{root}: no adapter found. load_adapters reads a folder with {CONFIG_NAME}, a folder "
+                          f"whose sub-folders hold one each (loaded under the sub-folders' names), a training "
+                          f"checkpoint-N folder (its adapter/), or path with subfolder=. Found: "
+                          f"{', '.join(entries[:12]) + (' ...' if len(entries) > 12 else '') or 'an empty folder'}"
+                          f"{hint}")
+
+
+def load_adapter_folder(model, path: str, name: str, strict: bool) -> dict:
+    """Add adapter `name` from one PEFT folder. Returns {"missing": [...], "unexpected": [...]}."""
+    refuse_pickled(path, WEIGHTS_NAME, ADAPTER_CONVERSION)  # IO-5, before any file is read
     cfg = read_adapter_config(path)
     weights_path = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):

@@ -76,6 +76,11 @@ class PromptLearningConfig(AdapterConfig):
         for f, v in want.items():
             got = getattr(self, f)
             check(got is None or got == v, f, got, f"this {mc.model_type} model needs {v}")
+        limit = mc.max_position_embeddings  # PROMPT-10: the virtual tokens take positions 0 .. T-1 of the context
+        check(self.num_virtual_tokens < limit, "num_virtual_tokens", self.num_virtual_tokens,
+              f"this {mc.model_type} model has max_position_embeddings={limit} positions (its context) and the "
+              f"virtual tokens take the first num_virtual_tokens of them, leaving none for the input; use "
+              f"num_virtual_tokens < {limit}, with room for the prompt and the generated tokens")
         return dataclasses.replace(self, **want)
 
 

@@ -8,7 +8,8 @@ Forward (PROMPT-2): x = [P; E[ids]] (B, T + n, d), mask [1_T; m], positions 0 ..
     logits (B, T + n, V), real tokens at [:, T:], as PEFT's PeftModelForCausalLM returns them.
 Loss (PROMPT-3): labels [-100_T; y]: virtual positions carry no target; position T - 1 predicts y_0.
 Trainable (PROMPT-4): P alone; every base weight is frozen.
-Serialization (PROMPT-5): peft_type "PROMPT_TUNING", prompt_embeddings (T, d) = P.
+Serialization (PROMPT-5): peft_type "PROMPT_TUNING", prompt_embeddings (T, d) = P; with init "text",
+    tokenizer_name_or_path = the base model's path or id (PROMPT-9: PEFT refuses a TEXT config without it).
 PEFT parity: peft/tuners/prompt_tuning/model.py PromptEmbedding; peft/peft_model.py
     PeftModelForCausalLM.forward (inputs_embeds = cat(prompts, embeds)) and prepare_inputs_for_generation.
 Deviations: initializer_range is minipeft's (the seed's field); PEFT always draws N(0, 1). init_text is
@@ -35,9 +36,11 @@ class PromptTuningConfig(PromptLearningConfig):
     initializer_range: float = 0.5  # std of the "random" init (PEFT: 1.0)
     init_text: str | None = None
     init: str | None = None  # "random" | "text" | "sample_vocab"; None: "text" when init_text is set
+    tokenizer_name_or_path: str | None = None  # what tokenized init_text; None: the model's name_or_path
 
     peft_type = "PROMPT_TUNING"
-    PEFT_FIELDS = {"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"}
+    PEFT_FIELDS = {"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text",
+                   "tokenizer_name_or_path": "tokenizer_name_or_path"}
     PEFT_VALUES = {"init": {"random": "RANDOM", "text": "TEXT", "sample_vocab": "SAMPLE_VOCAB"}}
 
     def validate(self):
@@ -78,6 +81,7 @@ class PromptEmbedding(InputPrompt):
             check(False, "init_text", cfg.init_text, "needs the model folder's tokenizer.json to tokenize it")
         ids = model.tokenizer.encode(cfg.init_text)
         check(len(ids) > 0, "init_text", cfg.init_text, "gives no tokens")
+        cfg.tokenizer_name_or_path = cfg.tokenizer_name_or_path or model.name_or_path or None  # PROMPT-9
         return cls(cfg, E[text_tokens(ids, T)])
 
 

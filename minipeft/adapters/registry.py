@@ -39,6 +39,11 @@ class Method:
         return self.kind not in TRAINING_KINDS
 
     @property
+    def title(self) -> str:
+        """The method's own name as its config class spells it (LoRA, DoRA, QLoRA, IA3, PromptTuning)."""
+        return self.config.__name__.removesuffix("Config")
+
+    @property
     def peft_type(self) -> str | None:
         """PEFT's peft_type of the saved adapter_config.json, or None where PEFT lacks the method."""
         return getattr(self.config, "peft_type", None) if self.in_peft else None  # an optimiser has none

@@ -49,9 +49,11 @@ def generate(net, input_ids, attention_mask=None, max_new_tokens=32, temperature
     if not isinstance(net, DecoderLM):
         raise ConfigError(f"generate needs a causal LM; {net.config.model_type} is an encoder")
     if lead + T + max_new_tokens > net.config.max_position_embeddings:  # TRAIN-9: before any work
-        raise ConfigError(f"{T} + {max_new_tokens} tokens exceed the {net.config.max_position_embeddings} "
-                          f"positions (max_position_embeddings, the context) of this {net.config.model_type} "
-                          f"model; shorten the prompt or lower max_new_tokens")
+        virtual = f"{lead} virtual tokens (num_virtual_tokens of the active prompt adapter) + " if lead else ""
+        raise ConfigError(f"{virtual}{T} prompt tokens + {max_new_tokens} new tokens exceed the "
+                          f"{net.config.max_position_embeddings} positions (max_position_embeddings, the context) "
+                          f"of this {net.config.model_type} model; shorten the prompt or lower max_new_tokens"
+                          + (" or num_virtual_tokens" if lead else ""))
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)

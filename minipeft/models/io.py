@@ -1,11 +1,12 @@
-"""HF checkpoint folders in and out (spec/transformer.md MODEL-7..MODEL-9).
+"""HF checkpoint folders in and out (spec/transformer.md MODEL-7..MODEL-9, MODEL-11).
 
 A folder holds config.json, model.safetensors (or shards listed in model.safetensors.index.json)
-and optionally tokenizer.json. A Hub repo id is resolved through huggingface_hub's local cache
+and optionally tokenizer.json and the other tokenizer files, which save() copies. A Hub repo id is resolved through huggingface_hub's local cache
 (offline works once downloaded). Only safetensors and JSON are ever read: nothing is unpickled.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -23,27 +24,44 @@ from .config import read_config
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "embeddings.position_ids")
 # heads a checkpoint may carry that the minipeft model does not use (BERT's MLM/NSP heads)
 IGNORED_PREFIXES = ("cls.",)
+# what transformers' AutoTokenizer and GenerationConfig read from a model folder (MODEL-11): fetched with
+# a Hub model and copied by save() as they are
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                   "spiece.model", "sentencepiece*.model", "*.tiktoken", "chat_template*", "generation_config.json")
 
 
 def resolve(path_or_id: str) -> str:
-    """A local folder, or the snapshot folder of a Hub repo id (downloaded once, then offline)."""
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if os.path.exists(path_or_id):
-        raise CheckpointError(f"{path_or_id}: expected a model folder (config.json + model.safetensors), got a file")
+    """IO-11: the absolute folder of a path that exists (relative to the current folder, ~ expanded); else
+    the snapshot folder of a Hub repo id, from the local cache, then the Hub. Neither: a CheckpointError
+    saying what was tried and what to do offline."""
+    path = os.path.abspath(os.path.expanduser(path_or_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: expected a model folder (config.json + model.safetensors), got a file")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise CheckpointError(f"{path_or_id}: not a folder, and huggingface_hub is not installed") from e
-    patterns = ["*.json", "*.safetensors", "tokenizer*"]
-    errors = []
-    for offline in (True, False):
+        raise CheckpointError(f"{path}: no such folder, and huggingface_hub is not installed") from e
+    patterns = ["*.json", "*.safetensors", *TOKENIZER_FILES]
+    tried = []
+    for offline, where in ((True, "in the local Hugging Face cache"), (False, "on the Hub")):
         try:
             return snapshot_download(repo_id=path_or_id, allow_patterns=patterns, local_files_only=offline)
-        except Exception as e:  # the hub client raises many types; report the last
-            errors.append(f"{type(e).__name__}: {e}")
-    raise CheckpointError(f"{path_or_id}: not a local folder and not found in the Hugging Face cache or Hub "
-                          f"({errors[-1][:200]}). Pass a folder with config.json and model.safetensors.")
+        except Exception as e:  # the hub client raises many types; each is reported whole
+            said = f"{type(e).__name__}: {' '.join(str(e).split()).rstrip('.')}"
+            if type(e).__name__ == "HFValidationError":  # not an id at all: the Hub is not asked
+                tried.append(f"as a Hub repo id: it is not one ({said})")
+                break
+            tried.append(f"as a Hub repo id {where}: {said}")
+    offline_now = " HF_HUB_OFFLINE is set, so the Hub was not asked." if constants.HF_HUB_OFFLINE else ""
+    raise CheckpointError(
+        f"{path_or_id!r} is neither a model folder nor a Hub model found. Tried: as a folder: {path} does not "
+        f"exist (a relative path is taken from the current folder, {os.getcwd()}); " + "; ".join(tried) + ". "
+        "What to do: pass the folder holding config.json and model.safetensors (absolute, or relative to the "
+        "current folder), or a Hub id ('name' or 'org/name'). Offline (HF_HUB_OFFLINE=1) only the cache is "
+        "read: download the model first while online (load_model(id) once, or `huggingface-cli download "
+        f"<id>`).{offline_now} The model minipeft carries is at minipeft.DEMO_MODEL.")
 
 
 def weight_files(folder: str) -> list[str]:
@@ -172,8 +190,17 @@ def load_net(path_or_id: str, dtype: str = "float32"):
     return net, folder
 
 
-def save_net(net, path: str, tokenizer_file: str | None = None) -> None:
-    """Write an HF folder transformers loads: config.json, model.safetensors (float32), tokenizer.json."""
+def tokenizer_files(folder: str | None) -> list[str]:
+    """The files of `folder` named as TOKENIZER_FILES, sorted (none without a folder)."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+                  and any(fnmatch.fnmatch(n, pat) for pat in TOKENIZER_FILES))
+
+
+def save_net(net, path: str, source_folder: str | None = None) -> None:
+    """Write an HF folder transformers loads: config.json, model.safetensors (float32), and every tokenizer
+    and generation file of the folder the model came from (MODEL-11)."""
     from . import HF_CLASS_NAMES
     cfg = dict(net.config.raw)
     cfg.update(model_type=net.config.model_type, architectures=[HF_CLASS_NAMES[net.config.model_type]])
@@ -183,5 +210,5 @@ def save_net(net, path: str, tokenizer_file: str | None = None) -> None:
     with atomic_save_dir(path) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), weights, {"format": "pt"})
         atomic_write_json(os.path.join(tmp, "config.json"), cfg)
-        if tokenizer_file:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+        for f in tokenizer_files(source_folder):
+            shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_close
+from minipeft.adapters import inject
 from minipeft.adapters.base import AdaptedLayer
 from minipeft.adapters.lora import LoRAConfig
 from minipeft.autograd import Tensor
@@ -491,6 +492,33 @@ def test_target_modules_rules(tm, exclude, layers_to, pattern):
     assert {p for p, _ in layers(model, "default")} == expect
 
 
+@pytest.mark.spec("LORA-13")
+def test_a_string_that_matches_nothing_says_it_is_a_regex_and_names_the_layers():
+    """Before: "q_proj" (a string) gave 'matches no linear layer' and nothing on why. Now the message says
+    it is a whole-path regex, shows a path, lists the leaf names and suggests ["q_proj"], which works."""
+    model = make_model()
+    with pytest.raises(ConfigError) as e:
+        model.apply_lora(target_modules="q_proj")
+    msg = str(e.value)
+    assert "regular expression that must match the whole module path" in msg
+    assert "'model.layers.0.self_attn.q_proj'" in msg and "target_modules=['q_proj']" in msg
+    assert "named: " + ", ".join(sorted(NAMES + ["lm_head"])) in msg
+    model.apply_lora(target_modules=["q_proj"])
+    assert {p for p, _ in layers(model, "default")} == {f"model.layers.{i}.self_attn.q_proj" for i in range(L)}
+
+
+@pytest.mark.spec("LORA-13")
+def test_list_entries_that_match_nothing_are_named():
+    """Before: ("q_proj", "v_prj") silently adapted q_proj alone. Now a UserWarning names 'v_prj' and the leaf
+    names (PEFT 0.21.2 accepts such a list, so it is not an error); a list matching nothing is a ConfigError."""
+    model = make_model()
+    with pytest.warns(UserWarning, match=r"\['v_prj'\] match no linear layer.*named: down_proj, gate_proj"):
+        model.apply_lora(target_modules=("q_proj", "v_prj"))
+    assert {p for p, _ in layers(model, "default")} == {f"model.layers.{i}.self_attn.q_proj" for i in range(L)}
+    with pytest.raises(ConfigError, match=r"\('v_prj', 'qq'\) matches no linear layer.*named: down_proj"):
+        make_model().apply_lora(target_modules=("v_prj", "qq"))
+
+
 # ---- LORA-11: errors leave the model unchanged -------------------------------------------------------------------
 BAD = [
     dict(rank=0), dict(rank=-2), dict(rank=2.5), dict(alpha=0), dict(alpha=-1), dict(dropout=1.0), dict(dropout=-0.1),
@@ -565,8 +593,8 @@ def test_save_load_round_trip_bit_exact(tmp_path_factory, r, tm, lora_bias, mts)
     assert (folder / "second" / "adapter_model.safetensors").is_file()  # PEFT-1: non-default in a subfolder
 
     again = make_model()
-    again.load_adapters(str(folder))
-    again.load_adapters(str(folder / "second"), "second")
+    again.load_adapters(str(folder))  # PEFT-7: the top as "default", the sub-folder as "second"
+    assert sorted(again.peft_configs) == ["default", "second"] and again.active_adapters == ["default"]
     ours, theirs = dict(model.net.named_parameters()), dict(again.net.named_parameters())
     assert ours.keys() == theirs.keys()
     assert all(np.array_equal(ours[k].data, theirs[k].data) for k in ours)
@@ -608,3 +636,66 @@ def test_strict_load_fails_and_leaves_no_adapter(tmp_path, damage):
     if damage in ("missing", "unexpected"):
         report = fresh.load_adapters(str(tmp_path), strict=False)
         assert (report["missing"] if damage == "missing" else report["unexpected"])
+
+
+# ---- PEFT-7: loading from the folder a user points at -----------------------------------------------------------
+def same_tensors(a, b, names):
+    for n in names:
+        a.set_active_adapter(n)
+        b.set_active_adapter(n)
+        assert np.array_equal(a(IDS).data, b(IDS).data), n
+
+
+@pytest.mark.spec("PEFT-7")
+def test_named_adapters_load_from_the_folder_they_were_saved_in(tmp_path):
+    """Before: save_adapters put adapters not named "default" in sub-folders and load_adapters(folder) said the
+    folder had no adapter_config.json. Now it loads every sub-folder's under its name (PEFT's layout), all or
+    none; subfolder= picks one, as PEFT's from_pretrained(subfolder=)."""
+    model = make_model()
+    model.apply_lora(target_modules=["q_proj"], name="translation")
+    model.apply_lora(target_modules=["v_proj"], rank=2, name="grammar")
+    for n, p in model.net.named_parameters():
+        if ".adapters." in n:
+            p.data = (p.data + np.random.default_rng(3).standard_normal(p.shape)).astype(np.float32)
+    model.save_adapters(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    again = make_model()
+    assert again.load_adapters(str(tmp_path / "out")) == {n: {"missing": [], "unexpected": []}
+                                                          for n in ("grammar", "translation")}
+    assert sorted(again.peft_configs) == ["grammar", "translation"]
+    same_tensors(model, again, ["translation", "grammar"])
+    one = make_model()
+    one.load_adapters(str(tmp_path / "out"), name="g", subfolder="grammar")
+    assert list(one.peft_configs) == ["g"] and one.peft_configs["g"].rank == 2
+    clash = make_model().apply_lora(target_modules=["q_proj"], name="grammar")
+    with pytest.raises(ConfigError, match=r"adapters named \['grammar'\] already"):
+        clash.load_adapters(str(tmp_path / "out"))
+    assert list(clash.peft_configs) == ["grammar"]  # and "translation" was not loaded either
+    (tmp_path / "out" / "grammar" / "adapter_model.safetensors").write_bytes(b"broken")
+    half = make_model()
+    with pytest.raises(CheckpointError, match="grammar"):
+        half.load_adapters(str(tmp_path / "out"))
+    assert half.peft_configs == {} and not inject.adapted_layers(half.net)
+
+
+@pytest.mark.spec("PEFT-7")
+def test_a_training_checkpoint_loads_through_its_adapter_folder(tmp_path):
+    """Before: load_adapters("out/checkpoint-2") failed (the adapter is in checkpoint-2/adapter). Now it loads
+    that adapter; the output_dir itself is an error that lists what is there and names a checkpoint to pass."""
+    from minipeft import TrainingConfig
+    model = make_model().apply_lora(target_modules=["q_proj", "v_proj"])
+    model.train([{"input_ids": list(range(1, 9))}] * 4, TrainingConfig(max_steps=2, batch_size=2, learning_rate=1e-2,
+                                                                       output_dir=str(tmp_path / "run"), progress=False))
+    again = make_model()
+    again.load_adapters(str(tmp_path / "run" / "checkpoint-2"))
+    same_tensors(model, again, ["default"])
+    with pytest.raises(CheckpointError) as e:
+        make_model().load_adapters(str(tmp_path / "run"))
+    msg = str(e.value)
+    assert "no adapter found" in msg and "checkpoint-2/" in msg and "a folder whose sub-folders hold one" in msg
+    assert f"pass one, e.g. {tmp_path / 'run' / 'checkpoint-2'}" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"Found: an empty folder"):
+        make_model().load_adapters(str(tmp_path), subfolder="empty")
+    with pytest.raises(CheckpointError, match="no such adapter folder"):
+        make_model().load_adapters(str(tmp_path / "nowhere"))

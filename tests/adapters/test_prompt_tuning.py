@@ -3,12 +3,14 @@ rebuilt independently: the prompt-tuned logits against the *base* model run on i
 [P; E[ids]] (a code path without the adapter), the loss against a NumPy cross-entropy, generate
 against greedy full forwards. Helpers here are shared by the other prompt-learning test files."""
 import json
+import os
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import minipeft
 from helpers import assert_close, tiny_llama
 from minipeft import LoRAConfig, PromptTuningConfig
 from minipeft.autograd import Tensor
@@ -66,7 +68,8 @@ def test_init_text_and_sample_vocab(T, text):
 
 @pytest.mark.spec("PROMPT-1")
 def test_init_random_std():
-    P = prompt_module(tiny_llama().apply_prompt_tuning(num_virtual_tokens=400, initializer_range=0.5)).embedding.weight
+    P = prompt_module(tiny_llama(max_position_embeddings=512).apply_prompt_tuning(num_virtual_tokens=400,
+                                                                          initializer_range=0.5)).embedding.weight
     assert abs(float(np.std(P.data)) - 0.5) < 0.02 and abs(float(np.mean(P.data))) < 0.02
 
 
@@ -185,3 +188,51 @@ def test_model_errors():
                                              "intermediate_size": 32, "max_position_embeddings": 16})))
     with pytest.raises(ConfigError, match="model_type"):
         bert.apply_prompt_tuning(num_virtual_tokens=2)
+
+
+CARRIED = os.path.join(os.path.dirname(minipeft.__file__), "data", "tiny-llama-chars")
+
+
+@pytest.mark.spec("PROMPT-9")
+def test_init_text_saves_the_tokenizer_peft_needs(tmp_path):
+    """Before: an init_text adapter's adapter_config.json had no tokenizer_name_or_path, which PEFT's
+    PromptTuningConfig requires for prompt_tuning_init TEXT. Now it holds the base model's path or id,
+    reloads with it, and a path the user gave is kept."""
+    m = minipeft.load_model(CARRIED).apply_prompt_tuning(num_virtual_tokens=6, init_text="next")
+    m.save_adapters(str(tmp_path / "a"))
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["prompt_tuning_init"] == "TEXT" and cfg["tokenizer_name_or_path"] == CARRIED
+    again = minipeft.load_model(CARRIED)
+    again.load_adapters(str(tmp_path / "a"))
+    assert again.peft_configs["default"].tokenizer_name_or_path == CARRIED
+    mine = minipeft.load_model(CARRIED).apply_prompt_tuning(init_text="ab", tokenizer_name_or_path="my/tok")
+    mine.save_adapters(str(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["tokenizer_name_or_path"] == "my/tok"
+    random = tiny_llama().apply_prompt_tuning(num_virtual_tokens=2)
+    random.save_adapters(str(tmp_path / "c"))  # no text, no tokenizer: PEFT's RANDOM needs none
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["tokenizer_name_or_path"] is None
+
+
+@pytest.mark.spec("PROMPT-10")
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "ptuning", "ptuning_v2"])
+def test_virtual_tokens_beyond_the_context_are_refused_when_applied(method, tmp_path):
+    """Before: num_virtual_tokens=64 on a 64-position llama was accepted, trained, and generate then said
+    '1 + 1 tokens exceed the 64 positions', naming neither the virtual tokens nor the field. Now applying
+    it is a ConfigError naming the field, the value and the limit; loading such a file a CheckpointError
+    saying the same; and generate's error counts the virtual tokens."""
+    apply = lambda m, T: getattr(m, f"apply_{method}")(num_virtual_tokens=T)  # noqa: E731
+    m = tiny_llama()
+    with pytest.raises(ConfigError, match=r"num_virtual_tokens=64 is invalid: this llama model has "
+                                          r"max_position_embeddings=64 positions.*use num_virtual_tokens < 64"):
+        apply(m, 64)
+    assert m.peft_configs == {} and getattr(m.net, "prompt_encoder", None) is None
+    apply(m, 63)
+    with pytest.raises(ConfigError, match=r"63 virtual tokens \(num_virtual_tokens of the active prompt adapter\) "
+                                          r"\+ 1 prompt tokens \+ 1 new tokens exceed the 64 positions.*num_virtual_t"):
+        m.generate(np.ones((1, 1), np.int64), max_new_tokens=1)
+    m.save_adapters(str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "num_virtual_tokens": 100}))
+    from minipeft.errors import CheckpointError
+    with pytest.raises(CheckpointError, match=r"does not fit the model: num_virtual_tokens=100 is invalid.*< 64"):
+        tiny_llama().load_adapters(str(tmp_path))
