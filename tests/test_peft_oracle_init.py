@@ -76,3 +76,24 @@ def test_orthogonal(lib, base, tmp_path):
         print(f"\n  orthogonal {side}: mean square of the entries x 200 = {mean_square * 200:.3f}")
         assert abs(mean_square * 200 - 1) < 0.2
     both_ways(lib, base(), pm, model, "orthogonal", tmp_path)
+
+
+@pytest.mark.spec("MICA-1", "MICA-2", "MICA-4", "METHOD-9")
+def test_mica(lib, base, tmp_path):
+    pm = peft_model(lib, base(), r=4, lora_alpha=8, init_lora_weights="mica")
+    model = minipeft.load_model(base())
+    model.apply_mica(rank=4, alpha=8, target_modules=tuple(TARGETS))
+    theirs = {p: m.lora_B["default"].weight.detach().double().numpy()
+              for p, m in pm.base_model.model.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B}
+    ours = {p: np.asarray(m.adapters["default"].lora_B.weight.data, np.float64)
+            for p, m in model.net.named_modules() if hasattr(m, "adapters")}
+    assert sorted(theirs) == sorted(ours)
+    worst = 0.0
+    for p, B in ours.items():  # the same singular vectors, each up to its sign
+        signs = np.sign(np.sum(B * theirs[p], axis=0))
+        worst = max(worst, float(np.max(np.abs(B * signs - theirs[p]))))
+    report("mica B vs PEFT's, up to column signs (max abs)", worst)
+    compare_effective(lib, pm, model, "mica")  # A = 0 on both sides: W0
+    assert pm.get_nb_trainable_parameters()[0] == model.parameter_counts()[0]  # A alone trains, in both
+    both_ways(lib, base(), pm, model, "mica", tmp_path)
+    assert not any(p.requires_grad for n, p in pm.named_parameters() if "lora_B" in n)

@@ -28,6 +28,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "ptuning": ("PTuningConfig", "P_TUNING", "prompt", False, False),
     "ptuning_v2": ("PTuningV2Config", "PREFIX_TUNING", "prompt", False, False),
     "orthogonal": ("OrthogonalConfig", "LORA", "initialiser", True, False),
+    "mica": ("MiCAConfig", "LORA", "initialiser", True, False),
 }
 
 
