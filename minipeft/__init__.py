@@ -5,6 +5,7 @@ from .adapters.lokr import LoKrConfig
 from .adapters.dora import DoRAConfig
 from .adapters.ia3 import IA3Config
 from .adapters.lora import LoRAConfig
+from .adapters.loftq import LoftQConfig
 from .adapters.mica import MiCAConfig
 from .adapters.orthogonal import OrthogonalConfig
 from .adapters.prefix_tuning import PrefixTuningConfig
@@ -33,6 +34,6 @@ __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config",
-           "OrthogonalConfig", "MiCAConfig",
+           "OrthogonalConfig", "MiCAConfig", "LoftQConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

@@ -1,13 +1,14 @@
 """The initialisers (kind "initialiser", spec/methods.md METHOD-9) against HF PEFT 0.21's init_lora_weights:
 PEFT's init and minipeft's on the same base weights, compared where both are deterministic (the effective
 weight W0 + s B A of every adapted layer, or the init's own factors), then a perturbed adapter saved by
-each side and loaded by the other with equal logits. The base is the random Llama of test_peft_oracle.py.
+each side and loaded by the other with equal logits. The base is the random Llama of test_peft_oracle.py, and
+for LoftQ its wider kind "llama64" (in_features 64 and 128 keep bitsandbytes' CPU NF4 exact, spec/loftq.md).
 Run with `pytest -s` to see each measured error."""
 import numpy as np
 import pytest
 
 import minipeft
-from helpers import max_rel_err
+from helpers import max_rel_err, peft_loftq_on_cpu
 from test_peft_oracle import IDS, TOL, base, hf_logits, hf_model, lib, perturb_minipeft, perturb_peft, report  # noqa: F401
 
 pytestmark = pytest.mark.oracle
@@ -97,3 +98,31 @@ def test_mica(lib, base, tmp_path):
     assert pm.get_nb_trainable_parameters()[0] == model.parameter_counts()[0]  # A alone trains, in both
     both_ways(lib, base(), pm, model, "mica", tmp_path)
     assert not any(p.requires_grad for n, p in pm.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.spec("LOFTQ-1", "LOFTQ-4", "LOFTQ-6", "METHOD-9")
+@pytest.mark.parametrize("T", [1, 2])
+def test_loftq(lib, base, tmp_path, T):
+    """PEFT's loftq_init on the CPU (helpers.peft_loftq_on_cpu); s = 2, so A and B are not divided by s."""
+    peft = lib[2]
+    with peft_loftq_on_cpu():
+        folder = base("llama64")
+        pm = peft_model(lib, folder, r=4, lora_alpha=8, init_lora_weights="loftq",
+                        loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=T))
+        model = minipeft.load_model(folder)
+        model.apply_loftq(rank=4, alpha=8, loftq_config={"loftq_bits": 4, "loftq_iter": T}, target_modules=tuple(TARGETS))
+        theirs = {p: (m.get_base_layer().weight.detach().double().numpy(), m.get_delta_weight("default").detach().double().numpy())
+                  for p, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+        ours = {p: (np.asarray(m.base_layer.weight.data, np.float64), np.asarray(m.adapters["default"].delta_weight(), np.float64))
+                for p, m in model.net.named_modules() if hasattr(m, "adapters")}
+        assert sorted(theirs) == sorted(ours)
+        q_err = max(float(np.max(np.abs(ours[p][0] - theirs[p][0]))) for p in ours)
+        print(f"\n  loftq T={T}: residual base weight Q_T vs PEFT's: max abs diff {q_err:.2e}")
+        assert q_err == 0.0 if T == 1 else q_err < 1e-5
+        # s B A on its own scale (a tenth of W's): two float32 SVDs of a noise-like W - Q_T, whose singular
+        # values r and r + 1 lie close, agree to 1.4e-5 here (spec/loftq.md LOFTQ-6)
+        sba = max(max_rel_err(ours[p][1], theirs[p][1]) for p in ours)
+        print(f"\n  loftq T={T} s B A vs PEFT (worst layer): max rel err {sba:.2e}")
+        assert sba < 5e-5
+        compare_effective(lib, pm, model, f"loftq T={T}")
+        both_ways(lib, folder, pm, model, f"loftq T={T}", tmp_path)

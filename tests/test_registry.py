@@ -29,6 +29,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "ptuning_v2": ("PTuningV2Config", "PREFIX_TUNING", "prompt", False, False),
     "orthogonal": ("OrthogonalConfig", "LORA", "initialiser", True, False),
     "mica": ("MiCAConfig", "LORA", "initialiser", True, False),
+    "loftq": ("LoftQConfig", "LORA", "initialiser", True, False),
 }
 
 
@@ -199,7 +200,8 @@ def test_initialisers_load_as_their_own_config():
     """An initialiser's init_lora_weights picks its config; use_dora with it fits two configs and is refused."""
     assert registry.initialiser_names()["orthogonal"] == "OrthogonalConfig"
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
-    assert registry.config_class("LORA", fields={**lora, "init_lora_weights": "orthogonal"}) is mp.OrthogonalConfig
+    for init, cls in (("orthogonal", mp.OrthogonalConfig), ("mica", mp.MiCAConfig), ("loftq", mp.LoftQConfig)):
+        assert registry.config_class("LORA", fields={**lora, "init_lora_weights": init}) is cls
     for init in (True, "pissa", "gaussian"):
         assert registry.config_class("LORA", fields={**lora, "init_lora_weights": init}) is mp.LoRAConfig
     assert registry.config_class("LORA", fields={**lora, "use_dora": True}) is mp.DoRAConfig

@@ -83,6 +83,7 @@ class LoRAInitConfig(LoRAConfig):
     init_lora_weights, which PEFT_FLAGS holds so that the adapter loads as this config), run by `initialise`."""
 
     REWRITES_W0 = False  # the init replaces W0 (then it runs on load too, LORA-6)
+    STEP0_RTOL = 1e-6  # METHOD-5: the output at step 0 equals the base's to this relative error
 
     def check_init(self):
         own = self.PEFT_FLAGS["init_lora_weights"]
