@@ -10,6 +10,8 @@ Init (LORA-1): "default": A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqr
     W0 <- W0 - s B A (the residual absorbs the principal part: h unchanged at step 0, LORA-6).
     "olora" (arXiv:2406.01775): W0 = Q R, B = Q[:, :r], A = R[:r], W0 <- W0 - s B A (LORA-6).
     Loading a PiSSA/OLoRA adapter recomputes this residual first, as PEFT does.
+    PEFT's other named inits are methods of kind "initialiser" (METHOD-9), LoRAInitConfig subclasses
+    with a file each: orthogonal.py, mica.py, loftq.py.
 Trainable (LORA-5): A, B (and biases by `bias`: "none" | "all" | "lora_only"); W0 gets no gradient.
 PEFT parity: peft/tuners/lora/layer.py Linear.forward, get_delta_weight; keys lora_A.weight (r, in),
     lora_B.weight (out, r); GPT-2 Conv1D keeps these shapes and transposes only dW (fan_in_fan_out).
@@ -27,7 +29,7 @@ from ..autograd import functional as F
 from ..nn.layers import Linear
 from ..errors import ConfigError
 from .base import AdapterConfig, Delta, check, fan_in_uniform
-from .registry import register
+from .registry import initialiser_names, register
 
 
 @dataclasses.dataclass
@@ -57,7 +59,6 @@ class LoRAConfig(AdapterConfig):
 
     def check_init(self):
         """LORA-11: init is one of INITS; an initialiser method (METHOD-9) is named by its own config."""
-        from .registry import initialiser_names
         own = initialiser_names()
         hint = f" (for {self.init!r} use its own config, {own[self.init]}, or apply_{self.init})" if self.init in own else ""
         check(self.init in INITS, "init", self.init, f"use one of {', '.join(INITS)}{hint}")
