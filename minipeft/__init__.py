@@ -6,6 +6,9 @@ from .adapters.dora import DoRAConfig
 from .adapters.ia3 import IA3Config
 from .adapters.lora import LoRAConfig
 from .adapters.loraxs import LoRAXSConfig
+from .adapters.loftq import LoftQConfig
+from .adapters.mica import MiCAConfig
+from .adapters.orthogonal import OrthogonalConfig
 from .adapters.prefix_tuning import PrefixTuningConfig
 from .adapters.prompt_tuning import PromptTuningConfig
 from .adapters.ptuning import PTuningConfig
@@ -32,5 +35,6 @@ __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig",
+           "OrthogonalConfig", "MiCAConfig", "LoftQConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

@@ -74,7 +74,7 @@ def cmd_inspect(args):
     for folder in sorted(folders):
         cfg = read_json(os.path.join(folder, CONFIG_NAME), f"{folder}: no {CONFIG_NAME}")
         adapter = read_adapter_config(folder)
-        flags = "".join(f", {k}" for k, v in adapter.PEFT_FLAGS.items() if v)
+        flags = "".join(f", {k}" if v is True else f", {k}={v}" for k, v in adapter.PEFT_FLAGS.items() if v)
         header, _ = read_header(os.path.join(folder, WEIGHTS_NAME))
         counted = f"trained parameters: {sum(_numel(i.shape) for k, i in header.items() if not _shared_key(k)):,}"
         if args.model:

@@ -47,3 +47,50 @@ def tiny_llama(seed: int = 0, std: float = 0.3, **overrides):
         if not name.endswith("norm.weight"):
             p.data = r.normal(p.shape, std=std)
     return Model(net, seed=seed)
+
+
+def peft_loftq_on_cpu():
+    """A context in which PEFT 0.21's loftq_init runs on the CPU: it sends its tensors to "cuda" (or to
+    "xpu" where is_xpu_available()), which a CPU-only torch lacks. Inside, it is told XPU is there, and
+    every .to("xpu") of a tensor or a bitsandbytes Params4bit goes to the CPU, where bitsandbytes quantizes
+    NF4 byte-equal to its CUDA kernel. Its CPU dequantize reads the absmax per row when a row's length is a
+    multiple of 16 but not of 64 (spec/nf4.md, Deviations): use layers whose in_features avoid that."""
+    import contextlib
+
+    import bitsandbytes as bnb
+    import torch
+    from peft.utils import loftq_utils
+
+    def redirected(to):
+        def to_cpu(self, *args, **kwargs):
+            args = tuple("cpu" if isinstance(a, str) and a == "xpu" else a for a in args)
+            if kwargs.get("device") == "xpu":
+                kwargs["device"] = "cpu"
+            return to(self, *args, **kwargs)
+        return to_cpu
+
+    stack = contextlib.ExitStack()
+    for owner, name, value in ((loftq_utils, "is_xpu_available", lambda: True),
+                               (torch.Tensor, "to", redirected(torch.Tensor.to)),
+                               (bnb.nn.Params4bit, "to", redirected(bnb.nn.Params4bit.to))):
+        if name in vars(owner):
+            stack.callback(setattr, owner, name, getattr(owner, name))
+        else:  # inherited (torch.Tensor.to is the C base's): take ours away again
+            stack.callback(delattr, owner, name)
+        setattr(owner, name, value)
+    return stack
+
+
+def reloaded(model, folder, ids):
+    """Move every trainable tensor of a tiny_llama() model by 0.05 ("trained"), save its adapter to folder and
+    load that onto a fresh tiny_llama(): the fresh model, checked to have the same config and the same logits."""
+    import numpy as np
+    for _, p in model.net.named_parameters():
+        if p.requires_grad:
+            p.data = p.data + np.float32(0.05)
+    model.save_adapters(str(folder))
+    again = tiny_llama()
+    again.load_adapters(str(folder))
+    assert again.peft_configs["default"] == model.peft_configs["default"]
+    assert np.array_equal(again(ids).numpy(), model(ids).numpy())
+    return again

@@ -12,7 +12,7 @@ from minipeft.cli import main
 EXTRA = {"adalora": ["--set", "total_step=2"]}
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
-             "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "loraxs": "MINIPEFT_LORAXS"}
+             "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA", "loraxs": "MINIPEFT_LORAXS"}
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
 RELOADED = {"qlora": METHODS["lora"], "ptuning_v2": METHODS["prefix_tuning"]}
@@ -25,6 +25,9 @@ def data(tmp_path_factory):
             for w in ["abc", "hello", "cat", "dog", "pen", "map", "sky", "tree"]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+INITIALISERS = ("orthogonal", "mica", "loftq")  # LoRA files whose init_lora_weights names the method (METHOD-10)
 
 
 def test_every_registered_method_has_a_cli_case():
@@ -51,7 +54,8 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     assert main(["inspect", str(out), "--model", minipeft.DEMO_MODEL]) == 0
     shown = capsys.readouterr().out
     title = RELOADED.get(method, METHODS[method]).__name__.removesuffix("Config")  # DoRA, not PEFT's LORA
-    assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{', use_dora' if method == 'dora' else ''})" in shown
+    flag = {"dora": ", use_dora"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
+    assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{flag})" in shown
     train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
     if method != "adalora":  # AdaLoRA saves the triplets its allocation kept, fewer than train counted at step 0
         assert shown.rstrip().endswith(train_line)  # METHOD-9: train's count and share, not a share of the base

@@ -14,7 +14,7 @@ from minipeft import backend
 from minipeft.adapters.inject import adapted_layers
 from minipeft.autograd import no_grad
 from minipeft.quant.linear4bit import dequantize_model, quantize_model
-from tests.helpers import TINY_LLAMA, assert_close, max_rel_err, tiny_llama
+from tests.helpers import TINY_LLAMA, assert_close, max_rel_err, peft_loftq_on_cpu, tiny_llama
 
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
@@ -91,7 +91,8 @@ def test_every_method_keeps_the_contract(name, tmp_path):
     getattr(model, f"apply_{name}")()  # the config's defaults
     cfg = model.peft_configs["default"]
     if method.kind != "prompt":  # a prompt method adds virtual tokens: the real tokens' logits move at init
-        assert_close(model(IDS), base, rtol=1e-6, label=f"{name} at init vs base")
+        rtol = getattr(cfg, "STEP0_RTOL", 1e-6)  # an initialiser that rewrites W0 states its error (METHOD-10)
+        assert_close(model(IDS), base, rtol=rtol, label=f"{name} at init vs base")
     trainable, _ = model.parameter_counts()
     assert trainable == cfg.trainable_count(targeted(model), model.config) > 0
 
@@ -166,11 +167,18 @@ def hf_model(folder, quantized: bool):
 @pytest.mark.spec("METHOD-5")
 @pytest.mark.parametrize("name", [n for n in METHODS if mp.adapters.registry.method(n).peft_type])
 def test_every_peft_method_loads_in_peft_and_back(name, hf_base, tmp_path):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
     method = mp.adapters.registry.method(name)
-    if method.quantized_base:
+    if method.quantized_base or name == "loftq":
         pytest.importorskip("bitsandbytes")
+    with peft_loftq_on_cpu() if name == "loftq" else contextlib.nullcontext():  # PEFT reruns LoftQ as it loads
+        loads_both_ways(name, method, hf_base, tmp_path)
+
+
+def loads_both_ways(name, method, hf_base, tmp_path):
+    import torch
+    import peft
     model = mp.load_model(hf_base, quantization=QUANT if method.quantized_base else None)
     getattr(model, f"apply_{name}")(**({"total_step": 10} if name == "adalora" else {}))
     perturb(model)

@@ -32,15 +32,16 @@ def lib():
 
 @pytest.fixture(scope="module")
 def base(lib, tmp_path_factory):
-    """kind -> folder of a tiny random HF model saved with save_pretrained."""
+    """kind -> folder of a tiny random HF model saved with save_pretrained ("llama64": hidden 64, intermediate 128)."""
     torch, transformers, _ = lib
     folders = {}
 
     def get(kind="llama"):
         if kind not in folders:
             torch.manual_seed(0)
-            if kind == "llama":
-                cfg, cls = transformers.LlamaConfig(**LLAMA), transformers.LlamaForCausalLM
+            if kind.startswith("llama"):
+                wide = dict(hidden_size=64, intermediate_size=128) if kind == "llama64" else {}
+                cfg, cls = transformers.LlamaConfig(**{**LLAMA, **wide}), transformers.LlamaForCausalLM
             else:
                 cfg, cls = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128), \
                     transformers.GPT2LMHeadModel

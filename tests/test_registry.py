@@ -29,6 +29,9 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "ptuning": ("PTuningConfig", "P_TUNING", "prompt", False, False),
     "ptuning_v2": ("PTuningV2Config", "PREFIX_TUNING", "prompt", False, False),
     "loraxs": ("LoRAXSConfig", None, "layer", True, False),  # PEFT has no LoRA-XS (in_peft=False)
+    "orthogonal": ("OrthogonalConfig", "LORA", "initialiser", True, False),
+    "mica": ("MiCAConfig", "LORA", "initialiser", True, False),
+    "loftq": ("LoftQConfig", "LORA", "initialiser", True, False),
 }
 
 
@@ -200,3 +203,22 @@ def test_the_custom_method_example_runs(rowscale, capsys):
     shown = capsys.readouterr().out
     assert hist["loss"][-1] < 0.8 * hist["loss"][0]
     assert "saved and reloaded: max logit difference 0.0e+00" in shown and "at init the logits move by 0.0e+00" in shown
+
+
+@pytest.mark.spec("METHOD-10")
+def test_initialisers_load_as_their_own_config():
+    """An initialiser's init_lora_weights picks its config; use_dora with it fits two configs and is refused."""
+    assert registry.initialiser_names()["orthogonal"] == "OrthogonalConfig"
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    for init, cls in (("orthogonal", mp.OrthogonalConfig), ("mica", mp.MiCAConfig), ("loftq", mp.LoftQConfig)):
+        assert registry.config_class("LORA", fields={**lora, "init_lora_weights": init}) is cls
+    for init in (True, "pissa", "gaussian"):
+        assert registry.config_class("LORA", fields={**lora, "init_lora_weights": init}) is mp.LoRAConfig
+    assert registry.config_class("LORA", fields={**lora, "use_dora": True}) is mp.DoRAConfig
+    with pytest.raises(mp.CheckpointError, match="DoRAConfig and OrthogonalConfig"):
+        registry.config_class("LORA", fields={**lora, "use_dora": True, "init_lora_weights": "orthogonal"})
+    with pytest.raises(ConfigError, match="use its own config, OrthogonalConfig, or apply_orthogonal"):
+        mp.LoRAConfig(init_lora_weights="orthogonal")
+    assert mp.OrthogonalConfig(r=4).to_peft()["init_lora_weights"] == "orthogonal"
+    assert registry.method("orthogonal").layer is None and registry.layer_class(mp.OrthogonalConfig()) is \
+        registry.method("lora").layer

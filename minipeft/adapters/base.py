@@ -79,7 +79,7 @@ class AdapterConfig(metaclass=ConfigType):
     peft_type = "BASE"  # PEFT's enum string, set by each method
     PEFT_FIELDS: typing.ClassVar[dict] = {}  # our field -> PEFT's adapter_config.json key
     PEFT_VALUES: typing.ClassVar[dict] = {}  # our field -> {our value: PEFT's value} where they differ
-    PEFT_FLAGS: typing.ClassVar[dict] = {}  # PEFT boolean keys that tell methods sharing a peft_type apart
+    PEFT_FLAGS: typing.ClassVar[dict] = {}  # PEFT keys (bools, or init_lora_weights) telling methods of a peft_type apart
     # the common keys PEFT's config class for this method has (PEFT warns on and ignores others): a common
     # field missing here must stay unset, since PEFT would read the saved adapter without it
     PEFT_COMMON: typing.ClassVar[tuple] = COMMON_FIELDS + ("fan_in_fan_out",)

@@ -10,6 +10,8 @@ Init (LORA-1): "default": A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqr
     W0 <- W0 - s B A (the residual absorbs the principal part: h unchanged at step 0, LORA-6).
     "olora" (arXiv:2406.01775): W0 = Q R, B = Q[:, :r], A = R[:r], W0 <- W0 - s B A (LORA-6).
     Loading a PiSSA/OLoRA adapter recomputes this residual first, as PEFT does.
+    PEFT's other named inits are methods of kind "initialiser" (METHOD-10), LoRAInitConfig subclasses
+    with a file each: orthogonal.py, mica.py, loftq.py.
 Trainable (LORA-5): A, B (and biases by `bias`: "none" | "all" | "lora_only"); W0 gets no gradient.
 PEFT parity: peft/tuners/lora/layer.py Linear.forward, get_delta_weight; keys lora_A.weight (r, in),
     lora_B.weight (out, r); GPT-2 Conv1D keeps these shapes and transposes only dW (fan_in_fan_out).
@@ -27,7 +29,7 @@ from ..autograd import functional as F
 from ..nn.layers import Linear
 from ..errors import ConfigError
 from .base import AdapterConfig, Delta, check, fan_in_uniform
-from .registry import register
+from .registry import initialiser_names, register
 
 
 @dataclasses.dataclass
@@ -53,7 +55,18 @@ class LoRAConfig(AdapterConfig):
         check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout,
               "must be in [0, 1)")
         check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "use 'none', 'all' or 'lora_only'")
-        check(self.init in INITS, "init", self.init, f"use one of {', '.join(INITS)}")
+        self.check_init()
+
+    def check_init(self):
+        """LORA-11: init is one of INITS; an initialiser method (METHOD-10) is named by its own config."""
+        own = initialiser_names()
+        hint = f" (for {self.init!r} use its own config, {own[self.init]}, or apply_{self.init})" if self.init in own else ""
+        check(self.init in INITS, "init", self.init, f"use one of {', '.join(INITS)}{hint}")
+
+    def initialiser(self):
+        """(init function, whether it rewrites W0) for this config's init (LORA-1, LORA-6); an initialiser
+        method (METHOD-10) is a LoRAConfig subclass that gives its own."""
+        return INITS[self.init], self.init in MUTATING
 
     def rank_alpha_for(self, path: str):
         """(r, alpha) of one module: the first rank_pattern/alpha_pattern key matching
@@ -63,6 +76,25 @@ class LoRAConfig(AdapterConfig):
     def trainable_count(self, layers: dict, mc) -> int:
         """LORA-5: r (in + out) per layer (r from rank_pattern), plus out for lora_B's bias with lora_bias."""
         return sum(self.rank_alpha_for(p)[0] * (n + m) + (m if self.lora_bias else 0) for p, (n, m) in layers.items())
+
+
+@dataclasses.dataclass
+class LoRAInitConfig(LoRAConfig):
+    """The config of an initialiser method (METHOD-10): LoRA whose `init` is fixed to the method's name (saved as
+    init_lora_weights, which PEFT_FLAGS holds so that the adapter loads as this config), run by `initialise`."""
+
+    REWRITES_W0 = False  # the init replaces W0 (then it runs on load too, LORA-6)
+    STEP0_RTOL = 1e-6  # METHOD-5: the output at step 0 equals the base's to this relative error
+
+    def check_init(self):
+        own = self.PEFT_FLAGS["init_lora_weights"]
+        check(self.init == own, "init", self.init, f"is {own!r} for {type(self).__name__}; for another init use LoRAConfig")
+
+    def initialiser(self):
+        return self.initialise, self.REWRITES_W0
+
+    def initialise(self, delta, base, rng):
+        raise NotImplementedError
 
 
 def check_rank_alpha(cfg):
@@ -101,11 +133,13 @@ class LoRALinear(Delta):
         r, alpha = cfg.rank_alpha_for(path)
         n, m = base.in_features, base.out_features
         check(r <= min(n, m), f"rank (for {path})", r, f"must be <= min(in={n}, out={m})")
-        check(cfg.init not in MUTATING or isinstance(base, Linear), f"init (for {path})", cfg.init,
-              "rewrites W0, which a 4-bit layer cannot hold; use 'default' or 'gaussian'")
+        initialise, rewrites = cfg.initialiser()
+        check(not rewrites or isinstance(base, Linear), f"init (for {path})", cfg.init,
+              "rewrites W0, which a 4-bit layer cannot hold; use 'default' or 'gaussian', or apply it to the "
+              "float model (load_model without quantization=)")
         delta = cls(n, m, r, lora_scaling(alpha, r, cfg.use_rslora), cfg.dropout, cfg.lora_bias, rng)
-        if init_weights or cfg.init in MUTATING:  # a loaded PiSSA/OLoRA adapter needs W0's residual, as in PEFT
-            INITS[cfg.init](delta, base, rng)
+        if init_weights or rewrites:  # a loaded PiSSA/OLoRA adapter needs W0's residual, as in PEFT
+            initialise(delta, base, rng)
         return delta
 
     def adapt(self, x, y, base):  # LORA-3

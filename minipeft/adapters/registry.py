@@ -148,12 +148,30 @@ def layer_class(cfg):
     return found
 
 
+def initialiser_names() -> dict:
+    """{name: config class name} of the initialisers (kind "initialiser", METHOD-10)."""
+    return {m.name: m.config.__name__ for m in _METHODS.values() if m.kind == "initialiser"}
+
+
+def _flag_holds(fields: dict, key, value) -> bool:
+    """A PEFT_FLAGS entry: a bool holds as the key's truth (absent: false), any other value by equality."""
+    return bool(fields.get(key, False)) == value if isinstance(value, bool) else fields.get(key) == value
+
+
 def config_class(peft_type: str, where: str = "adapter_config.json", fields: dict | None = None):
-    """The config class for an adapter_config.json: its peft_type, then the class whose PEFT_FLAGS
-    all hold in `fields` (an absent key counts as false), the one with the most flags winning."""
-    fits = [cls for cls in REGISTRY if cls.peft_type == peft_type and
-            all(bool((fields or {}).get(k, False)) == v for k, v in cls.PEFT_FLAGS.items())]
+    """The config class for an adapter_config.json: its peft_type, then the class (with a layer of its own,
+    or an initialiser's, METHOD-10) whose PEFT_FLAGS all hold in `fields`, the one with the most flags
+    winning; two winners (DoRA's use_dora with an initialiser's init_lora_weights) are an error."""
+    candidates = list(REGISTRY) + [m.config for m in _METHODS.values() if m.kind == "initialiser"]
+    fits = {cls for cls in candidates if cls.peft_type == peft_type and
+            all(_flag_holds(fields or {}, k, v) for k, v in cls.PEFT_FLAGS.items())}
     if fits:
-        return max(fits, key=lambda cls: len(cls.PEFT_FLAGS))
+        most = max(len(cls.PEFT_FLAGS) for cls in fits)
+        best = sorted((cls for cls in fits if len(cls.PEFT_FLAGS) == most), key=lambda cls: cls.__name__)
+        if len(best) > 1:
+            raise CheckpointError(f"{where}: its fields fit {' and '.join(c.__name__ for c in best)} alike "
+                                  f"({', '.join(f'{k}={v!r}' for c in best for k, v in c.PEFT_FLAGS.items())}); "
+                                  f"minipeft has no method that combines them")
+        return best[0]
     known = sorted({c.peft_type for c in REGISTRY})
     raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported; minipeft reads {', '.join(known)}")
