@@ -150,7 +150,8 @@ def test_a_truncated_adapter_loads_in_peft_with_r_b_and_equal_logits(lib, base, 
         assert json.load(f)["r"] == 2
     theirs = peft.PeftModel.from_pretrained(hf_model(lib, base()), str(tmp_path)).eval()
     assert theirs.peft_config["default"].r == 2
-    report("DyLoRA truncated to r=2 vs PEFT", max_rel_err(model(mp.backend.asarray(IDS)).numpy(), hf_logits(lib, theirs)))
+    ours = model(mp.backend.asarray(IDS)).numpy()
+    report("DyLoRA truncated to r=2 vs PEFT", max_rel_err(ours, hf_logits(lib, theirs)))
 
 
 @pytest.mark.spec("DYLORA-5", "TRAIN-13")
@@ -165,7 +166,8 @@ def test_a_run_resumed_mid_procedure_gives_the_same_losses_and_factors(tmp_path,
 def test_dylora_runs_on_every_backend(any_backend):
     def run():
         m = lora_model()
-        return m.train(DATA, TrainingConfig(hooks=[DyLoRAHook(m, DyLoRAConfig(frozen=True))], **{**RUN, "max_steps": 3}))
+        hook = DyLoRAHook(m, DyLoRAConfig(frozen=True))
+        return m.train(DATA, TrainingConfig(hooks=[hook], **{**RUN, "max_steps": 3}))
     losses = run()["loss"]
     mp.backend.set_backend("numpy")
     assert losses == pytest.approx(run()["loss"], rel=1e-5)

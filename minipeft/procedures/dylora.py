@@ -99,7 +99,8 @@ class DyLoRAHook(TrainingHook):
         cfg = model.peft_configs.get(adapter)
         if cfg is None:
             raise ConfigError(f"DyLoRA: the model has no adapter {adapter!r}: apply_lora first")
-        found = [(p, layer, d) for p, layer, d in lora_layers(model, adapter, "DyLoRA") if d.lora_B.weight.requires_grad]
+        found = [(p, layer, d) for p, layer, d in lora_layers(model, adapter, "DyLoRA")
+                 if d.lora_B.weight.requires_grad]
         if not found:
             raise ConfigError(f"DyLoRA: adapter {adapter!r} has no trainable LoRA layer")
         smallest = min(d.lora_A.weight.shape[0] for _, _, d in found)
