@@ -289,6 +289,10 @@ class RNG:
     def permutation(self, n: int) -> np.ndarray:
         return self.gen.permutation(n)
 
+    def integer(self, low: int, high: int) -> int:
+        """One integer drawn uniformly from {low, ..., high} (both ends included)."""
+        return int(self.gen.integers(low, high, endpoint=True))
+
     def get_state(self) -> dict:
         return self.gen.bit_generator.state
 

@@ -251,7 +251,7 @@ def test_resume_mid_training_is_exact(tmp_path, optimizer):
 def test_optimisers_are_registered_but_are_not_adapters():
     got = {m.name: (m.kind, m.peft_type, m.config) for m in mp.methods() if m.kind == "optimiser"}
     assert got == {"loraplus": ("optimiser", None, O.LoraPlusConfig), "lorafa": ("optimiser", None, O.LoraFAConfig),
-                   "riemannian": ("optimiser", None, O.RiemannianConfig)}
+                   "riemannian": ("optimiser", None, O.RiemannianConfig), "flora": ("optimiser", None, O.FloraConfig)}
     for name in got:
         m = registry.method(name)
         assert "arXiv" in m.paper and m.hook and not m.is_adapter

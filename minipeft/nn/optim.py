@@ -29,20 +29,21 @@ class AdamW:
         self.m, self.v, self.t = {}, {}, 0
 
     def step(self):
-        b1, b2 = self.betas
         self.t += 1
-        c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
         with no_grad():
             for name, p in self.params.items():
-                g = p.grad
-                if g is None:
+                if p.grad is None:
                     continue
-                xp = backend.xp_of(g)
-                m, v = self.moments(name, g)
                 w, lr = p.data, self.lr * self.scale[name]
                 if self.wd[name]:
                     w = w * (1.0 - lr * self.wd[name])
-                p.data = w - lr * (m / c1) / (xp.sqrt(v / c2) + self.eps)
+                p.data = w - lr * self.direction(name, p.grad)
+
+    def direction(self, name: str, g):
+        """The step of parameter `name` before the learning rate: (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
+        b1, b2 = self.betas
+        m, v = self.moments(name, g)
+        return (m / (1.0 - b1 ** self.t)) / (backend.xp_of(g).sqrt(v / (1.0 - b2 ** self.t)) + self.eps)
 
     def moments(self, name: str, g):
         """Update and return (m, v) of parameter `name` with its gradient g (zeros before the first step)."""

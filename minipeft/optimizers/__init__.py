@@ -14,6 +14,7 @@ from ..errors import ConfigError as _ConfigError
 for _info in _pkgutil.walk_packages(__path__, __name__ + "."):
     _importlib.import_module(_info.name)
 
+from .flora import FloraConfig, create_flora_optimizer  # noqa: E402
 from .lorafa import LoraFAConfig, create_lorafa_optimizer  # noqa: E402
 from .loraplus import LoraPlusConfig, create_loraplus_optimizer  # noqa: E402
 from .riemannian import RiemannianConfig, create_riemannian_optimizer  # noqa: E402
@@ -41,4 +42,5 @@ def training_hook(model, optimizer):
 
 
 __all__ = ["create_loraplus_optimizer", "create_lorafa_optimizer", "create_riemannian_optimizer",
-           "LoraPlusConfig", "LoraFAConfig", "RiemannianConfig", "optimisers", "training_hook"]
+           "create_flora_optimizer", "LoraPlusConfig", "LoraFAConfig", "RiemannianConfig", "FloraConfig", "optimisers",
+           "training_hook"]

@@ -16,6 +16,7 @@ for _info in _pkgutil.walk_packages(__path__, __name__ + "."):
 
 from .chainlora import ChainLoRAConfig, ChainLoRAHook  # noqa: E402
 from .deltalora import DeltaLoRAConfig, DeltaLoRAHook  # noqa: E402
+from .dylora import DyLoRAConfig, DyLoRAHook, truncate_rank  # noqa: E402
 from .relora import ReLoRAConfig, ReLoRAHook  # noqa: E402
 
 
@@ -25,4 +26,4 @@ def procedures() -> list:
 
 
 __all__ = ["ReLoRAConfig", "ReLoRAHook", "DeltaLoRAConfig", "DeltaLoRAHook", "ChainLoRAConfig", "ChainLoRAHook",
-           "procedures"]
+           "DyLoRAConfig", "DyLoRAHook", "truncate_rank", "procedures"]
