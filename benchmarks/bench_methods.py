@@ -38,6 +38,7 @@ SEED = {
     "loha": ("0.1%", "Low", "Good", "Fast"), "ia3": ("0.01%", "Very Low", "Good", "Very Fast"),
     "prefix_tuning": ("0.1%", "Low", "Good", "Medium"), "prompt_tuning": ("0.01%", "Very Low", "Moderate", "Fast"),
     "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
+    "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -65,6 +66,9 @@ def configs(mp, steps: int):
         "ptuning": (adapter(mp.PTuningConfig()), {}),
         "ptuning_v2": (adapter(mp.PTuningV2Config()), {}),
         "loraxs": (adapter(mp.LoRAXSConfig()), {}),
+        "nola": (adapter(mp.NOLAConfig()), {}),
+        "tiedlora": (adapter(mp.TiedLoRAConfig()), {}),
+        "dvora": (adapter(mp.DVoRAConfig()), {}),
     }
 
 

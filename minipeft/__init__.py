@@ -3,17 +3,20 @@ from .adapters.adalora import AdaLoRAConfig
 from .adapters.loha import LoHaConfig
 from .adapters.lokr import LoKrConfig
 from .adapters.dora import DoRAConfig
+from .adapters.dvora import DVoRAConfig
 from .adapters.ia3 import IA3Config
 from .adapters.lora import LoRAConfig
 from .adapters.loraxs import LoRAXSConfig
 from .adapters.loftq import LoftQConfig
 from .adapters.mica import MiCAConfig
 from .adapters.orthogonal import OrthogonalConfig
+from .adapters.nola import NOLAConfig
 from .adapters.prefix_tuning import PrefixTuningConfig
 from .adapters.prompt_tuning import PromptTuningConfig
 from .adapters.ptuning import PTuningConfig
 from .adapters.ptuning_v2 import PTuningV2Config
 from .adapters.qlora import QLoRAConfig
+from .adapters.tiedlora import TiedLoRAConfig
 from .adapters.registry import Method, methods
 from .adapters.registry import register as register_method
 from .adapters.vera import VeRAConfig
@@ -34,7 +37,7 @@ DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "tiny-llama-chars
 __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
-           "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig",
+           "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig",
            "OrthogonalConfig", "MiCAConfig", "LoftQConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

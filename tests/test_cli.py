@@ -12,7 +12,9 @@ from minipeft.cli import main
 EXTRA = {"adalora": ["--set", "total_step=2"]}
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
-             "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA", "loraxs": "MINIPEFT_LORAXS"}
+             "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "loraxs": "MINIPEFT_LORAXS", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA",
+             "nola": "MINIPEFT_NOLA", "tiedlora": "MINIPEFT_TIEDLORA",
+             "dvora": "MINIPEFT_DVORA"}
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
 RELOADED = {"qlora": METHODS["lora"], "ptuning_v2": METHODS["prefix_tuning"]}

@@ -203,3 +203,15 @@ def loads_both_ways(name, method, hf_base, tmp_path):
     err = max_rel_err(back(IDS), theirs)
     print(f"  {name} PEFT -> minipeft: max rel err {err:.2e}")
     assert err < 1e-5
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("LORAXS-6", "NOLA-7", "TIEDLORA-8", "DVORA-8")  # each method PEFT lacks: its spec's Files claim
+@pytest.mark.parametrize("name", [n for n in METHODS if not mp.adapters.registry.method(n).in_peft])
+def test_peft_refuses_each_method_it_lacks_naming_the_type(name, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(0)
+    getattr(model, f"apply_{name}")()
+    model.save_adapters(str(tmp_path))
+    with pytest.raises(KeyError, match=f"MINIPEFT_{name.upper()}"):
+        peft.PeftConfig.from_pretrained(str(tmp_path))

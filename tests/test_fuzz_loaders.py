@@ -191,7 +191,10 @@ def valid_configs():
             mp.PrefixTuningConfig(num_virtual_tokens=3), PTuningV2Config(num_virtual_tokens=3),
             mp.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
             mp.AdaLoRAConfig(initial_rank=4, target_rank=2, total_step=10), mp.LoRAXSConfig(rank=2),
-            mp.OrthogonalConfig(rank=4), mp.MiCAConfig(rank=4), mp.LoftQConfig(rank=4)]  # the initialisers
+            mp.OrthogonalConfig(rank=4), mp.MiCAConfig(rank=4), mp.LoftQConfig(rank=4),
+            mp.NOLAConfig(rank=2, num_basis_a=4, num_basis_b=3),
+            mp.TiedLoRAConfig(rank=2, configuration="TL2"),
+            mp.DVoRAConfig(rank=8)]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made
 

@@ -57,18 +57,12 @@ class DoRAConfig(LoRAConfig):
         return d
 
 
-class DoRALinear(LoRALinear):
-    MIXED_BATCH = False  # PEFT refuses adapter_names with DoRA too
+class Magnitude:
+    """DoRA's magnitude/direction split (DORA-2, 3, 5) over any delta that has delta_weight() (s B A, or
+    DVoRA's VeRA product), low_rank(x) (that update applied to x) and its magnitude Tensor m (out,)."""
+
     held_norm = None  # n held by gradient_reference, else computed in each call
-    @classmethod
-    def create(cls, base, cfg: DoRAConfig, path: str, rng, init_weights: bool = True):
-        check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,
-              "DoRA needs a float Linear base (its row norms); a 4-bit layer is not supported")
-        delta = super().create(base, cfg, path, rng, init_weights)
-        delta.learn_m = cfg.decompose_magnitude
-        delta.lora_magnitude_vector = trainable(delta.row_norm(base))  # DORA-1: (out,)
-        delta.merged_norm = None  # n at merge time, for unmerge (as PEFT caches it)
-        return delta
+    merged_norm = None  # n at merge time, for unmerge (as PEFT caches it)
 
     @contextlib.contextmanager
     def gradient_reference(self, base):
@@ -80,35 +74,55 @@ class DoRALinear(LoRALinear):
             self.held_norm = None
 
     def row_norm(self, base):
-        """n = ||W0 + s B A||_row, (out,): an array, so autograd sees a constant (DORA-3)."""
+        """n = ||W0 + dW||_row, (out,): an array, so autograd sees a constant (DORA-3)."""
         if self.held_norm is not None:  # inside gradient_reference
             return self.held_norm
         V = base.weight_out_in() + self.delta_weight()  # (out, in)
         return backend.xp_of(V).linalg.vector_norm(V, axis=1)  # (out,)
 
-    def requires_grad_(self, flag: bool = True):
-        super().requires_grad_(flag)
-        self.lora_magnitude_vector.requires_grad = flag and self.learn_m  # DORA-4
-        return self
-
     def adapt(self, x, y, base):  # DORA-2
-        g = self.lora_magnitude_vector / Tensor(self.row_norm(base))  # (out,)
+        g = self.magnitude / Tensor(self.row_norm(base))  # (out,)
         if self.training and self.p > 0:
             x = F.dropout(x, self.p, self.rng, self.training)
             base_out = F.linear(x, base.weight, fan_in_fan_out=base.fan_in_fan_out)  # W0 d, (..., out)
         else:
             base_out = y if base.bias is None else y - base.bias  # W0 x, (..., out)
-        return y + (g - 1.0) * base_out + g * (self.lora_B(self.lora_A(x)) * self.s)
+        return y + (g - 1.0) * base_out + g * self.low_rank(x)
 
     def merge_into(self, base):  # DORA-5
         self.merged_norm = self.row_norm(base)
-        g = self.lora_magnitude_vector.data / self.merged_norm  # (out,)
+        g = self.magnitude.data / self.merged_norm  # (out,)
         base.weight.data = orient(g[:, None] * (base.weight_out_in() + self.delta_weight()), base)
 
     def unmerge_from(self, base):
-        g = self.lora_magnitude_vector.data / self.merged_norm  # (out,)
+        g = self.magnitude.data / self.merged_norm  # (out,)
         base.weight.data = orient(base.weight_out_in() / g[:, None] - self.delta_weight(), base)
         self.merged_norm = None
+
+
+class DoRALinear(Magnitude, LoRALinear):
+    MIXED_BATCH = False  # PEFT refuses adapter_names with DoRA too
+
+    @classmethod
+    def create(cls, base, cfg: DoRAConfig, path: str, rng, init_weights: bool = True):
+        check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,
+              "DoRA needs a float Linear base (its row norms); a 4-bit layer is not supported")
+        delta = super().create(base, cfg, path, rng, init_weights)
+        delta.learn_m = cfg.decompose_magnitude
+        delta.lora_magnitude_vector = trainable(delta.row_norm(base))  # DORA-1: (out,)
+        return delta
+
+    @property
+    def magnitude(self):
+        return self.lora_magnitude_vector
+
+    def low_rank(self, x):  # s B A x, (..., out)
+        return self.lora_B(self.lora_A(x)) * self.s
+
+    def requires_grad_(self, flag: bool = True):
+        super().requires_grad_(flag)
+        self.lora_magnitude_vector.requires_grad = flag and self.learn_m  # DORA-4
+        return self
 
 
 register("dora", DoRAConfig, DoRALinear, paper="DoRA: Weight-Decomposed Low-Rank Adaptation, Liu et al. 2024, arXiv:2402.09353",

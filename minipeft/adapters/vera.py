@@ -109,9 +109,11 @@ class VeRALinear(Delta):
         return Tensor(A.data[:, :self.n]), Tensor(B.data[:self.m, :])
 
     def adapt(self, x, y, base):  # VERA-2
+        return y + self.low_rank(F.dropout(x, self.p, self.rng, self.training))
+
+    def low_rank(self, h):  # lam_b ⊙ (B_s (lam_d ⊙ (A_s h))), (..., out)
         A_s, B_s = self.slices()
-        h = F.dropout(x, self.p, self.rng, self.training)
-        return y + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(h, A_s), B_s)  # (..., out)
+        return self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(h, A_s), B_s)
 
     def delta_weight(self):  # VERA-3: diag(lam_b) B_s diag(lam_d) A_s, (out, in)
         A_s, B_s = (t.data for t in self.slices())

@@ -55,6 +55,17 @@ def plain_logits(weights: dict, updates: dict = None) -> np.ndarray:
     return Model(net)(IDS).data
 
 
+def check_forward_merge_unmerge(model, W: dict, updates: dict, rtol=1e-5):
+    """The adapted model, then merged, computes the plain model with W + updates; unmerge gives W0 back."""
+    want = plain_logits(W, updates)
+    assert_close(model(IDS), want, rtol, label="forward")
+    model.merge_adapter()
+    assert_close(model(IDS), want, rtol, label="merged")
+    model.unmerge_adapter()
+    for path, layer in layers(model, "default"):
+        assert_close(layer.base_layer.weight.data, W[path + ".weight"], 1e-6, atol=1e-6, label="unmerged W0")
+
+
 def randomize(model, name, seed=1, scale=0.2):
     """Random A, B (and b_B) for adapter `name`, so that B != 0."""
     rng = np.random.default_rng(seed)
