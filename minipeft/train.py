@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -211,11 +212,14 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
     if cfg.resume_from:
         step, history = C.load_checkpoint(model, opt, named, hooks, cfg.resume_from)
     run = _Run(model, opt, named, hooks, cfg, history, step)
-    log = R.JsonlLog(cfg.output_dir, history, per_epoch)
+    header = R.run_header(len(examples), per_epoch, total, cfg, sum(math.prod(p.shape) for p in named.values()))
+    log = R.JsonlLog(cfg.output_dir, history, per_epoch, header)
     if cfg.output_dir:
         atomic_write_json(os.path.join(cfg.output_dir, CONFIG_NAME), cfg.to_json())
     model.net.gradient_checkpointing = cfg.gradient_checkpointing
     model.net.train()
+    if cfg.progress:
+        print(R.header_line(header), file=sys.stderr)
     bar = R.progress(total, step, cfg.progress)
     try:
         with R.InterruptAtStep() as interrupt:

@@ -26,15 +26,35 @@ def check_plot(plot_path) -> None:
                           "pip install matplotlib, or leave plot_path unset")
 
 
+def run_header(n_examples: int, per_epoch: int, total: int, cfg, trainable: int) -> dict:
+    """TRAIN-19: the run's shape, as the log's first record and the line printed above the bar (what
+    transformers' Trainer prints as "Running training"): one optimizer step takes batch_size x
+    gradient_accumulation_steps examples; gradients are clipped to max_grad_norm (None: not clipped)."""
+    return {"event": "start", "examples": n_examples, "steps": total, "steps_per_epoch": per_epoch,
+            "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "examples_per_step": cfg.batch_size * cfg.gradient_accumulation_steps,
+            "max_grad_norm": cfg.max_grad_norm, "learning_rate": cfg.learning_rate, "schedule": cfg.schedule,
+            "warmup_steps": cfg.warmup_steps, "trainable_parameters": trainable}
+
+
+def header_line(h: dict) -> str:
+    clip = f"gradients clipped to norm {h['max_grad_norm']:g}" if h["max_grad_norm"] is not None else "no clipping"
+    return (f"training: {h['examples']:,d} examples, {h['steps']:,d} steps ({h['steps_per_epoch']:,d} per epoch) of "
+            f"{h['batch_size']} x {h['gradient_accumulation_steps']} accumulated = {h['examples_per_step']} examples; "
+            f"lr {h['learning_rate']:g} {h['schedule']}, warmup {h['warmup_steps']}; {clip}; "
+            f"{h['trainable_parameters']:,d} trainable parameters")
+
+
 def progress(total, start, enabled):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, disable=not enabled, desc="training", unit="step")
 
 
 def postfix(history: dict, per_epoch: int) -> dict:
-    """The bar's fields: loss, lr, epoch, the last eval loss, tokens/s."""
+    """The bar's fields: loss, lr, gradient norm (before clipping), epoch, the last eval loss, tokens/s."""
     step = history["step"][-1]
-    out = {"loss": f"{history['loss'][-1]:.4f}", "lr": f"{history['lr'][-1]:.2e}", "epoch": f"{step / per_epoch:.2f}"}
+    out = {"loss": f"{history['loss'][-1]:.4f}", "lr": f"{history['lr'][-1]:.2e}",
+           "grad_norm": f"{history['grad_norm'][-1]:.3g}", "epoch": f"{step / per_epoch:.2f}"}
     if history["eval_loss"]:
         out["eval_loss"] = f"{history['eval_loss'][-1][1]:.4f}"
     out["tok_s"] = f"{history['tokens_per_s'][-1]:.0f}"
@@ -58,16 +78,17 @@ def records(history: dict, per_epoch: int) -> list:
 
 
 class JsonlLog:
-    """output_dir/log.jsonl. It is rewritten from the history when training starts (so a resumed run's log
-    holds the checkpoint's steps, not those of the run that died after it), then appended line by line."""
+    """output_dir/log.jsonl: the run header first, then the step and eval records. It is rewritten from the
+    history when training starts (so a resumed run's log holds the checkpoint's steps, not those of the run
+    that died after it), then appended line by line."""
 
-    def __init__(self, output_dir, history: dict, per_epoch: int):
+    def __init__(self, output_dir, history: dict, per_epoch: int, header: dict):
         self.path = os.path.join(output_dir, LOG_NAME) if output_dir else None
         self.per_epoch = per_epoch
         if self.path:
             os.makedirs(output_dir, exist_ok=True)
             with atomic_write(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records(history, per_epoch))
+                f.writelines(json.dumps(r) + "\n" for r in [header, *records(history, per_epoch)])
 
     def write(self, record: dict) -> None:
         if self.path:

@@ -90,7 +90,8 @@ def test_a_config_file_sets_options_and_the_command_line_overrides_it(data, tmp_
         path.write_text(yaml.safe_dump(values) + "schedule: cosine\n")
     assert main(["train", "--config", str(path), "--lr", "0.005"]) == 0
     log = log_of(out)
-    assert len([r for r in log if "loss" in r]) == 3 and log[0]["lr"] == 0.005  # the command line won
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 3 and steps[0]["lr"] == 0.005 and log[0]["learning_rate"] == 0.005  # the command line won
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == 2 and sorted(saved["target_modules"]) == ["k_proj", "q_proj"] and saved["bias"] == "all"
     resolved = json.loads((out / CONFIG_NAME).read_text())

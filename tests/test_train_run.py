@@ -170,6 +170,26 @@ def test_the_progress_bar_shows_loss_lr_epoch_and_eval_loss(capsys):
     err = capsys.readouterr().err
     assert f"eval_loss={h['eval_loss'][-1][1]:.4f}" in err and f"loss={h['loss'][-1]:.4f}" in err
     assert "lr=" in err and "epoch=1.00" in err and "tok_s=" in err
+    assert f"grad_norm={h['grad_norm'][-1]:.3g}" in err
+
+
+@pytest.mark.spec("TRAIN-19")
+def test_the_log_and_the_console_state_accumulation_and_clipping(tmp_path, capsys):
+    """Issue 21: gradient accumulation and clipping shown in the log. Before, log.jsonl held the steps only and
+    nothing said that one step took batch_size x gradient_accumulation_steps examples or where norms were clipped."""
+    cfg = TrainingConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2, max_grad_norm=0.5,
+                         **{**RUN, "progress": True})
+    model = lora_model()
+    h = model.train(token_data(8), cfg)
+    head = json.loads((tmp_path / R.LOG_NAME).read_text().splitlines()[0])
+    assert head == {"event": "start", "examples": 8, "steps": 2, "steps_per_epoch": 2, "batch_size": RUN["batch_size"],
+                    "gradient_accumulation_steps": 2, "examples_per_step": 2 * RUN["batch_size"],
+                    "max_grad_norm": 0.5, "learning_rate": cfg.learning_rate, "schedule": cfg.schedule,
+                    "warmup_steps": cfg.warmup_steps, "trainable_parameters": model.parameter_counts()[0]}
+    assert len(h["step"]) == 2 and max(h["grad_norm"]) > 0.5  # norms are logged before clipping
+    err = capsys.readouterr().err
+    assert f"{RUN['batch_size']} x 2 accumulated = {2 * RUN['batch_size']} examples" in err
+    assert "gradients clipped to norm 0.5" in err
 
 
 class CtrlCAt(TrainingHook):
