@@ -39,6 +39,7 @@ SEED = {
     "prefix_tuning": ("0.1%", "Low", "Good", "Medium"), "prompt_tuning": ("0.01%", "Very Low", "Moderate", "Fast"),
     "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
+    "mora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -69,6 +70,7 @@ def configs(mp, steps: int):
         "nola": (adapter(mp.NOLAConfig()), {}),
         "tiedlora": (adapter(mp.TiedLoRAConfig()), {}),
         "dvora": (adapter(mp.DVoRAConfig()), {}),
+        "mora": (adapter(mp.MoRAConfig()), {}),
     }
 
 
