@@ -38,3 +38,26 @@ def probe_backward(layer, n_in: int, n_out: int, seed: int = 5):
     G = rng.standard_normal((4, n_out)).astype(np.float32)
     (layer(Tensor(X)) * Tensor(G)).sum().backward()
     return X, G
+
+
+def train_next(model, lr=1e-2):
+    """model.train on eight words of the demo's `next` task (8 epochs of batch 4); its history."""
+    import minipeft as mp
+    data = [{"prompt": f"next {w} =", "completion": " " + "".join(chr(ord(c) + 1) for c in w)}
+            for w in ["abc", "hello", "cat", "dog", "pen", "map", "sky", "tree"]]
+    return model.train(data, mp.TrainingConfig(learning_rate=lr, batch_size=4, epochs=8, progress=False))
+
+
+def saved_and_reloaded(model, tmp_path, make_model, ids):
+    """Save model's default adapter to tmp_path, load it onto make_model(), check the logits on ids agree
+    (1e-6); (the saved adapter_config.json as a dict, {saved key: shape})."""
+    import json
+    from helpers import assert_close
+    from minipeft.safetensors_io import read_safetensors
+    out = model(ids).numpy()
+    model.save_adapters(str(tmp_path))
+    tensors, _ = read_safetensors(str(tmp_path / "adapter_model.safetensors"))
+    again = make_model()
+    again.load_adapters(str(tmp_path))
+    assert_close(again(ids), out, 1e-6, label="reloaded")
+    return json.loads((tmp_path / "adapter_config.json").read_text()), {k: v.shape for k, v in tensors.items()}

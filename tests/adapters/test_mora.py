@@ -1,7 +1,6 @@
 """spec/mora.md (MORA-n) on tiny random Llama models (test_lora.py's set-up) and single layers, each claim
 rebuilt in NumPy float64 from the spec: the compress and decompress maps written out entry by entry, and
 dW read off as the chain's image of the unit vectors."""
-import json
 import math
 
 import numpy as np
@@ -16,8 +15,7 @@ from minipeft.adapters.mora import MORA_TYPES, MoRAConfig, MoRALinear
 from minipeft.autograd import Tensor
 from minipeft.errors import ConfigError
 from minipeft.nn.layers import Linear
-from minipeft.safetensors_io import read_safetensors
-from one_layer import check_dropout_forward
+from one_layer import check_dropout_forward, saved_and_reloaded, train_next
 from test_dora import SETTINGS, targets
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
 
@@ -193,24 +191,16 @@ def test_files_hold_M_and_load_with_the_same_r_hat(tmp_path):
     model = make_model()
     model.apply_mora(rank=3, mora_type="sharing", target_modules=("q_proj", "k_proj", "down_proj"))
     randomize_M(model)
-    out = model(IDS).numpy()
-    model.save_adapters(str(tmp_path))
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg, shapes = saved_and_reloaded(model, tmp_path, make_model, IDS)
     assert cfg["peft_type"] == "MINIPEFT_MORA" and (cfg["r"], cfg["mora_type"]) == (3, "sharing")
-    tensors, _ = read_safetensors(str(tmp_path / "adapter_model.safetensors"))
     want = {f"base_model.model.{p}.mora_M": (r_hat_np(l.base_layer.in_features, l.base_layer.out_features, 3,
                                                       "sharing"),) * 2 for p, l in layers(model, "default")}
-    assert {k: v.shape for k, v in tensors.items()} == want
-    again = make_model()
-    again.load_adapters(str(tmp_path))
-    assert_close(again(IDS), out, 1e-6, label="reloaded")
+    assert shapes == want
 
 
 @pytest.mark.spec("MORA-4")
 def test_training_moves_M_and_lowers_the_loss():
     model = mp.load_model(mp.DEMO_MODEL)
     model.apply_mora(rank=4, target_modules="all-linear")
-    data = [{"prompt": f"next {w} =", "completion": " " + "".join(chr(ord(c) + 1) for c in w)}
-            for w in ["abc", "hello", "cat", "dog", "pen", "map", "sky", "tree"]]
-    h = model.train(data, mp.TrainingConfig(learning_rate=1e-2, batch_size=4, epochs=8, progress=False))
+    h = train_next(model)
     assert h["loss"][-1] < 0.8 * h["loss"][0]
