@@ -206,7 +206,7 @@ def loads_both_ways(name, method, hf_base, tmp_path):
 
 
 @pytest.mark.oracle
-@pytest.mark.spec("LORAXS-6", "NOLA-7", "TIEDLORA-8", "DVORA-8", "MORA-9", "MULTILORA-6")  # each method PEFT lacks: its spec's Files claim
+@pytest.mark.spec("LORAXS-6", "NOLA-7", "TIEDLORA-8", "DVORA-8", "MORA-9", "MULTILORA-6", "QALORA-7")  # each method PEFT lacks: its spec's Files claim
 @pytest.mark.parametrize("name", [n for n in METHODS if not mp.adapters.registry.method(n).in_peft])
 def test_peft_refuses_each_method_it_lacks_naming_the_type(name, tmp_path):
     peft = pytest.importorskip("peft")
