@@ -5,7 +5,8 @@ Symbols: W0 (out, in) the float base weight, b its bias, N = bits, L = group_siz
     W~ = alpha q + beta its group-wise INT-N quantization (quant/intgroup.py, QALORA-1): codes q (out, in),
     scale alpha and zero beta (out, G); pool(x) (..., G) the mean of x over each group of L inputs;
     A (r, G), B (out, r), s = alpha_lora / r.
-Base (QALORA-2): W0 <- W~ when the adapter is applied (and when one is loaded: W~ is a function of W0).
+Base (QALORA-2): W0 <- W~ when the adapter is applied (and when one is loaded: W~ is a function of W0);
+    the layer keeps q, alpha, beta as `group_quant`, which a second QA-LoRA adapter on it shares.
 Forward (QALORA-3): h = W~ x + b + s B A dropout(pool(x)).
 Init (QALORA-3): A ~ U(-sqrt(6 / (G + r)), +) (the authors' xavier_uniform), B = 0: h = W~ x + b at step 0.
 Delta (QALORA-4): dW = (s / L) (B A) ⊗ 1_L: constant over each group's L inputs; rank(dW) <= min(r, G, out).
@@ -76,8 +77,13 @@ class QALoRALinear(Delta):
         check(isinstance(base, Linear), f"target (for {path})", type(base).__name__,
               "QA-LoRA quantizes a float layer itself; load the model without quantization=")
         check(n % cfg.group_size == 0, f"group_size (for {path})", cfg.group_size, f"must divide in_features={n}")
-        delta = cls(group_quantize(base.weight_out_in(), cfg.bits, cfg.group_size), m, cfg.rank,
-                    lora_scaling(cfg.alpha, cfg.rank, False), cfg.dropout, rng)
+        quant = getattr(base, "group_quant", None)  # an earlier QA-LoRA adapter's: the layer is W~ already
+        if quant is None:
+            quant = group_quantize(base.weight_out_in(), cfg.bits, cfg.group_size)
+        check((quant.bits, quant.group_size) == (cfg.bits, cfg.group_size), f"bits, group_size (for {path})",
+              (cfg.bits, cfg.group_size), f"differ from ({quant.bits}, {quant.group_size}), which an earlier QA-LoRA "
+              f"adapter quantized this layer with; use those, or a fresh model")
+        delta = cls(quant, m, cfg.rank, lora_scaling(cfg.alpha, cfg.rank, False), cfg.dropout, rng)
         if init_weights:  # QALORA-3: the authors' xavier_uniform A; a load fills A and B from the file
             G = n // cfg.group_size
             bound = math.sqrt(6.0 / (G + cfg.rank))
@@ -89,7 +95,8 @@ class QALoRALinear(Delta):
         """Every layer checked first, then W0 <- W~ on each (QALORA-2): a refused layer leaves the model as it was."""
         deltas, shared = super().create_all(bases, cfg, rng, init_weights)
         for path, delta in deltas.items():
-            bases[path].weight.data = delta.weight_for(bases[path], delta.zero)
+            if getattr(bases[path], "group_quant", None) is None:  # (a later QA-LoRA adapter shares it)
+                bases[path].weight.data, bases[path].group_quant = delta.weight_for(bases[path], delta.zero), delta.quant
         return deltas, shared
 
     def weight_for(self, base, zero):

@@ -61,3 +61,20 @@ def saved_and_reloaded(model, tmp_path, make_model, ids):
     again.load_adapters(str(tmp_path))
     assert_close(again(ids), out, 1e-6, label="reloaded")
     return json.loads((tmp_path / "adapter_config.json").read_text()), {k: v.shape for k, v in tensors.items()}
+
+
+def check_mixed_batch(model, names, ids):
+    """METHOD-6: row b of model(ids, adapter_names=names) is the model with adapter names[b] alone active
+    ("__base__": none), to 1e-6 of the row's scale."""
+    import numpy as np
+    from helpers import assert_close
+    mixed = model(ids, adapter_names=names).numpy()
+    for b, n in enumerate(names):
+        if n == "__base__":
+            with model.disable_adapters():
+                want = model(ids).numpy()
+        else:
+            model.set_active_adapter(n)
+            want = model(ids).numpy()
+        assert_close(mixed[b], want[b], 1e-6, label=f"row {b} ({n})")
+    assert np.isfinite(mixed).all()

@@ -13,7 +13,7 @@ from minipeft.adapters.lora import LoRAConfig, LoRALinear
 from minipeft.adapters.multilora import MultiLoRAConfig, MultiLoRALinear
 from minipeft.autograd import Tensor
 from minipeft.errors import ConfigError
-from one_layer import check_dropout_forward, random_base, saved_and_reloaded, train_next
+from one_layer import check_dropout_forward, check_mixed_batch, random_base, saved_and_reloaded, train_next
 from test_dora import SETTINGS, targets
 from test_lora import IDS, SHAPES, check_forward_merge_unmerge, layers, make_model, snapshot
 
@@ -77,6 +77,17 @@ def test_the_draws_are_uniform_at_kaimings_bound():
     A = np.concatenate([l.adapters["default"].multilora_A.numpy().ravel() for _, l in layers(model, "default")])
     bound = 1 / np.sqrt(32)
     assert abs(A.mean()) < 0.02 * bound and abs(A.std() - bound / np.sqrt(3)) < 0.03 * bound
+
+
+@pytest.mark.spec("MULTILORA-1")
+def test_a_mixed_batch_gives_each_row_its_own_modules():
+    model = make_model()
+    for name, seed in (("a", 1), ("b", 2)):
+        model.apply_adapter(MultiLoRAConfig(rank=2, num_loras=3, target_modules=("q_proj", "down_proj")), name)
+        for _, layer in layers(model, name):
+            s = layer.adapters[name].multilora_scaling
+            s.data = np.random.default_rng(seed).standard_normal(s.shape).astype(np.float32)
+    check_mixed_batch(model, ["a", "__base__", "b"], np.concatenate([IDS, IDS[:1]]))
 
 
 @pytest.mark.spec("MULTILORA-3")

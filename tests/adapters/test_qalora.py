@@ -15,7 +15,7 @@ from minipeft.autograd import Tensor
 from minipeft.errors import ConfigError
 from minipeft.quant.intgroup import group_dequantize, group_quantize
 from minipeft.quant.linear4bit import quantize_model
-from one_layer import saved_and_reloaded, train_next
+from one_layer import check_mixed_batch, saved_and_reloaded, train_next
 from test_dora import SETTINGS, targets
 from test_lora import IDS, SHAPES, check_forward_merge_unmerge, layers, make_model, snapshot
 
@@ -204,6 +204,29 @@ def test_merging_over_another_merged_adapter_is_refused():
     model.set_active_adapter(["first", "second"])
     with pytest.raises(ConfigError, match="holds another merged adapter; unmerge the others first"):
         model.merge_adapter()
+
+
+@pytest.mark.spec("QALORA-2", "QALORA-5")
+def test_two_adapters_share_the_layers_quantization_mix_in_a_batch_and_merge_alone():
+    model = make_model()
+    for name, seed in (("a", 1), ("b", 2)):
+        model.apply_adapter(QALoRAConfig(rank=2, group_size=8, target_modules=("q_proj", "v_proj")), name)
+        for _, layer in layers(model, name):
+            for _, p in layer.adapters[name].named_parameters():
+                p.data = (np.random.default_rng(seed).standard_normal(p.shape) * 0.3).astype(np.float32)
+    W = snapshot(model)
+    for _, layer in layers(model, "a"):
+        assert layer.adapters["a"].quant is layer.adapters["b"].quant is layer.base_layer.group_quant
+    ids = np.concatenate([IDS, IDS[:1]])  # 3 rows
+    check_mixed_batch(model, ["b", "__base__", "a"], ids)
+    model.set_active_adapter("b")
+    out = model(IDS).numpy()
+    model.merge_adapter()
+    assert_close(model(IDS), out, 1e-5, label="b merged alone")
+    model.unmerge_adapter()
+    assert all(np.array_equal(p, W[n]) for n, p in snapshot(model).items())
+    with pytest.raises(ConfigError, match=r"bits, group_size \(for model\.layers\.0\.self_attn\.q_proj\)=\(2, 8\)"):
+        model.apply_adapter(QALoRAConfig(rank=2, bits=2, group_size=8, target_modules=("q_proj",)), "c")
 
 
 @pytest.mark.spec("QALORA-6")
