@@ -6,8 +6,9 @@ Quantize (QALORA-1): per group, beta = min, alpha = (max - min) / (2^N - 1), cod
     in {0, ..., 2^N - 1} (round half to even, as torch.round); a group whose values are all equal has
     alpha = 0 and codes 0. Dequantize: W~ = alpha q + beta, alpha and beta broadcast over the group's L inputs.
     The min maps to code 0 and the max to 2^N - 1, so quantizing W~ again gives the same codes and alpha.
-This is round-to-nearest min-max quantization, the paper's Eq. (2) applied per group; the authors quantize
-with GPTQ, which chooses the codes by minimising the layer's output error on calibration data (not done here).
+This is round-to-nearest min-max quantization, the paper's Section 3.1 quantizer applied per group (3.3);
+the authors quantize with GPTQ, which chooses the codes by minimising the layer's output error on calibration
+data (not done here).
 """
 from __future__ import annotations
 
