@@ -34,6 +34,16 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": 48, "hidden_size": 32, "inter
               "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 
 
+# the batches a data-driven initialiser reads (METHOD-11): random tokens, the first example shorter
+INIT_DATA = [{"input_ids": ids, "attention_mask": (np.arange(12) < [[9], [12], [12], [12]]).astype(np.int64)}
+             for ids in np.random.default_rng(2).integers(0, 48, (6, 4, 12))]
+
+
+def data_for(config_class) -> dict:
+    """apply_adapter's data= for a data-driven initialiser's config class (METHOD-11), else nothing."""
+    return {"data": INIT_DATA} if getattr(config_class, "NEEDS_DATA", False) else {}
+
+
 def tiny_llama(seed: int = 0, std: float = 0.3, **overrides):
     """A minipeft Model around a random tiny llama built in process (no files, no torch)."""
     from minipeft import backend
