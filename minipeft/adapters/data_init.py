@@ -23,6 +23,7 @@ from .. import backend
 from ..autograd import no_grad
 from ..errors import ConfigError
 from ..nn.module import Module
+from .base import check
 from .lora import LoRAInitConfig
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
@@ -52,6 +53,13 @@ class DataInitConfig(LoRAInitConfig):
     def initialise(self, delta, base, rng):
         raise ConfigError(f"{type(self).__name__} initialises from data: pass data= to apply_adapter "
                           f"(or apply_{self.init}), a list of batches or training records")
+
+
+def sub_config(value, defaults: dict, field: str, peft_class: str) -> dict:
+    """A method's PEFT sub-config (eva_config, corda_config): a dict with keys among `defaults`, filled from them."""
+    check(isinstance(value, dict) and set(value) <= set(defaults), field, value,
+          f"must be a dict with keys among {', '.join(defaults)} (PEFT's {peft_class})")
+    return {**defaults, **value}
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import dataclasses
 from .. import backend
 from ..errors import ConfigError
 from .base import check
-from .data_init import DataInitConfig, forward, layer_rows, recording, token_mask
+from .data_init import DataInitConfig, forward, layer_rows, recording, sub_config, token_mask
 from .lora import LoRAConfig
 from .registry import register
 
@@ -88,10 +88,7 @@ class EVAConfig(DataInitConfig):
 
     def validate(self):
         super().validate()
-        c = self.eva_config
-        check(isinstance(c, dict) and set(c) <= set(EVA_DEFAULTS), "eva_config", c,
-              f"must be a dict with keys among {', '.join(EVA_DEFAULTS)} (PEFT's EvaConfig)")
-        self.eva_config = c = {**EVA_DEFAULTS, **c}
+        self.eva_config = c = sub_config(self.eva_config, EVA_DEFAULTS, "eva_config", "EvaConfig")
         check(isinstance(c["rho"], (int, float)) and c["rho"] >= 1.0, "eva_config['rho']", c["rho"], "must be >= 1")
         check(isinstance(c["tau"], (int, float)) and 0.0 <= c["tau"] <= 1.0, "eva_config['tau']", c["tau"],
               "must be in [0, 1]")
