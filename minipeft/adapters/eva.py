@@ -127,7 +127,8 @@ class EVAConfig(DataInitConfig):
                 break
             if seen >= MAX_BATCHES:
                 raise ConfigError(f"EVA: the components of {[p for p in pca if not done[p]]} did not converge in "
-                                  f"{MAX_BATCHES} batches (tau={c['tau']}); lower eva_config['tau'] or give more data")
+                                  f"{MAX_BATCHES} batches (tau={c['tau']}); lower eva_config['tau'] or give more data "
+                                  f"(a batch counts for a layer only with >= round(rank * rho) unmasked tokens)")
             live = [p for p in pca if not done[p]]
             X = self._inputs(model, live, batches[seen % len(batches)])
             seen += 1
