@@ -40,17 +40,19 @@ SEED = {
     "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
+    "eva": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
 
 def configs(mp, steps: int):
-    """method -> (a function that applies the method to a model, load_model kwargs); steps is the
-    run's length (AdaLoRA's rank budget schedule ends there)."""
+    """method -> (a function of (model, training records) that applies the method, load_model kwargs); steps
+    is the run's length (AdaLoRA's rank budget schedule ends there). A data-driven initialiser (EVA) reads the
+    first 256 training records."""
     def adapter(cfg):
-        return lambda model: model.apply_adapter(cfg)
+        return lambda model, data: model.apply_adapter(cfg, data=data[:256] if getattr(cfg, "NEEDS_DATA", False) else None)
 
-    def full(model):
+    def full(model, data):
         model.net.requires_grad_(True)
     return {
         "full": (full, {}),
@@ -73,6 +75,7 @@ def configs(mp, steps: int):
         "mora": (adapter(mp.MoRAConfig()), {}),
         "multilora": (adapter(mp.MultiLoRAConfig()), {}),
         "qalora": (adapter(mp.QALoRAConfig()), {}),
+        "eva": (adapter(mp.EVAConfig()), {}),
     }
 
 
@@ -86,7 +89,7 @@ def child(method: str, steps: int, batch: int, lr: float, memory_only: bool) -> 
     if memory_only:  # from here: the weights, the adapter, gradients, optimizer state and activations
         tracemalloc.start()
     model = mp.load_model(mp.DEMO_MODEL, **load_kw)
-    apply(model)
+    apply(model, train)
     trainable, total = model.parameter_counts()
     cfg = dict(learning_rate=lr, batch_size=batch, max_steps=2 if memory_only else steps,
                warmup_steps=max(steps // 10, 1), schedule="cosine", seed=0, progress=False)

@@ -93,6 +93,7 @@ def cmd_train(args):
 
 
 def cmd_train(args):
+    from .adapters.data_init import init_batches
     from .adapters.registry import method
     from .model import load_model
     from .quant import QuantizationConfig
@@ -111,7 +112,9 @@ def cmd_train(args):
         plot_path=args.plot, optimizer=optimizer)
     model = load_model(args.model, quantization=QuantizationConfig(compute_dtype="float32")
                        if method(args.method).quantized_base else None)
-    model.apply_adapter(cfg)
+    data = init_batches(model, args.data, args.batch_size, args.max_length) if getattr(cfg, "NEEDS_DATA", False) \
+        else None  # METHOD-11: a data-driven initialiser reads the training data, in batches of --batch-size
+    model.apply_adapter(cfg, data=data)
     trainable, total = model.parameter_counts()
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     try:

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 from . import backend, hooks, shorthands
-from .adapters import inject, peft_io, prompt_learning, registry
+from .adapters import data_init, inject, peft_io, prompt_learning, registry
 from .adapters.base import NAME_RE, no_field
 from .adapters.modules_to_save import add_trained_copy, trained_copy_paths
 from .adapters.registry import layer_class
@@ -87,9 +87,11 @@ class Model:
         save_net(self.net, path, self.folder or (os.path.dirname(self.tokenizer.path) if self.tokenizer else None))
 
     # ---- adapters --------------------------------------------------------------------------
-    def apply_adapter(self, cfg, name: str = "default", init_weights: bool = True):
+    def apply_adapter(self, cfg, name: str = "default", init_weights: bool = True, data=None):
         """Put adapter `name` of cfg's method on the targeted layers. The first adapter becomes
-        active (and trainable); later ones stay inactive until set_active_adapter (as in PEFT)."""
+        active (and trainable); later ones stay inactive until set_active_adapter (as in PEFT).
+        data: the batches or training records a data-driven initialiser (EVA, CorDA, LoRA-GA) reads
+        (adapters/data_init.py, METHOD-11); the config saved is the one it returns."""
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ConfigError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
         if name in self.peft_configs:
@@ -101,7 +103,8 @@ class Model:
             m = self.net.get_submodule(path)
             bases[path] = getattr(m, "base_layer", m)
         # every delta and modules_to_save match first: a bad rank or entry leaves the model as it was
-        deltas, shared = layer_class(cfg).create_all(bases, cfg, self.rng, init_weights)
+        with data_init.prepared(self, cfg, bases, data, init_weights) as (cfg, bases):
+            deltas, shared = layer_class(cfg).create_all(bases, cfg, self.rng, init_weights)
         copies = {entry: trained_copy_paths(self.net, entry) for entry in cfg.modules_to_save}
         self.net.requires_grad_(False)
         for path, delta in deltas.items():  # a new delta takes the model's mode (eval: no dropout)

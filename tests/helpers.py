@@ -34,6 +34,16 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": 48, "hidden_size": 32, "inter
               "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 
 
+# the batches a data-driven initialiser reads (METHOD-11): random tokens, the first example shorter
+INIT_DATA = [{"input_ids": ids, "attention_mask": (np.arange(12) < [[9], [12], [12], [12]]).astype(np.int64)}
+             for ids in np.random.default_rng(2).integers(0, 48, (6, 4, 12))]
+
+
+def data_for(config_class) -> dict:
+    """apply_adapter's data= for a data-driven initialiser's config class (METHOD-11), else nothing."""
+    return {"data": INIT_DATA} if getattr(config_class, "NEEDS_DATA", False) else {}
+
+
 def tiny_llama(seed: int = 0, std: float = 0.3, **overrides):
     """A minipeft Model around a random tiny llama built in process (no files, no torch)."""
     from minipeft import backend
@@ -94,3 +104,28 @@ def reloaded(model, folder, ids):
     assert again.peft_configs["default"] == model.peft_configs["default"]
     assert np.array_equal(again(ids).numpy(), model(ids).numpy())
     return again
+
+
+def corda_layers(model, batches, **fields) -> dict:
+    """CorDA (spec/corda.md, not yet registered) on a minipeft model, layer by layer as apply_adapter will do:
+    {path: (LoRALinear delta, base layer, the covariance C it was built from)}, the base layers' W0 rewritten;
+    fields go to CorDAConfig."""
+    from minipeft import backend
+    from minipeft.adapters.corda import CorDAConfig
+    from minipeft.adapters.lora import LoRALinear
+    cfg = CorDAConfig(**fields)
+    bases = {p: m for p, m in model.net.named_modules() if p.rsplit(".", 1)[-1] in cfg.target_modules}
+    model.net.eval()
+    _, cfg._stats = cfg.from_data(model, bases, batches)
+    return {p: (LoRALinear.create(b, cfg, p, backend.RNG(0)), b, cfg._stats[p]) for p, b in bases.items()}
+
+
+def corda_reference(W0, C, r, mode):
+    """CORDA-2/3 in float64 NumPy: (the residual W0 - s B A, s B A) for rank r, mode "ipm" or "kpm"."""
+    Cd = C + np.eye(len(C)) * np.mean(np.diag(C)) * 0.01
+    assert np.linalg.norm(Cd @ np.linalg.inv(Cd) - np.eye(len(C))) < 0.05  # the first damping suffices here
+    U, S, Vh = np.linalg.svd(W0 @ Cd, full_matrices=False)
+    Vt = Vh @ np.linalg.inv(Cd)
+    take = slice(0, r) if mode == "ipm" else slice(len(S) - r, len(S))
+    sBA = (U[:, take] * S[take]) @ Vt[take]
+    return W0 - sBA, sBA

@@ -13,7 +13,7 @@ EXTRA = {"adalora": ["--set", "total_step=2"]}
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
              "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "loraxs": "MINIPEFT_LORAXS", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA",
-             "nola": "MINIPEFT_NOLA", "tiedlora": "MINIPEFT_TIEDLORA",
+             "eva": "LORA", "nola": "MINIPEFT_NOLA", "tiedlora": "MINIPEFT_TIEDLORA",
              "dvora": "MINIPEFT_DVORA", "mora": "MINIPEFT_MORA",
              "multilora": "MINIPEFT_MULTILORA", "qalora": "MINIPEFT_QALORA"}
 
@@ -30,7 +30,7 @@ def data(tmp_path_factory):
     return str(path)
 
 
-INITIALISERS = ("orthogonal", "mica", "loftq")  # LoRA files whose init_lora_weights names the method (METHOD-10)
+INITIALISERS = ("orthogonal", "mica", "loftq", "eva")  # LoRA files whose init_lora_weights names the method (METHOD-10)
 
 
 def test_every_registered_method_has_a_cli_case():

@@ -14,7 +14,7 @@ from minipeft import backend
 from minipeft.adapters.inject import adapted_layers
 from minipeft.autograd import no_grad
 from minipeft.quant.linear4bit import dequantize_model, quantize_model
-from tests.helpers import TINY_LLAMA, assert_close, max_rel_err, peft_loftq_on_cpu, tiny_llama
+from tests.helpers import TINY_LLAMA, assert_close, data_for, max_rel_err, peft_loftq_on_cpu, tiny_llama
 
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
@@ -88,7 +88,7 @@ def test_every_method_keeps_the_contract(name, tmp_path):
     method = mp.adapters.registry.method(name)
     model = fresh(method)
     base = model(IDS).numpy()
-    getattr(model, f"apply_{name}")()  # the config's defaults
+    getattr(model, f"apply_{name}")(**data_for(method.config))  # the config's defaults
     cfg = model.peft_configs["default"]
     if method.kind != "prompt":  # a prompt method adds virtual tokens: the real tokens' logits move at init
         rtol = getattr(cfg, "STEP0_RTOL", 1e-6)  # an initialiser that rewrites W0 states its error (METHOD-10)
@@ -180,7 +180,7 @@ def loads_both_ways(name, method, hf_base, tmp_path):
     import torch
     import peft
     model = mp.load_model(hf_base, quantization=QUANT if method.quantized_base else None)
-    getattr(model, f"apply_{name}")(**({"total_step": 10} if name == "adalora" else {}))
+    getattr(model, f"apply_{name}")(**({"total_step": 10} if name == "adalora" else {}), **data_for(method.config))
     perturb(model)
     model.save_adapters(str(tmp_path / "ours"))
     pm = peft.PeftModel.from_pretrained(hf_model(hf_base, method.quantized_base), str(tmp_path / "ours")).eval()

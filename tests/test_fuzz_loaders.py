@@ -25,7 +25,7 @@ from minipeft.model import Model
 from minipeft.models import model_class
 from minipeft.models.config import FIELD_NAMES, LIMITS, read_config
 from minipeft.safetensors_io import write_safetensors
-from tests.helpers import TINY_LLAMA, tiny_llama
+from tests.helpers import TINY_LLAMA, data_for, tiny_llama
 
 OUTCOMES = collections.Counter()  # (test, outcome) -> cases
 def fuzz(n):
@@ -192,6 +192,7 @@ def valid_configs():
             mp.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
             mp.AdaLoRAConfig(initial_rank=4, target_rank=2, total_step=10), mp.LoRAXSConfig(rank=2),
             mp.OrthogonalConfig(rank=4), mp.MiCAConfig(rank=4), mp.LoftQConfig(rank=4),
+            mp.EVAConfig(rank=4, eva_config={"rho": 1.5}),
             mp.NOLAConfig(rank=2, num_basis_a=4, num_basis_b=3),
             mp.TiedLoRAConfig(rank=2, configuration="TL2"),
             mp.DVoRAConfig(rank=8), mp.MoRAConfig(rank=2, mora_type="sharing"),
@@ -213,7 +214,7 @@ def adapters(tmp_path_factory):
     out, root = {}, tmp_path_factory.mktemp("fuzz_adapters")
     for i, cfg in enumerate(valid_configs()):
         model = tiny_llama()
-        model.apply_adapter(cfg)
+        model.apply_adapter(cfg, **data_for(type(cfg)))
         r = np.random.default_rng(i)
         for t in peft_io.adapter_tensors(model, "default").values():
             t.data = backend.asarray(r.standard_normal(t.shape).astype(np.float32))

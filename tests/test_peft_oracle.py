@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import minipeft
-from helpers import max_rel_err
+from helpers import data_for, max_rel_err
 from minipeft.adapters.lora import LoRAConfig
 
 pytestmark = pytest.mark.oracle
@@ -365,7 +365,7 @@ def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp
         model = minipeft.load_model(base(kind))
         extra = {"feedforward_modules": targets[-1:]} if "feedforward_modules" in cfg_cls.__dataclass_fields__ else {}
         extra.update({"total_step": 10} if "total_step" in cfg_cls.__dataclass_fields__ else {})  # PEFT's AdaLoRA needs it
-        model.apply_adapter(cfg_cls(target_modules=targets, **extra))
+        model.apply_adapter(cfg_cls(target_modules=targets, **extra), **data_for(cfg_cls))
         folder = tmp_path / cfg_cls.__name__
         model.save_adapters(str(folder))
         saved = json.loads((folder / "adapter_config.json").read_text())

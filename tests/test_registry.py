@@ -32,6 +32,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "orthogonal": ("OrthogonalConfig", "LORA", "initialiser", True, False),
     "mica": ("MiCAConfig", "LORA", "initialiser", True, False),
     "loftq": ("LoftQConfig", "LORA", "initialiser", True, False),
+    "eva": ("EVAConfig", "LORA", "initialiser", True, False),
     "nola": ("NOLAConfig", None, "layer", True, False),  # PEFT has no NOLA
     "tiedlora": ("TiedLoRAConfig", None, "layer", True, False),  # PEFT has no Tied-LoRA
     "dvora": ("DVoRAConfig", None, "layer", True, False),  # PEFT's VeRA has no DoRA option

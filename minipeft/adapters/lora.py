@@ -63,10 +63,14 @@ class LoRAConfig(AdapterConfig):
         hint = f" (for {self.init!r} use its own config, {own[self.init]}, or apply_{self.init})" if self.init in own else ""
         check(self.init in INITS, "init", self.init, f"use one of {', '.join(INITS)}{hint}")
 
-    def initialiser(self):
-        """(init function, whether it rewrites W0) for this config's init (LORA-1, LORA-6); an initialiser
-        method (METHOD-10) is a LoRAConfig subclass that gives its own."""
+    def initialiser(self, path: str = ""):
+        """(init function, whether it rewrites W0) for this config's init (LORA-1, LORA-6) at the layer `path`;
+        an initialiser method (METHOD-10) is a LoRAConfig subclass that gives its own."""
         return INITS[self.init], self.init in MUTATING
+
+    def max_rank(self, n: int, m: int) -> int:
+        """The largest rank a layer with n inputs and m outputs takes (LORA-11's bound)."""
+        return min(n, m)
 
     def rank_alpha_for(self, path: str):
         """(r, alpha) of one module: the first rank_pattern/alpha_pattern key matching
@@ -90,7 +94,7 @@ class LoRAInitConfig(LoRAConfig):
         own = self.PEFT_FLAGS["init_lora_weights"]
         check(self.init == own, "init", self.init, f"is {own!r} for {type(self).__name__}; for another init use LoRAConfig")
 
-    def initialiser(self):
+    def initialiser(self, path: str = ""):
         return self.initialise, self.REWRITES_W0
 
     def initialise(self, delta, base, rng):
@@ -132,8 +136,10 @@ class LoRALinear(Delta):
         that PiSSA/OLoRA still replace W0 by its residual W0 - s B A (the adapter was trained on it)."""
         r, alpha = cfg.rank_alpha_for(path)
         n, m = base.in_features, base.out_features
-        check(r <= min(n, m), f"rank (for {path})", r, f"must be <= min(in={n}, out={m})")
-        initialise, rewrites = cfg.initialiser()
+        bound = cfg.max_rank(n, m)
+        check(r <= bound, f"rank (for {path})", r,
+              f"must be <= min(in={n}, out={m})" if bound == min(n, m) else f"must be <= {bound} (in={n}, out={m})")
+        initialise, rewrites = cfg.initialiser(path)
         check(not rewrites or isinstance(base, Linear), f"init (for {path})", cfg.init,
               "rewrites W0, which a 4-bit layer cannot hold; use 'default' or 'gaussian', or apply it to the "
               "float model (load_model without quantization=)")
