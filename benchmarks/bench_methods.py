@@ -39,7 +39,7 @@ SEED = {
     "prefix_tuning": ("0.1%", "Low", "Good", "Medium"), "prompt_tuning": ("0.01%", "Very Low", "Moderate", "Fast"),
     "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
-    "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
+    "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -73,6 +73,7 @@ def configs(mp, steps: int):
         "mora": (adapter(mp.MoRAConfig()), {}),
         "multilora": (adapter(mp.MultiLoRAConfig()), {}),
         "qalora": (adapter(mp.QALoRAConfig()), {}),
+        "hira": (adapter(mp.HiRAConfig(rank=8)), {}),
     }
 
 
