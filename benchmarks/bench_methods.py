@@ -40,7 +40,7 @@ SEED = {
     "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
-    "eva": ("-", "-", "-", "-"),
+    "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -76,6 +76,7 @@ def configs(mp, steps: int):
         "multilora": (adapter(mp.MultiLoRAConfig()), {}),
         "qalora": (adapter(mp.QALoRAConfig()), {}),
         "eva": (adapter(mp.EVAConfig()), {}),
+        "hira": (adapter(mp.HiRAConfig(rank=8)), {}),
     }
 
 

@@ -5,6 +5,7 @@ from .adapters.lokr import LoKrConfig
 from .adapters.dora import DoRAConfig
 from .adapters.dvora import DVoRAConfig
 from .adapters.eva import EVAConfig
+from .adapters.hira import HiRAConfig
 from .adapters.ia3 import IA3Config
 from .adapters.lora import LoRAConfig
 from .adapters.loraxs import LoRAXSConfig
@@ -42,6 +43,6 @@ __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig", "MoRAConfig", "MultiLoRAConfig", "QALoRAConfig",
-           "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig",
+           "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig", "HiRAConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

@@ -39,6 +39,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "mora": ("MoRAConfig", None, "layer", True, False),  # PEFT has no MoRA
     "multilora": ("MultiLoRAConfig", None, "layer", True, False),  # PEFT has no MultiLoRA
     "qalora": ("QALoRAConfig", None, "layer", True, False),  # PEFT's use_qalora: GPTQ only, no merge
+    "hira": ("HiRAConfig", "HIRA", "layer", True, False),
 }
 
 
@@ -60,7 +61,7 @@ def test_methods_lists_the_built_in_ones_with_their_flags():
            if m.is_adapter and m.config.__module__.startswith("minipeft.")}  # optimisers: test_optimizers.py
     assert got == BUILT_IN
     for m in mp.methods():
-        assert "arXiv" in m.paper or m.config.__module__ == "custom_method", m.name
+        assert "arXiv" in m.paper or "openreview" in m.paper or m.config.__module__ == "custom_method", m.name  # a paper with no arXiv id: its OpenReview id
         assert m.summary and (not m.is_adapter or registry.METHODS[m.name] is m.config)
         assert os.path.isfile(os.path.join(os.path.dirname(EXAMPLES), "spec", f"{m.name}.md")) or \
             m.config.__module__ == "custom_method", m.name
