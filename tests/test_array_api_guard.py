@@ -19,7 +19,8 @@ EXTRA = {"adalora": {"total_step": 2}, "lora": {"dropout": 0.2}}
 def run(method, tmp_path):
     quant = mp.QuantizationConfig(compute_dtype="float32") if method == "qlora" else None
     model = mp.load_model(mp.DEMO_MODEL, quantization=quant)
-    model.apply_adapter(METHODS[method](**EXTRA.get(method, {})))
+    cfg = METHODS[method](**EXTRA.get(method, {}))
+    model.apply_adapter(cfg, **({"data": ROWS} if getattr(cfg, "NEEDS_DATA", False) else {}))  # EVA: from data
     hist = model.train(ROWS, mp.TrainingConfig(learning_rate=1e-2, batch_size=2, max_steps=2, progress=False))
     folder = str(tmp_path / f"{method}-{backend.get_backend()}")
     model.save_adapters(folder)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 from .. import backend
 from ..errors import ConfigError
@@ -59,7 +60,7 @@ class IncrementalPCA:
         Xc = X - mu[None, :]  # (N, in)
         m2 = xp.sum(Xc * Xc, axis=0)
         if self.V is not None:  # the previous components, the batch, and the shift of the mean
-            shift = xp.sqrt(self.n * N / (self.n + N)) * (self.mean - mu)
+            shift = math.sqrt(self.n * N / (self.n + N)) * (self.mean - mu)
             Xc = xp.concat([self.S[:, None] * self.V, Xc, shift[None, :]], axis=0)
             m2 = self.m2 + m2 + shift * shift
             mu = (self.n * self.mean + N * mu) / (self.n + N)
@@ -68,7 +69,7 @@ class IncrementalPCA:
         Vh = Vh * xp.sign(xp.take_along_axis(Vh, top[:, None], axis=1))  # the largest |entry| of each row > 0
         previous = self.V
         self.n, self.mean, self.m2 = self.n + N, mu, m2
-        self.V, self.S = Vh[:self.k], S[:self.k]  # (k, in), (k,)
+        self.V, self.S = Vh[:self.k, :], S[:self.k]  # (k, in), (k,)
         self.ratio = self.S ** 2 / xp.sum(m2)  # xi, (k,)
         if previous is not None:
             cos = xp.sum(self.V * previous, axis=1) / (xp.linalg.vector_norm(self.V, axis=1) *
@@ -191,7 +192,7 @@ def _distribute(pca, share, order, most, budget) -> dict:
 
 def _components(pc, r, whiten):
     """EVA-4: A (r, in) from a converged PCA."""
-    A = pc.V[:r]
+    A = pc.V[:r, :]
     return A / backend.xp_of(A).sqrt(pc.S[:r])[:, None] if whiten else A
 
 
