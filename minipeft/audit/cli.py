@@ -23,6 +23,12 @@ def add_audit_parser(sub, parents):
     m.add_argument("--tol", type=float, default=1e-5, help="allowed |M - E| per value, times (1 + |E|), beyond the "
                                                           "stored dtype's rounding")
     m.set_defaults(fn=cmd_merged)
+    d = command("adapter", "per layer dW: norms, singular values, stable and effective rank, scale; checks the "
+                "file against its config")
+    d.add_argument("adapter", help="adapter folder (PEFT's layout)")
+    d.add_argument("--base", default=None, help="base model folder (default: the config's base_model_name_or_path; "
+                   "a plain LoRA needs none)")
+    d.set_defaults(fn=cmd_adapter)
     return a
 
 
@@ -35,3 +41,8 @@ def cmd_merged(args):
     from .merged import audit_merged
     return show(audit_merged(args.base, args.adapter, args.merged, tol=args.tol, show_progress=not args.no_progress),
                 args)
+
+
+def cmd_adapter(args):
+    from .adapter import audit_adapter
+    return show(audit_adapter(args.adapter, args.base, show_progress=not args.no_progress), args)

@@ -23,7 +23,7 @@ from ..fileio import read_json
 from ..models.io import refuse_pickled, resolve, weight_files
 from ..nn.layers import Conv1D, Linear
 from ..nn.module import Module
-from ..safetensors_io import TensorFile, read_safetensors
+from ..safetensors_io import TensorFile, TensorInfo, read_safetensors
 
 # the 2-d weights of minipeft's families that belong to an Embedding, not a Linear (tests/test_audit_merged.py
 # checks the skeleton's linear layers against each family's real model)
@@ -136,6 +136,31 @@ def read_adapter(folder: str) -> AdapterFile:
     tensors, _ = read_safetensors(weights)
     return AdapterFile(folder, cfg, method_of(cfg), read_json(os.path.join(folder, CONFIG_NAME), ""),
                        {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()})
+
+
+class ImpliedBase(Checkpoint):
+    """AUDIT-8: the base a plain LoRA file implies when none is given: a zero (out, in) weight at every layer
+    with a lora_A (r, in) and lora_B (out, r), no biases. It serves where dW does not depend on W0."""
+
+    def __init__(self, adapter: AdapterFile):
+        self.folder, self.role, self.config, self.files = f"{adapter.folder} (no base: shapes from the file)", "base", {}, {}
+        self.shapes = {}
+        for key, a in adapter.tensors.items():
+            if key.endswith(".lora_A.weight") and key.replace("lora_A", "lora_B") in adapter.tensors:
+                path = key[len("base_model.model."):-len(".lora_A.weight")]
+                self.shapes[f"{path}.weight"] = (adapter.tensors[key.replace("lora_A", "lora_B")].shape[0], a.shape[1])
+
+    def keys(self) -> list[str]:
+        return sorted(self.shapes, key=natural)
+
+    def __contains__(self, key) -> bool:
+        return key in self.shapes
+
+    def info(self, key):
+        return TensorInfo("F64", self.shapes[key], 0, 0)
+
+    def read(self, key) -> np.ndarray:
+        return np.zeros(self.shapes[key])
 
 
 def base_for(adapter: AdapterFile, base: str | None) -> Checkpoint:
