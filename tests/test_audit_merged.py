@@ -303,3 +303,26 @@ def test_a_float32_peft_merge_tampered_by_1e_3_is_caught(hf_base, tmp_path):
     rewrite(merged, lambda t: (t[key].__setitem__((2, 7), t[key][2, 7] - np.float32(1e-3)),
                                t[other].__setitem__((0, 1), t[other][0, 1] + np.float32(1e-3))))
     assert only(audit_merged(hf_base, adapter, merged), "untouched-changed").tensor == other
+
+
+@pytest.mark.spec("AUDIT-3", "AUDIT-7")
+def test_tensors_compared_in_blocks_give_the_same_findings(base, tmp_path, monkeypatch):
+    """compare() reads BLOCK values at a time: with blocks of 7 values, errors planted in two blocks of the
+    untouched embedding and of an adapted layer are counted and located as with one block."""
+    import minipeft.audit.merged as merged_module
+    adapter, merged = written(base, tmp_path)
+    emb = "model.embed_tokens.weight"
+
+    def plant(t):
+        for key in (emb, Q):
+            t[key][0, 3] += np.float32(1e-3)
+            t[key][2, 5] += np.float32(1e-3)
+    rewrite(merged, plant)
+    whole = audit_merged(base, adapter, merged)
+    monkeypatch.setattr(merged_module, "BLOCK", 7)
+    blocks = audit_merged(base, adapter, merged)
+    assert [f.line() for f in blocks.findings] == [f.line() for f in whole.findings]
+    assert sorted(f.kind for f in blocks.findings) == ["untouched-changed", "wrong-merge"]
+    assert all("2 of" in f.message and "first at (0, 3)" in f.message for f in blocks.findings)
+    assert [(t.max_abs, t.max_rel, t.changed) for t in blocks.tensors] == [(t.max_abs, t.max_rel, t.changed)
+                                                                          for t in whole.tensors]

@@ -70,7 +70,11 @@ class Checkpoint:
 
     def read(self, key) -> np.ndarray:
         """The tensor as a float64 array of its own (the mapping is released)."""
-        return np.array(self.files[key].get(key), dtype=np.float64)
+        return np.array(self.view(key), dtype=np.float64)
+
+    def view(self, key) -> np.ndarray:
+        """The tensor as stored, mapped (no copy; BF16 as a float32 copy)."""
+        return self.files[key].get(key)
 
     def nbytes(self) -> int:
         return sum(i.end - i.begin for f in set(self.files.values()) for i in f.infos.values())
@@ -159,7 +163,7 @@ class ImpliedBase(Checkpoint):
     def info(self, key):
         return TensorInfo("F64", self.shapes[key], 0, 0)
 
-    def read(self, key) -> np.ndarray:
+    def view(self, key) -> np.ndarray:
         return np.zeros(self.shapes[key])
 
 

@@ -62,10 +62,13 @@ class MergedReport(Report):
         return out
 
 
-def allowance(E, W0, dW, tol: float, eps: float):
+BLOCK = 1 << 20  # values compared at a time, so a large untouched tensor (an embedding) is never copied whole
+
+
+def allowance(E, W0, dW_max: float, tol: float, eps: float):
     """AUDIT-3: tol (1 + |E|) + eps (|E| + |W0| + 2 max|dW|), elementwise."""
     aE = np.abs(E)
-    return tol * (1.0 + aE) + eps * (aE + np.abs(W0) + 2.0 * float(np.max(np.abs(dW), initial=0.0)))
+    return tol * (1.0 + aE) + eps * (aE + np.abs(W0) + 2.0 * dW_max)
 
 
 def audit_merged(base: str, adapter: str, merged: str, tol: float = 1e-5, show_progress: bool = True) -> MergedReport:
@@ -100,7 +103,7 @@ def audit_merged(base: str, adapter: str, merged: str, tol: float = 1e-5, show_p
             E = A.tensors[layers.replaced[key]]
             dW, touched = E - B.read(key), True
         else:
-            E, dW, touched = B.read(key), 0.0, False
+            E, dW, touched = B.view(key), 0.0, False  # mapped: compare() reads it a block at a time
         check, finding = compare(key, E, dW, touched, B, M, tol)
         dtypes.add((B.dtype(key), M.dtype(key)))
         checks.append(check)
@@ -110,24 +113,35 @@ def audit_merged(base: str, adapter: str, merged: str, tol: float = 1e-5, show_p
 
 
 def compare(key, E, dW, touched, B, M, tol):
-    """(TensorCheck, Finding or None) of MERGED's tensor `key` against E."""
-    Mv = M.read(key)
+    """(TensorCheck, Finding or None) of MERGED's tensor `key` against E, BLOCK values at a time (E, MERGED's and
+    BASE's tensors as mapped or computed; each block in float64)."""
+    Mv = M.view(key)
     if Mv.shape != np.shape(E):
         return TensorCheck(key, M.dtype(key), touched, float("nan"), float("nan"), float("nan"), False), \
             Finding("shape", M.where(key), key, f"shape {Mv.shape} in MERGED, {np.shape(E)} in BASE; {FIX_MERGE}")
     eps = max(EPSILON.get(B.dtype(key), 0.0), EPSILON.get(M.dtype(key), 0.0))
-    err = np.abs(Mv - E)
-    W = B.read(key) if touched else E
-    bad = ~(err <= allowance(E, W, dW, tol, eps))  # a NaN is bad
-    scale = float(np.max(np.abs(E))) if np.size(E) else 0.0
-    worst = float(np.max(err)) if err.size else 0.0
-    moved = float(np.max(np.abs(Mv - W))) if err.size else 0.0
-    check = TensorCheck(key, M.dtype(key), touched, worst, worst / max(scale, 1e-30), moved, not bool(bad.any()))
+    W = B.view(key) if touched else E
+    dW_max = float(np.max(np.abs(dW), initial=0.0))
+    flat = [np.reshape(a, -1) for a in (Mv, E, W)]
+    worst = scale = moved = 0.0
+    n_bad, first, finite = 0, None, True
+    for start in range(0, flat[0].size, BLOCK):
+        m, e, w = (np.asarray(a[start:start + BLOCK], dtype=np.float64) for a in flat)
+        err = np.abs(m - e)
+        bad = ~(err <= allowance(e, w, dW_max, tol, eps))  # a NaN is bad
+        worst, scale = max(worst, float(np.max(err))), max(scale, float(np.max(np.abs(e))))
+        moved = max(moved, float(np.max(np.abs(m - w))))
+        finite = finite and bool(np.all(np.isfinite(m)))
+        if bad.any():
+            first = start + int(np.argmax(bad)) if first is None else first
+            n_bad += int(bad.sum())
+    check = TensorCheck(key, M.dtype(key), touched, worst, worst / max(scale, 1e-30), moved, n_bad == 0)
     if check.ok:
         return check, None
-    n, at = int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0])
-    where = f"{n} of {err.size} values outside the allowance (first at {at}: MERGED {Mv[at]:.6g}, expected {E[at]:.6g})"
-    if not np.all(np.isfinite(Mv)):
+    at = tuple(int(i) for i in np.unravel_index(first, np.shape(E)))
+    where = (f"{n_bad} of {flat[0].size} values outside the allowance (first at {at}: MERGED {float(Mv[at]):.6g}, "
+             f"expected {float(E[at]):.6g})")
+    if not finite:
         return check, Finding("nonfinite", M.where(key), key, f"MERGED holds NaN/Inf; {where}. {FIX_MERGE}")
     if not touched:
         return check, Finding("untouched-changed", M.where(key), key,
@@ -136,7 +150,8 @@ def compare(key, E, dW, touched, B, M, tol):
                               "base, or with another adapter merged as well?")
     return check, Finding("wrong-merge", M.where(key), key,
                           f"max |M - E| = {worst:.3g} (relative {check.max_rel:.3g}); {where}"
-                          f"{diagnosis(Mv - W, dW)}. {FIX_MERGE}")
+                          f"{diagnosis(np.asarray(Mv, dtype=np.float64) - np.asarray(W, dtype=np.float64), dW)}. "
+                          f"{FIX_MERGE}")
 
 
 def diagnosis(moved, dW) -> str:
