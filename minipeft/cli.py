@@ -1,4 +1,4 @@
-"""The `minipeft` command: train, eval, merge, generate, inspect, memory, bench (each with --help)."""
+"""The `minipeft` command: train, eval, merge, generate, inspect, audit, memory, bench (each with --help)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from .audit.cli import add_audit_parser
 from .cli_train import add_train_parser
 from .errors import ConfigError, MiniPeftError
 
@@ -181,6 +182,7 @@ def build_parser():
     i.add_argument("folder")
     i.add_argument("--model", default=None, help="base model, to print the adapters' share of its parameters")
     i.set_defaults(fn=cmd_inspect)
+    add_audit_parser(sub, parents=[common])
     me = command("memory", "estimate the memory of one training step (spec/memory.md), in GB")
     me.add_argument("--model", required=True, help="config.json, or a folder holding one")
     me.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])

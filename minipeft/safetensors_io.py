@@ -214,6 +214,28 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, metadata  # header order
 
 
+class TensorFile:
+    """One safetensors file read a tensor at a time: the header is validated once (IO-3), then `get(key)`
+    maps only that tensor's bytes (np.memmap, read-only), so a reader holds the tensors it keeps, not
+    the file. F32/F16/F64 come back as views of the mapping, BF16 as float32 copies (BACKEND-5)."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                self.infos, self.metadata, self.start = _read_checked_header(f, self.path)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read the file ({e}); check the path and permissions") from e
+
+    def get(self, key: str) -> np.ndarray:
+        info = self.infos[key]
+        dt = DTYPES[info.dtype]
+        if info.end == info.begin:  # np.memmap cannot map zero bytes
+            return np.zeros(info.shape, np.float32 if info.dtype == "BF16" else dt)
+        a = np.memmap(self.path, dtype=dt, mode="r", offset=self.start + info.begin, shape=info.shape)
+        return float32_from_bf16_bits(np.asarray(a)) if info.dtype == "BF16" else _checked(self.path, key, info, a)
+
+
 def _read_bytes(f, path, key, start, info: TensorInfo) -> np.ndarray:
     buf = np.empty(info.end - info.begin, np.uint8)  # a validated size, within the file
     f.seek(start + info.begin)

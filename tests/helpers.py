@@ -59,6 +59,20 @@ def tiny_llama(seed: int = 0, std: float = 0.3, **overrides):
     return Model(net, seed=seed)
 
 
+def hf_llama_folder(folder: str, **config) -> str:
+    """A transformers LlamaForCausalLM of `config` (std 0.3 normal weights, torch seed 0) saved to folder."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)
+    m.save_pretrained(folder)
+    return folder
+
+
 def peft_loftq_on_cpu():
     """A context in which PEFT 0.21's loftq_init runs on the CPU: it sends its tensors to "cuda" (or to
     "xpu" where is_xpu_available()), which a CPU-only torch lacks. Inside, it is told XPU is there, and

@@ -14,7 +14,7 @@ from minipeft import backend
 from minipeft.adapters.inject import adapted_layers
 from minipeft.autograd import no_grad
 from minipeft.quant.linear4bit import dequantize_model, quantize_model
-from tests.helpers import TINY_LLAMA, assert_close, data_for, max_rel_err, peft_loftq_on_cpu, tiny_llama
+from tests.helpers import TINY_LLAMA, assert_close, data_for, hf_llama_folder, max_rel_err, peft_loftq_on_cpu, tiny_llama
 
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
@@ -133,16 +133,9 @@ HF = {**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}, "hidden_size
 
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.3)
-    folder = str(tmp_path_factory.mktemp("hf-llama"))
-    m.save_pretrained(folder)
-    return folder
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return hf_llama_folder(str(tmp_path_factory.mktemp("hf-llama")), **HF)
 
 
 def hf_model(folder, quantized: bool):

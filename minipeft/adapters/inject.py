@@ -76,12 +76,17 @@ def leaf_names(paths) -> str:
     return ", ".join(sorted({p.split(".")[-1] for p in paths}))
 
 
+def unmatched_entries(paths, entries) -> list:
+    """The entries of a target_modules list that match none of the paths (none for a regex string)."""
+    if isinstance(entries, str):
+        return []
+    return [e for e in entries if not any(_name_matches(p, [e]) for p in paths)]
+
+
 def warn_unmatched(paths, entries) -> None:
     """LORA-13: list entries that match no linear layer anywhere are named in a warning (PEFT 0.21 accepts a
     list as long as one entry matches, so a PEFT config keeps loading)."""
-    if isinstance(entries, str):
-        return
-    unmatched = [e for e in entries if not any(_name_matches(p, [e]) for p in paths)]
+    unmatched = unmatched_entries(paths, entries)
     if unmatched and len(unmatched) < len(entries):
         warnings.warn(f"target_modules entries {unmatched} match no linear layer of this model and are ignored; "
                       f"its linear layers are named: {leaf_names(paths)}", stacklevel=4)

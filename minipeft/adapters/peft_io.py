@@ -214,15 +214,19 @@ def _assign(model, name, loaded: dict, where: str, strict: bool) -> dict:
         raise CheckpointError(f"{where}: keys do not match the model: missing {missing[:4]} "
                               f"({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all)")
     for key, t in expected.items():
-        if key not in loaded:
-            continue
-        arr = loaded[key]
-        if tuple(arr.shape) != t.shape:
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(arr.shape)}, the model expects "
-                                  f"{t.shape}; was this adapter trained on another base model?")
-        if not np.issubdtype(arr.dtype, np.floating):  # an integer or boolean tensor is not a weight (IO-8)
-            raise CheckpointError(f"{where}: tensor {key!r} has dtype {arr.dtype}, expected a float type")
-        if not np.all(np.isfinite(arr)):
-            raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
-        t.data = backend.asarray(arr, "float32")
+        if key in loaded:
+            fill(t, loaded[key], key, where)
     return {"missing": missing, "unexpected": unexpected}
+
+
+def fill(t, arr, key: str, where: str, dtype: str = "float32") -> None:
+    """IO-8: the file's tensor `arr` saved under `key` into Tensor t, as `dtype`: the same shape, a float
+    type, finite values, or a CheckpointError naming the file and key."""
+    if tuple(arr.shape) != t.shape:
+        raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(arr.shape)}, the model expects "
+                              f"{t.shape}; was this adapter trained on another base model?")
+    if not np.issubdtype(arr.dtype, np.floating):  # an integer or boolean tensor is not a weight (IO-8)
+        raise CheckpointError(f"{where}: tensor {key!r} has dtype {arr.dtype}, expected a float type")
+    if not np.all(np.isfinite(arr)):
+        raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
+    t.data = backend.asarray(arr, dtype)

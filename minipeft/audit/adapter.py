@@ -1,0 +1,162 @@
+"""`audit adapter ADAPTER [--base BASE]`: what did this adapter learn, and is it what its config says?
+(spec/audit.md AUDIT-8..AUDIT-10)
+
+Per adapted layer, from dW (out, in) made by the method's own merge (layers.py), with s_1 >= s_2 >= ... its
+singular values (AUDIT-9):
+    ||dW||_F, ||dW||_2 = s_1
+    stable rank      = ||dW||_F^2 / ||dW||_2^2
+    effective rank   = exp(-sum_k p_k log p_k),  p_k = s_k / sum_j s_j      (Roy & Vetterli 2007)
+    ||dW||_F / ||W0||_F                                                      (with a base)
+    scale            = alpha / r, or alpha / sqrt(r) with use_rslora       (LoRA-family configs)
+Checks (AUDIT-10): target_modules entries that match no linear layer of BASE, tensors of the file that are
+missing, misshapen or hold NaN/Inf, and saved tensors the config does not explain.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+
+from ..adapters.inject import find_targets, leaf_names, linear_paths, unmatched_entries
+from ..adapters.lora import lora_scaling
+from ..errors import ConfigError, MiniPeftError
+from .files import Checkpoint, ImpliedBase, base_for, read_adapter
+from .layers import AdapterLayers
+from .report import Finding, Report, fmt, progress
+
+SHOWN = 64  # singular values kept per row (the statistics use them all)
+
+
+@dataclasses.dataclass
+class Spectrum:
+    fro: float  # ||dW||_F
+    spectral: float  # ||dW||_2 = s_1
+    stable_rank: float  # ||dW||_F^2 / ||dW||_2^2 (0 for dW = 0)
+    effective_rank: float  # exp(entropy of s / sum s) (0 for dW = 0)
+    singular_values: list  # the largest SHOWN, descending
+
+
+def spectrum(s) -> Spectrum:
+    """AUDIT-9: the statistics of singular values s (any order, >= 0)."""
+    s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
+    top = float(s[0]) if s.size else 0.0
+    fro = float(np.sqrt(np.sum(s * s)))
+    if top == 0.0:
+        return Spectrum(0.0, 0.0, 0.0, 0.0, s[:SHOWN].tolist())
+    p = s[s > 0] / np.sum(s)
+    return Spectrum(fro, top, fro * fro / (top * top), float(np.exp(-np.sum(p * np.log(p)))), s[:SHOWN].tolist())
+
+
+@dataclasses.dataclass
+class LayerRow:
+    path: str
+    shape: tuple  # dW's (out, in)
+    r: int | None  # the config's rank for this layer (LoRA family)
+    alpha: float | None
+    scale: float | None  # alpha / r, or alpha / sqrt(r) with use_rslora
+    spectrum: Spectrum
+    rel_fro: float | None  # ||dW||_F / ||W0||_F, with a base
+
+
+@dataclasses.dataclass
+class AdapterReport(Report):
+    adapter: str
+    base: str
+    method: str
+    scale_rule: str | None
+    layers: list
+    findings: list
+
+    command = "audit adapter"
+
+    def lines(self) -> list[str]:
+        out = [f"adapter {self.adapter} ({self.method})", f"base {self.base}"]
+        if self.scale_rule:
+            out.append(f"scale: {self.scale_rule}")
+        out.append(f"{len(self.layers)} layer(s):")
+        out.append(f"  {'layer':<56} {'r':>3} {'scale':>7} {'|dW|_F':>9} {'|dW|_2':>9} "
+                   f"{'srank':>6} {'erank':>6} {'|dW|/|W|':>9}  top singular values")
+        for row in self.layers:
+            sp = row.spectrum
+            out.append(f"  {row.path:<56} {row.r if row.r is not None else '-':>3} "
+                       f"{fmt(row.scale) if row.scale is not None else '-':>7} {fmt(sp.fro):>9} {fmt(sp.spectral):>9} "
+                       f"{sp.stable_rank:6.2f} {sp.effective_rank:6.2f} "
+                       f"{fmt(row.rel_fro) if row.rel_fro is not None else '-':>9}  "
+                       + " ".join(fmt(v) for v in sp.singular_values[:4]))
+        return out
+
+
+def needs_base(adapter) -> str | None:
+    """Why dW of this adapter depends on W0 or on base tensors (so BASE is needed), or None: a plain LoRA or
+    rsLoRA whose file holds lora_A / lora_B weights only (AUDIT-8)."""
+    cfg = adapter.cfg
+    if adapter.method.name != "lora":
+        return f"{adapter.method.title}'s dW depends on W0"
+    if getattr(cfg, "init", "default") not in ("default", "gaussian"):
+        return f"init_lora_weights={cfg.init!r} rewrites W0 on load"
+    if cfg.bias != "none" or cfg.lora_bias or cfg.modules_to_save:
+        return "it trains biases or saves whole modules, which are compared with the base's"
+    other = [k for k in adapter.tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    return f"its file holds {other[0]!r}, which is not a LoRA factor" if other else None
+
+
+def unmatched_targets(base: Checkpoint, adapter) -> list[Finding]:
+    """AUDIT-10: targets that match no linear layer of BASE: all of them (one finding), else each target_modules
+    list entry that matches none."""
+    cfg, net = adapter.cfg, base.skeleton()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            find_targets(net, cfg)
+    except ConfigError as e:
+        return [Finding("target-unmatched", adapter.config_path, None, f"{e}; {NOTHING}")]
+    paths = linear_paths(net)
+    return [Finding("target-unmatched", adapter.config_path, None,
+                    f"target_modules entry {e!r} matches no linear layer of {base.folder} (PEFT loads nothing there "
+                    f"and says little); its linear layers are named {leaf_names(paths)}. Fix the entry or drop it")
+            for e in unmatched_entries(paths, cfg.target_modules)]
+
+
+NOTHING = "the adapter changes nothing on this base"
+
+
+def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = True) -> AdapterReport:
+    A = read_adapter(adapter)
+    reason = needs_base(A)
+    if base is not None:
+        B = base_for(A, base)
+    else:
+        try:
+            B = base_for(A, None)
+        except MiniPeftError as e:
+            if reason:
+                raise ConfigError(f"{e}; BASE is needed here: {reason}") from None
+            B = ImpliedBase(A)  # a plain LoRA's dW needs no base
+    real = not isinstance(B, ImpliedBase)
+    findings = unmatched_targets(B, A) if real else []
+    if any(NOTHING in f.message for f in findings):
+        return AdapterReport(A.folder, B.folder, A.method.title, None, [], findings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layers = AdapterLayers(A, B)
+    cfg, rows = A.cfg, []
+    lora = hasattr(cfg, "rank_alpha_for") and hasattr(cfg, "use_rslora")
+    for path in progress(layers.paths, len(layers.paths), "audit adapter", show_progress, "layer"):
+        layer = layers.layer(path)
+        if layer is None:  # its tensors' problem is in layers.problems
+            continue
+        dW = layer.dW
+        sp = spectrum(np.linalg.svd(dW, compute_uv=False))
+        r, alpha = cfg.rank_alpha_for(path) if lora else (None, None)
+        w0 = float(np.linalg.norm(layer.W0)) if real else 0.0
+        rows.append(LayerRow(path, tuple(dW.shape), r, alpha, lora_scaling(alpha, r, cfg.use_rslora) if lora else None,
+                             sp, sp.fro / w0 if w0 > 0 else None))
+        del layer, dW
+    findings += layers.problems
+    findings += [Finding("unexplained-tensor", A.weights_path, k,
+                         "the config explains no such tensor (no targeted layer, shared tensor or base tensor it "
+                         "replaces): PEFT ignores it on load. Check target_modules / the base model, or drop it")
+                 for k in layers.unexplained()]
+    rule = ("alpha / sqrt(r) (use_rslora)" if cfg.use_rslora else "alpha / r") if lora else None
+    return AdapterReport(A.folder, B.folder, A.method.title, rule, rows, findings)

@@ -1,0 +1,48 @@
+"""`minipeft audit <command>` (spec/audit.md AUDIT-1): each command prints its report (text, or --json) and
+exits 0 when verified, 1 on a finding that breaks the claim, 2 on bad input (a one-line error, CLI-4)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_audit_parser(sub, parents):
+    a = sub.add_parser("audit", parents=parents, help="verify and explain adapters and merged checkpoints: "
+                       "exit 0 verified, 1 a finding, 2 bad input (spec/audit.md)")
+    commands = a.add_subparsers(dest="audit_cmd", required=True)
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="print the report as JSON")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    def command(name, help):
+        return commands.add_parser(name, help=help, parents=[*parents, out],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = command("merged", "is MERGED = BASE + ADAPTER? every tensor recomputed by the method's own merge")
+    m.add_argument("base", help="base model folder (or cached Hub id)")
+    m.add_argument("adapter", help="adapter folder (PEFT's layout)")
+    m.add_argument("merged", help="merged model folder")
+    m.add_argument("--tol", type=float, default=1e-5, help="allowed |M - E| per value, times (1 + |E|), beyond the "
+                                                          "stored dtype's rounding")
+    m.set_defaults(fn=cmd_merged)
+    d = command("adapter", "per layer dW: norms, singular values, stable and effective rank, scale; checks the "
+                "file against its config")
+    d.add_argument("adapter", help="adapter folder (PEFT's layout)")
+    d.add_argument("--base", default=None, help="base model folder (default: the config's base_model_name_or_path; "
+                   "a plain LoRA needs none)")
+    d.set_defaults(fn=cmd_adapter)
+    return a
+
+
+def show(report, args) -> int:
+    print(report.to_json() if args.json else report.text())
+    return report.status
+
+
+def cmd_merged(args):
+    from .merged import audit_merged
+    return show(audit_merged(args.base, args.adapter, args.merged, tol=args.tol, show_progress=not args.no_progress),
+                args)
+
+
+def cmd_adapter(args):
+    from .adapter import audit_adapter
+    return show(audit_adapter(args.adapter, args.base, show_progress=not args.no_progress), args)

@@ -1,0 +1,196 @@
+"""`minipeft audit adapter` (spec/audit.md AUDIT-8..AUDIT-10): the per-layer statistics of dW against a dW built
+with known singular values and against merged models (minipeft's and PEFT's); planted defects (a target that
+matches nothing, a NaN, a missing or unexplained tensor) give their finding and exit status 1."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minipeft as mp
+from minipeft.audit import audit_adapter, spectrum
+from minipeft.cli import main
+from minipeft.fileio import atomic_write_json, read_json
+from minipeft.safetensors_io import read_safetensors, write_safetensors
+from tests.test_audit_merged import MERGEABLE, base, hf_base, peft_merged, perturb, written  # noqa: F401
+
+PREFIX = "base_model.model."
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def weights(folder):
+    return read_safetensors(os.path.join(folder, "model.safetensors"))[0]
+
+
+def edit(adapter, change=None, config=None):
+    """change(tensors) on the adapter's file and config(dict) on its adapter_config.json, written back."""
+    if change:
+        path = os.path.join(adapter, "adapter_model.safetensors")
+        tensors, meta = read_safetensors(path)
+        change(tensors)
+        write_safetensors(path, tensors, meta)
+    if config:
+        path = os.path.join(adapter, "adapter_config.json")
+        raw = read_json(path, "")
+        config(raw)
+        atomic_write_json(path, raw)
+
+
+def only(report, kind):
+    found = [f for f in report.findings if f.kind == kind]
+    assert len(found) == 1 and len(report.findings) == 1, [f.line() for f in report.findings]
+    return found[0]
+
+
+@pytest.mark.spec("AUDIT-9")
+def test_a_dW_of_known_singular_values_gives_its_statistics(base, tmp_path):
+    model = mp.load_model(base)
+    model.apply_lora(rank=4, alpha=8, target_modules=["q_proj"])
+    sigma = np.array([3.0, 2.0, 0.5, 0.0])
+    rng = np.random.default_rng(0)
+    layer = model.net.get_submodule(Q)
+    delta = layer.adapters["default"]
+    out, n = delta.lora_B.weight.shape[0], delta.lora_A.weight.shape[1]
+    U = np.linalg.qr(rng.standard_normal((out, 4)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, 4)))[0]
+    delta.lora_A.weight.data = V.T.astype(np.float32)  # (r, in), orthonormal rows
+    delta.lora_B.weight.data = (U * sigma / 2.0).astype(np.float32)  # s = 8 / 4 = 2
+    model.save_adapters(str(tmp_path / "a"))
+    r = audit_adapter(str(tmp_path / "a"), base)
+    assert r.status == 0 and r.findings == [] and r.scale_rule == "alpha / r"
+    row = next(x for x in r.layers if x.path == Q)
+    assert (row.r, row.alpha, row.scale, row.shape) == (4, 8, 2.0, (out, n))
+    sp = row.spectrum
+    np.testing.assert_allclose(sp.singular_values[:4], sigma, atol=1e-6)
+    assert sp.fro == pytest.approx(math.sqrt(9 + 4 + 0.25), rel=1e-6)
+    assert sp.spectral == pytest.approx(3.0, rel=1e-6)
+    assert sp.stable_rank == pytest.approx(13.25 / 9, rel=1e-6)
+    p = sigma[:3] / sigma.sum()
+    assert sp.effective_rank == pytest.approx(math.exp(-np.sum(p * np.log(p))), rel=1e-5)
+    W0 = weights(base)[f"{Q}.weight"].astype(np.float64)
+    assert row.rel_fro == pytest.approx(sp.fro / np.linalg.norm(W0), rel=1e-6)
+
+
+@pytest.mark.spec("AUDIT-9")
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=1, max_size=12))
+def test_stable_and_effective_rank_lie_between_one_and_the_rank(values):
+    sp = spectrum(values)
+    s = np.array(values)
+    rank = int(np.sum(s > 0))
+    if rank == 0 or sp.spectral == 0:
+        assert (sp.fro, sp.stable_rank, sp.effective_rank) == (0.0, 0.0, 0.0)
+        return
+    assert sp.spectral == max(values) and sp.singular_values == sorted(values, reverse=True)
+    assert 1 - 1e-9 <= sp.stable_rank <= rank + 1e-9
+    assert 1 - 1e-9 <= sp.effective_rank <= rank + 1e-9
+    equal = spectrum([s.max()] * rank)
+    assert equal.stable_rank == pytest.approx(rank) and equal.effective_rank == pytest.approx(rank)
+
+
+@pytest.mark.spec("AUDIT-2", "AUDIT-9", "AUDIT-10")
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_every_mergeable_method_gives_dW_of_its_merge(name, base, tmp_path):
+    adapter, merged = written(base, tmp_path, name)
+    r = audit_adapter(adapter, base)
+    assert r.status == 0 and r.findings == [], [f.line() for f in r.findings]
+    W0, W = weights(base), weights(merged)
+    assert r.layers
+    for row in r.layers:
+        dW = W[f"{row.path}.weight"].astype(np.float64) - W0[f"{row.path}.weight"]
+        if dW.shape != row.shape:
+            dW = dW.T
+        s = np.linalg.svd(dW, compute_uv=False)
+        assert row.spectrum.fro == pytest.approx(np.linalg.norm(dW), rel=1e-5, abs=1e-6), row.path
+        assert row.spectrum.spectral == pytest.approx(s[0], rel=1e-5, abs=1e-6), row.path
+
+
+@pytest.mark.spec("AUDIT-8", "AUDIT-9")
+def test_a_plain_rslora_needs_no_base_and_its_scale_follows_rank_pattern(base, tmp_path):
+    adapter, _ = written(base, tmp_path, use_rslora=True, rank=4, alpha=8, rank_pattern={"v_proj": 2},
+                         alpha_pattern={"v_proj": 4})
+    with_base = audit_adapter(adapter, base)
+    edit(adapter, config=lambda c: c.__setitem__("base_model_name_or_path", str(tmp_path / "gone")))
+    alone = audit_adapter(adapter)
+    assert alone.status == 0 and alone.findings == [] and "no base" in alone.base
+    assert alone.scale_rule == "alpha / sqrt(r) (use_rslora)"
+    assert [x.path for x in alone.layers] == [x.path for x in with_base.layers]
+    for a, b in zip(alone.layers, with_base.layers):
+        assert a.rel_fro is None and b.rel_fro > 0
+        assert a.spectrum.singular_values == pytest.approx(b.spectrum.singular_values, rel=1e-9, abs=1e-12)
+        assert a.scale == (4 / math.sqrt(2) if a.path.endswith("v_proj") else 8 / 2)
+
+
+@pytest.mark.spec("AUDIT-8", "AUDIT-1")
+def test_a_dora_without_its_base_is_bad_input(base, tmp_path, capsys):
+    adapter, _ = written(base, tmp_path, "dora")
+    edit(adapter, config=lambda c: c.__setitem__("base_model_name_or_path", str(tmp_path / "gone")))
+    assert main(["audit", "adapter", adapter]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DoRA" in err and "W0" in err and "gone" in err
+    assert main(["audit", "adapter", adapter, "--base", base, "--no-progress"]) == 0
+
+
+@pytest.mark.spec("AUDIT-10")
+def test_a_target_entry_that_matches_nothing_is_named(base, tmp_path):
+    adapter, _ = written(base, tmp_path)
+    edit(adapter, config=lambda c: c.__setitem__("target_modules", ["q_proj", "v_proj", "qkv_proj"]))
+    f = only(audit_adapter(adapter, base), "target-unmatched")
+    assert "'qkv_proj'" in f.message and f.file.endswith("adapter_config.json")
+    edit(adapter, config=lambda c: c.__setitem__("target_modules", ["qkv_proj"]))
+    r = audit_adapter(adapter, base)
+    assert r.status == 1 and r.layers == [] and "matches no linear layer" in only(r, "target-unmatched").message
+
+
+@pytest.mark.spec("AUDIT-10")
+def test_nan_missing_and_unexplained_tensors_are_named(base, tmp_path, capsys):
+    adapter, _ = written(base, tmp_path)
+    key = f"{PREFIX}{Q}.lora_A.weight"
+    edit(adapter, lambda t: t[key].__setitem__((0, 1), np.nan))
+    r = audit_adapter(adapter, base)
+    f = only(r, "adapter-nonfinite")
+    assert r.status == 1 and f.tensor == key and Q not in [x.path for x in r.layers] and len(r.layers) == 3
+    assert main(["audit", "adapter", adapter, "--base", base, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["command"] == "audit adapter" and [x["kind"] for x in report["findings"]] == ["adapter-nonfinite"]
+    extra = f"{PREFIX}model.layers.0.mlp.up_proj.lora_A.weight"
+    edit(adapter, lambda t: (t.__setitem__(key, np.zeros_like(t[key])), t.__setitem__(extra, np.ones((8, 32), np.float32))))
+    assert only(audit_adapter(adapter, base), "unexplained-tensor").tensor == extra
+    missing = f"{PREFIX}{Q}.lora_B.weight"
+    edit(adapter, lambda t: (t.pop(extra), t.pop(missing)))
+    assert only(audit_adapter(adapter, base), "adapter-missing").tensor == missing
+
+
+@pytest.mark.spec("AUDIT-1")
+def test_cli_text(base, tmp_path, capsys):
+    adapter, _ = written(base, tmp_path, use_rslora=True)
+    assert main(["audit", "adapter", adapter, "--base", base, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "scale: alpha / sqrt(r) (use_rslora)" in out and Q in out and "audit adapter: OK (no findings)" in out
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("AUDIT-9", "AUDIT-10")
+@pytest.mark.parametrize("case", ["lora", "rslora_bias", "dora"])
+def test_peft_adapters_give_the_dW_of_peft_merge(case, hf_base, tmp_path):
+    """PEFT's adapters (LoRA, rsLoRA with bias and modules_to_save, DoRA): dW's statistics against PEFT's own
+    merge_and_unload minus W0, and the scale against PEFT's layer.scaling."""
+    pytest.importorskip("peft")
+    adapter, merged = peft_merged(hf_base, tmp_path, case)
+    r = audit_adapter(adapter, hf_base)
+    assert r.status == 0 and r.findings == [], [f.line() for f in r.findings]
+    W0, W = weights(hf_base), weights(merged)
+    raw = read_json(os.path.join(adapter, "adapter_config.json"), "")
+    rule = (lambda a, k: a / math.sqrt(k)) if raw["use_rslora"] else (lambda a, k: a / k)
+    worst = 0.0
+    for row in r.layers:
+        dW = W[f"{row.path}.weight"].astype(np.float64) - W0[f"{row.path}.weight"]
+        s = np.linalg.svd(dW, compute_uv=False)
+        worst = max(worst, abs(row.spectrum.fro - np.linalg.norm(dW)) / np.linalg.norm(dW),
+                    abs(row.spectrum.spectral - s[0]) / s[0])
+        assert row.scale == pytest.approx(rule(raw["lora_alpha"], raw["r"]))
+    print(f"\n  {case} by PEFT: worst rel err of |dW|_F, |dW|_2 {worst:.2e}")
+    assert worst < 1e-5 and len(r.layers) == 2 * len(raw["target_modules"])
