@@ -40,7 +40,7 @@ SEED = {
     "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
-    "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"),
+    "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -77,6 +77,7 @@ def configs(mp, steps: int):
         "qalora": (adapter(mp.QALoRAConfig()), {}),
         "eva": (adapter(mp.EVAConfig()), {}),
         "hira": (adapter(mp.HiRAConfig(rank=8)), {}),
+        "beft": (adapter(mp.BEFTConfig()), {}),
     }
 
 

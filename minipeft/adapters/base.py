@@ -264,6 +264,10 @@ class Delta(Module):
     def delta_weight(self):
         raise NotImplementedError
 
+    def mergeable_into(self, base) -> bool:
+        """Whether merge_into can fold this delta into `base` (BEFT's bias offset needs a base bias)."""
+        return True
+
     @contextlib.contextmanager
     def gradient_reference(self, base):
         """Within it the forward is the function whose exact gradient backward computes (METHOD-5's finite
