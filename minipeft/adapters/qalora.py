@@ -62,6 +62,7 @@ class QALoRAConfig(AdapterConfig):
 
 class QALoRALinear(Delta):
     MIXED_BATCH = True  # y_rows + s B A pool(x_rows) (METHOD-6)
+    REWRITES_BASE = True  # create_all puts W~ in each base layer and shares nothing (the audit builds it per layer)
 
     def __init__(self, quant, out_features, r, s, dropout, rng):
         groups = quant.scale.shape[1]

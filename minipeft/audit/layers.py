@@ -91,8 +91,10 @@ class AdapterLayers:
 
     @staticmethod
     def shares(cls) -> bool:
-        """The method makes its deltas together (they share tensors): its own create_all."""
-        return getattr(cls.create_all, "__func__", None) is not Delta.create_all.__func__
+        """The method makes its deltas together (they share tensors): its own create_all, unless that only
+        rewrites each base layer (QA-LoRA quantizes W0 there: it is built per layer, from the real W0)."""
+        return (getattr(cls.create_all, "__func__", None) is not Delta.create_all.__func__
+                and not getattr(cls, "REWRITES_BASE", False))
 
     @staticmethod
     def saved(path: str, delta) -> dict:
