@@ -4,6 +4,7 @@ from .adapters.loha import LoHaConfig
 from .adapters.lokr import LoKrConfig
 from .adapters.dora import DoRAConfig
 from .adapters.dvora import DVoRAConfig
+from .adapters.fourierft import FourierFTConfig
 from .adapters.ia3 import IA3Config
 from .adapters.lora import LoRAConfig
 from .adapters.loraxs import LoRAXSConfig
@@ -39,6 +40,6 @@ __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig", "MoRAConfig",
-           "OrthogonalConfig", "MiCAConfig", "LoftQConfig",
+           "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "FourierFTConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]
