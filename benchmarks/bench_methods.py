@@ -39,7 +39,7 @@ SEED = {
     "prefix_tuning": ("0.1%", "Low", "Good", "Medium"), "prompt_tuning": ("0.01%", "Very Low", "Moderate", "Fast"),
     "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
-    "mora": ("-", "-", "-", "-"), "fourierft": ("-", "-", "-", "-"),
+    "mora": ("-", "-", "-", "-"), "fourierft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -72,6 +72,7 @@ def configs(mp, steps: int):
         "dvora": (adapter(mp.DVoRAConfig()), {}),
         "mora": (adapter(mp.MoRAConfig()), {}),
         "fourierft": (adapter(mp.FourierFTConfig()), {}),
+        "shira": (adapter(mp.SHiRAConfig()), {}),
     }
 
 

@@ -19,7 +19,8 @@ from tests.helpers import TINY_LLAMA, assert_close, max_rel_err, peft_loftq_on_c
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
 QUANT = mp.QuantizationConfig(compute_dtype="float32")
-SMALL = {"fourierft": dict(n_frequency=256)}  # PEFT's default 1000 exceeds the tiny llama's v_proj (32 x 16 = 512)
+SMALL = {"fourierft": dict(n_frequency=256), "shira": dict(rank=2)}  # PEFT's defaults (1000; 32 (in + out)) exceed
+# the tiny llama's v_proj (32 x 16 = 512)
 
 
 def fresh(method, seed=0):
@@ -183,7 +184,7 @@ def loads_both_ways(name, method, hf_base, tmp_path):
     import torch
     import peft
     model = mp.load_model(hf_base, quantization=QUANT if method.quantized_base else None)
-    getattr(model, f"apply_{name}")(**({"total_step": 10} if name == "adalora" else {}))
+    getattr(model, f"apply_{name}")(**({"total_step": 10} if name == "adalora" else SMALL.get(name, {})))
     perturb(model)
     model.save_adapters(str(tmp_path / "ours"))
     pm = peft.PeftModel.from_pretrained(hf_model(hf_base, method.quantized_base), str(tmp_path / "ours")).eval()

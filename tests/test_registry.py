@@ -37,6 +37,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "dvora": ("DVoRAConfig", None, "layer", True, False),  # PEFT's VeRA has no DoRA option
     "mora": ("MoRAConfig", None, "layer", True, False),  # PEFT has no MoRA
     "fourierft": ("FourierFTConfig", "FOURIERFT", "layer", True, False),
+    "shira": ("SHiRAConfig", "SHIRA", "layer", True, False),
 }
 
 

@@ -22,7 +22,7 @@ from minipeft.errors import ConfigError
 from minipeft.safetensors_io import read_safetensors
 from test_backend import fisher_yates_prefix
 from test_dora import SETTINGS, targets  # 12 examples, no shrinking; 1-3 target names
-from test_lora import IDS, SHAPES, layers, make_model, plain_logits, snapshot
+from test_lora import IDS, SHAPES, layers, make_model
 
 
 def positions(out, n_in, n_f, seed):
@@ -81,18 +81,9 @@ def test_positions_are_the_seeded_shuffle_and_init(n_f, tm, seed, init):
 @SETTINGS
 @given(n_f=st.integers(1, 512), tm=targets, s=st.floats(0.1, 300), bias=st.booleans(), two=st.booleans())
 def test_forward_is_effective_weight_and_adapters_add(n_f, tm, s, bias, two):
-    model = make_model()
-    weights = snapshot(model)
-    model.apply_fourierft(n_frequency=n_f, scaling=s, target_modules=tm, bias="all" if bias else "none")
-    perturb(model)
-    if two:
-        model.apply_fourierft(n_frequency=7, target_modules=("q_proj", "down_proj"), name="b", random_loc_seed=5)
-        perturb(model, "b", seed=2)
-        model.set_active_adapter(["default", "b"])
-    up = lc.updates(model, model.active_adapters, delta_np)
-    assert_close(model(IDS), plain_logits(weights, up), 1e-5, label="FourierFT logits")
-    with model.disable_adapters():
-        assert np.array_equal(model(IDS).data, plain_logits(weights))
+    lc.check_forward_adds(FourierFTConfig(n_frequency=n_f, scaling=s, target_modules=tm, bias="all" if bias else "none"),
+                          FourierFTConfig(n_frequency=7, target_modules=("q_proj", "down_proj"), random_loc_seed=5),
+                          two, perturb, delta_np, "FourierFT logits")
 
 
 @pytest.mark.spec("FOURIERFT-5")
