@@ -41,6 +41,7 @@ SEED = {
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
+    "fourierft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -78,6 +79,8 @@ def configs(mp, steps: int):
         "eva": (adapter(mp.EVAConfig()), {}),
         "hira": (adapter(mp.HiRAConfig(rank=8)), {}),
         "beft": (adapter(mp.BEFTConfig()), {}),
+        "fourierft": (adapter(mp.FourierFTConfig()), {}),
+        "shira": (adapter(mp.SHiRAConfig()), {}),
     }
 
 

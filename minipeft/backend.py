@@ -8,6 +8,8 @@ What the array API standard lacks lives here, once per backend:
 - erf          (exact GELU)                   BACKEND-4
 - bf16 <-> f32 on the bit pattern             BACKEND-5 (CuPy has no bfloat16 dtype)
 - random numbers (explicit, seeded, host side) BACKEND-6
+- the FFT extension, in the input's precision  BACKEND-10
+- torch.randperm's seeded stream (host side)   BACKEND-11
 - host transfer (to_host / asarray)           BACKEND-2
 - the host allocator (glibc malloc tuning)    BACKEND-7
 
@@ -267,6 +269,23 @@ def multiply_into(out, start: int, x, y) -> None:
         out[start:start + n] = xp_of(out).reshape(x * y, (-1,))
 
 
+# ---- the array API's FFT extension (BACKEND-10) ------------------------------------------
+def _fft(a):
+    """The fft namespace of a's library (numpy.fft, cupy.fft, array_api_strict.fft, the standard's
+    extension) and the complex and real dtypes of a's precision (NumPy before 2.0 returns float32
+    transforms as complex128: the result is cast back)."""
+    xp = xp_of(a)
+    single = a.dtype in (xp.float32, xp.complex64)
+    return xp, xp.fft, (xp.complex64 if single else xp.complex128), (xp.float32 if single else xp.float64)
+
+
+def ifft2_real(a):
+    """Re(IDFT2(a)) over the last two axes of a real array, in a's precision:
+    out[.., p, q] = 1/(M N) sum_{u,v} a[.., u, v] cos(2 pi (p u / M + q v / N))."""
+    xp, fft, cdtype, rdtype = _fft(a)
+    return xp.astype(xp.real(fft.ifftn(xp.astype(a, cdtype), axes=(-2, -1))), rdtype)
+
+
 # ---- random numbers (BACKEND-6) ------------------------------------------------------------
 class RNG:
     """Seeded random numbers, drawn on the host with NumPy's PCG64 and moved to the backend, so
@@ -298,3 +317,28 @@ class RNG:
 
     def set_state(self, state: dict) -> None:
         self.gen.bit_generator.state = state
+
+
+# ---- torch's seeded permutation (BACKEND-11) -----------------------------------------------
+TORCH_RANDPERM_SMALL = (2**32 - 1) // 20  # below this n torch.randperm takes the shuffle rebuilt here
+
+
+def torch_randperm_prefix(n: int, k: int, seed: int) -> np.ndarray:
+    """The first k entries of torch.randperm(n, generator=torch.Generator().manual_seed(seed)) on the
+    CPU, without torch (int64, host). torch's CPU generator is MT19937 seeded with the low 32 bits of
+    the seed (init_genrand, as NumPy's legacy RandomState); for n < TORCH_RANDPERM_SMALL its randperm
+    is the forward Fisher-Yates shuffle: for i = 0 .. n-2, z = u_i mod (n - i) with u_i its next
+    32-bit output, swap r[i] and r[i + z]. Entry i is final after step i, so k steps suffice, kept in
+    a dict of the positions moved (O(k) memory for any n)."""
+    if not 0 <= k <= n < TORCH_RANDPERM_SMALL:
+        raise BackendError(f"torch_randperm_prefix: need 0 <= k <= n < {TORCH_RANDPERM_SMALL} (got k={k}, n={n}); "
+                           "above that torch.randperm uses another shuffle")
+    key, pos = np.random.RandomState(seed & 0xFFFFFFFF).get_state()[1:3]
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+    u = bits.random_raw(k)  # (k,) the generator's 32-bit outputs
+    moved, out = {}, np.empty(k, dtype=np.int64)
+    for i in range(k):
+        j = i + int(u[i]) % (n - i)
+        out[i], moved[j] = moved.get(j, j), moved.get(i, i)
+    return out

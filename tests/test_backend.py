@@ -387,3 +387,68 @@ def test_a_cupy_array_names_cupy_although_it_has_no_array_namespace(monkeypatch)
     monkeypatch.setattr(B, "_module", lambda name: sentinel if name == "cupy" else B.importlib.import_module(name))
     assert B.get_backend() == "numpy" and B.xp_of(cupy_like) is sentinel
     assert B.xp_of(1.5, cupy_like) is sentinel and B.xp_of(np.zeros(2), cupy_like) is np
+
+
+# ---- BACKEND-10, BACKEND-11 --------------------------------------------------------------------------
+@pytest.mark.spec("BACKEND-10")
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 9), seed=st.integers(0, 99), name=st.sampled_from(["numpy", "array_api_strict"]))
+def test_ifft2_real_is_the_cosine_sum_in_float32(m, n, seed, name):
+    a = np.random.default_rng(seed).standard_normal((2, m, n)).astype(np.float32)
+    P, U = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")  # (m, m): p u
+    Q, V = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (n, n): q v
+    phase = 2 * np.pi * ((P * U / m)[:, None, :, None] + (Q * V / n)[None, :, None, :])  # (p, q, u, v)
+    ref = np.einsum("pquv,buv->bpq", np.cos(phase), a.astype(np.float64)) / (m * n)
+    previous = backend.get_backend()
+    backend.set_backend(name)
+    try:
+        out = backend.ifft2_real(backend.xp().asarray(a))
+        assert backend.dtype_name(out) == "float32"
+        out = backend.to_host(out)
+    finally:
+        backend.set_backend(previous)
+    assert np.max(np.abs(out - ref)) <= 1e-5 * max(1.0, np.max(np.abs(ref)))
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("BACKEND-10")
+def test_ifft2_real_equals_torch():
+    torch = pytest.importorskip("torch")
+    a = np.random.default_rng(0).standard_normal((12, 20)).astype(np.float32)
+    assert np.allclose(backend.ifft2_real(a), torch.fft.ifft2(torch.tensor(a)).real.numpy(), atol=1e-7)
+
+
+def fisher_yates_prefix(n, k, seed):
+    """BACKEND-11 rebuilt with a full list and NumPy's legacy MT19937 (RandomState's 32-bit outputs)."""
+    rs, r = np.random.RandomState(seed & 0xFFFFFFFF), list(range(n))
+    for i in range(min(k, n - 1)):
+        z = int(rs.randint(0, 2**32, dtype=np.uint32)) % (n - i)  # one 32-bit output each
+        r[i], r[i + z] = r[i + z], r[i]
+    return np.array(r[:k], dtype=np.int64)
+
+
+@pytest.mark.spec("BACKEND-11")
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), frac=st.floats(0, 1), seed=st.integers(0, 2**64 - 1))
+def test_torch_randperm_prefix_is_the_forward_shuffle(n, frac, seed):
+    k = int(frac * n)
+    out = backend.torch_randperm_prefix(n, k, seed)
+    assert out.dtype == np.int64 and len(set(out.tolist())) == k and all(0 <= v < n for v in out)
+    assert np.array_equal(out, fisher_yates_prefix(n, k, seed))
+    assert np.array_equal(backend.torch_randperm_prefix(n, n, seed)[:k], out)  # a prefix of the longer one
+
+
+@pytest.mark.spec("BACKEND-11")
+@pytest.mark.parametrize("n, k", [(5, 6), (5, -1), (backend.TORCH_RANDPERM_SMALL, 1)])
+def test_torch_randperm_prefix_refuses_what_it_cannot_rebuild(n, k):
+    with pytest.raises(BackendError, match="torch_randperm_prefix"):
+        backend.torch_randperm_prefix(n, k, 0)
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("BACKEND-11")
+@pytest.mark.parametrize("n, k, seed", [(1, 1, 0), (2, 2, 5), (1000, 10, 777), (2048, 2048, 0), (45056, 1000, 2**40 + 3)])
+def test_torch_randperm_prefix_equals_torch(n, k, seed):
+    torch = pytest.importorskip("torch")
+    ref = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].numpy()
+    assert np.array_equal(backend.torch_randperm_prefix(n, k, seed), ref)

@@ -19,6 +19,8 @@ from tests.helpers import TINY_LLAMA, assert_close, data_for, hf_llama_folder, m
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
 QUANT = mp.QuantizationConfig(compute_dtype="float32")
+SMALL = {"fourierft": dict(n_frequency=256), "shira": dict(rank=2)}  # PEFT's defaults (1000; 32 (in + out)) exceed
+# the tiny llama's v_proj (32 x 16 = 512)
 
 
 def fresh(method, seed=0):
@@ -88,9 +90,11 @@ def test_every_method_keeps_the_contract(name, tmp_path):
     method = mp.adapters.registry.method(name)
     model = fresh(method)
     base = model(IDS).numpy()
-    getattr(model, f"apply_{name}")(**data_for(method.config))  # the config's defaults
+    getattr(model, f"apply_{name}")(**data_for(method.config), **SMALL.get(name, {}))  # the config's defaults
     cfg = model.peft_configs["default"]
-    if method.kind != "prompt":  # a prompt method adds virtual tokens: the real tokens' logits move at init
+    if getattr(cfg, "INIT_MOVES_OUTPUT", None):  # PEFT's own default init moves the output: the config says why
+        assert max_rel_err(model(IDS), base) > 1e-4, cfg.INIT_MOVES_OUTPUT
+    elif method.kind != "prompt":  # a prompt method adds virtual tokens: the real tokens' logits move at init
         rtol = getattr(cfg, "STEP0_RTOL", 1e-6)  # an initialiser that rewrites W0 states its error (METHOD-10)
         assert_close(model(IDS), base, rtol=rtol, label=f"{name} at init vs base")
     trainable, _ = model.parameter_counts()
@@ -174,7 +178,7 @@ def loads_both_ways(name, method, hf_base, tmp_path):
     import torch
     import peft
     model = mp.load_model(hf_base, quantization=QUANT if method.quantized_base else None)
-    getattr(model, f"apply_{name}")(**({"total_step": 10} if name == "adalora" else {}), **data_for(method.config))
+    getattr(model, f"apply_{name}")(**({"total_step": 10} if name == "adalora" else SMALL.get(name, {})), **data_for(method.config))
     perturb(model)
     model.save_adapters(str(tmp_path / "ours"))
     pm = peft.PeftModel.from_pretrained(hf_model(hf_base, method.quantized_base), str(tmp_path / "ours")).eval()

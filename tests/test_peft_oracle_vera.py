@@ -4,18 +4,14 @@ GPT-2 (Conv1D, fan_in_fan_out), the trainable vectors λ_b, λ_d perturbed with 
 the two libraries agree although they draw them from different generators. Checked: PEFT's save
 loads here with equal logits and the reverse; one training step's gradients from the same state;
 merge_and_unload against PEFT's merged model. Run with `pytest -s` for the errors."""
-import re
-
 import numpy as np
 import pytest
 
 import minipeft
 from helpers import max_rel_err
 from minipeft.adapters.vera import VeRAConfig
-from minipeft.autograd import Tensor
-from minipeft.autograd import functional as F
-from test_peft_oracle import (IDS, V, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_peft,  # noqa: F401
-                              report, report_gradients)
+from test_peft_oracle import (IDS, base, check_merge_and_unload, check_step_gradients, hf_logits,  # noqa: F401
+                              hf_model, lib, minipeft_saved_in_peft, perturb_peft, report)
 
 pytestmark = pytest.mark.oracle
 GRAD_TOL = 1e-4
@@ -56,38 +52,14 @@ def test_minipeft_saved_loads_in_peft(lib, base, tmp_path, case):
     report(f"minipeft->PEFT {case}", max_rel_err(model(IDS), hf_logits(lib, pm)))
 
 
-LEAF = re.compile(r"base_model\.model\.(.+)\.(vera_lambda_b|vera_lambda_d)\.default$")
-
-
 @pytest.mark.spec("VERA-5")
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_step_gradients_agree(lib, base, tmp_path, case):
-    """Mean next-token cross-entropy on IDS from the same state: every trainable gradient (eval mode:
-    GPT-2's own dropout draws from different generators in train mode)."""
-    torch = lib[0]
-    pm = peft_model(lib, base, case).eval()
-    pm.save_pretrained(tmp_path)
-    logits = pm(torch.tensor(IDS)).logits
-    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), torch.tensor(IDS[:, 1:]).reshape(-1)).backward()
-    theirs = {"{}.adapters.default.{}".format(*LEAF.match(n).groups()): p.grad.numpy()
-              for n, p in pm.named_parameters() if p.requires_grad}
-    model = minipeft.load_model(base(CASES[case][0]))
-    model.load_adapters(str(tmp_path))
-    out = model(IDS)
-    F.cross_entropy(out[:, :-1].reshape(-1, V), Tensor(IDS[:, 1:].reshape(-1))).backward()
-    report_gradients(case, model, theirs, GRAD_TOL)
+    check_step_gradients(lib, peft_model(lib, base, case).eval(), base(CASES[case][0]), tmp_path,
+                         "vera_lambda_b|vera_lambda_d", case, GRAD_TOL)
 
 
 @pytest.mark.spec("VERA-3")
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_and_unload_equals_peft(lib, base, tmp_path, case):
-    pm = peft_model(lib, base, case).eval()
-    pm.save_pretrained(tmp_path)
-    merged = pm.merge_and_unload()
-    theirs = hf_logits(lib, merged)
-    model = minipeft.load_model(base(CASES[case][0]))
-    model.load_adapters(str(tmp_path))
-    report(f"merge_and_unload vs PEFT {case}", max_rel_err(model.merge_and_unload()(IDS).data, theirs))
-    sd = {k: v.detach().numpy() for k, v in merged.state_dict().items()}
-    mine = {k: np.asarray(v) for k, v in model.net.state_dict().items()}
-    report(f"merged weights vs PEFT {case}", max(max_rel_err(mine[k], sd[k]) for k in mine if k in sd))
+    check_merge_and_unload(lib, peft_model(lib, base, case).eval(), base(CASES[case][0]), tmp_path, case)

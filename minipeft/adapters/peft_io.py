@@ -85,6 +85,11 @@ def _list_or_none(v):
     return None if v is None else ([v] if isinstance(v, int) else list(v))
 
 
+def kept_dtype(t):
+    """float32 for weights; positions (SHiRA's shira_indices) keep their integer dtype (IO-8)."""
+    return backend.dtype_name(t.data) if backend.dtype_name(t.data).startswith("int") else np.float32
+
+
 def save_adapters(model, path: str, names=None) -> None:
     names = list(model.peft_configs) if names is None else ([names] if isinstance(names, str) else list(names))
     if not names:
@@ -94,7 +99,7 @@ def save_adapters(model, path: str, names=None) -> None:
             raise ConfigError(f"no adapter named {name!r}; the model has {sorted(model.peft_configs)}")
         folder = path if name == "default" else os.path.join(path, name)
         os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
-        weights = {k: np.ascontiguousarray(backend.to_host(t.data), dtype=np.float32)
+        weights = {k: np.ascontiguousarray(backend.to_host(t.data), dtype=kept_dtype(t))
                    for k, t in adapter_tensors(model, name).items()}
         with atomic_save_dir(folder) as tmp:
             write_safetensors(os.path.join(tmp, WEIGHTS_NAME), weights, {"format": "pt"})
@@ -178,6 +183,9 @@ def load_adapter_folder(model, path: str, name: str, strict: bool) -> dict:
         fit_to_file(model, name, loaded)  # a PEFT prompt file has no encoder tensors
         report = _assign(model, name, loaded, weights_path, strict)
         check_loaded(model, name, loaded, weights_path)
+        for _, m in model.net.named_modules():  # a delta that holds positions checks the file's (SHIRA-8)
+            if isinstance(m, AdaptedLayer) and name in m.adapters and hasattr(m.adapters[name], "check_file"):
+                m.adapters[name].check_file(weights_path)
     except Exception:
         model.delete_adapter(name)  # leave no half-loaded adapter behind
         raise
@@ -225,6 +233,11 @@ def fill(t, arr, key: str, where: str, dtype: str = "float32") -> None:
     if tuple(arr.shape) != t.shape:
         raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(arr.shape)}, the model expects "
                               f"{t.shape}; was this adapter trained on another base model?")
+    if kept_dtype(t) is not np.float32:  # positions (SHiRA's shira_indices): integers, kept so (IO-8)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise CheckpointError(f"{where}: tensor {key!r} has dtype {arr.dtype}, expected an integer type")
+        t.data = backend.asarray(arr, kept_dtype(t))
+        return
     if not np.issubdtype(arr.dtype, np.floating):  # an integer or boolean tensor is not a weight (IO-8)
         raise CheckpointError(f"{where}: tensor {key!r} has dtype {arr.dtype}, expected a float type")
     if not np.all(np.isfinite(arr)):

@@ -73,6 +73,23 @@ def check_forward_and_disable(cfg_a, cfg_b, active):
     assert_close(model(IDS), ref, 1e-5, label="re-enabled")
 
 
+def check_forward_adds(cfg, second, two: bool, perturb=randomize, delta_of=ref_delta, label="logits"):
+    """The adapted logits are the plain model's with W0 + ΔW (with a second adapter `second` active too
+    when `two`: the ΔW add); disable_adapters gives the base model bit for bit."""
+    model = make_model()
+    weights = snapshot(model)
+    model.apply_adapter(cfg)
+    perturb(model, "default")
+    if two:
+        model.apply_adapter(second, name="b")
+        perturb(model, "b", seed=2)
+        model.set_active_adapter(["default", "b"])
+    up = updates(model, model.active_adapters, delta_of)
+    assert_close(model(IDS), plain_logits(weights, up), 1e-5, label=label)
+    with model.disable_adapters():
+        assert np.array_equal(model(IDS).data, plain_logits(weights))
+
+
 def check_merge_unmerge(cfg, perturb=randomize, delta_of=ref_delta):
     model = make_model()
     weights = snapshot(model)
