@@ -18,6 +18,7 @@ from minipeft.audit.files import EMBEDDINGS
 from minipeft.cli import main
 from minipeft.safetensors_io import TensorFile, read_safetensors, write_safetensors
 from tests.helpers import data_for, hf_llama_folder, tiny_llama
+from tests.test_every_method import SMALL
 from tests.test_models import CONFIGS, random_weights, write_folder
 
 MERGEABLE = [m.name for m in methods() if m.is_adapter and m.mergeable and m.kind != "prompt"
@@ -47,6 +48,7 @@ def written(base, tmp_path, name="lora", **kw):
     """(adapter folder, merged folder) of a perturbed `name` adapter on base, merged by minipeft."""
     model = mp.load_model(base)
     extra = {"total_step": 10} if name == "adalora" else data_for(method(name).config)  # EVA: from data
+    extra.update(SMALL.get(name, {}))  # sizes that fit the tiny llama (FourierFT, SHiRA)
     getattr(model, f"apply_{name}")(**extra, **kw)
     perturb(model)
     model.save_adapters(str(tmp_path / "adapter"))

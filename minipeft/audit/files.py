@@ -120,7 +120,7 @@ class AdapterFile:
     cfg: object  # its AdapterConfig
     method: Method
     raw: dict  # adapter_config.json as written
-    tensors: dict  # saved key -> float64 array
+    tensors: dict  # saved key -> float64 array (an integer array for positions: SHiRA's shira_indices)
 
     @property
     def config_path(self) -> str:
@@ -139,7 +139,8 @@ def read_adapter(folder: str) -> AdapterFile:
         raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}")
     tensors, _ = read_safetensors(weights)
     return AdapterFile(folder, cfg, method_of(cfg), read_json(os.path.join(folder, CONFIG_NAME), ""),
-                       {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()})
+                       {k: v if np.issubdtype(v.dtype, np.integer) else np.asarray(v, dtype=np.float64)
+                        for k, v in tensors.items()})  # positions (SHiRA's shira_indices) stay integers
 
 
 class ImpliedBase(Checkpoint):
