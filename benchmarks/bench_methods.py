@@ -39,7 +39,7 @@ SEED = {
     "prefix_tuning": ("0.1%", "Low", "Good", "Medium"), "prompt_tuning": ("0.01%", "Very Low", "Moderate", "Fast"),
     "ptuning": ("-", "-", "-", "-"), "ptuning_v2": ("-", "-", "-", "-"), "loraxs": ("-", "-", "-", "-"),
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
-    "mora": ("-", "-", "-", "-"),
+    "mora": ("-", "-", "-", "-"), "oft": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -71,6 +71,7 @@ def configs(mp, steps: int):
         "tiedlora": (adapter(mp.TiedLoRAConfig()), {}),
         "dvora": (adapter(mp.DVoRAConfig()), {}),
         "mora": (adapter(mp.MoRAConfig()), {}),
+        "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
     }
 
 

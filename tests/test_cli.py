@@ -14,7 +14,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
              "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "loraxs": "MINIPEFT_LORAXS", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA",
              "nola": "MINIPEFT_NOLA", "tiedlora": "MINIPEFT_TIEDLORA",
-             "dvora": "MINIPEFT_DVORA", "mora": "MINIPEFT_MORA"}
+             "dvora": "MINIPEFT_DVORA", "mora": "MINIPEFT_MORA", "oft": "OFT"}
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
 RELOADED = {"qlora": METHODS["lora"], "ptuning_v2": METHODS["prefix_tuning"]}

@@ -194,7 +194,8 @@ def valid_configs():
             mp.OrthogonalConfig(rank=4), mp.MiCAConfig(rank=4), mp.LoftQConfig(rank=4),
             mp.NOLAConfig(rank=2, num_basis_a=4, num_basis_b=3),
             mp.TiedLoRAConfig(rank=2, configuration="TL2"),
-            mp.DVoRAConfig(rank=8), mp.MoRAConfig(rank=2, mora_type="sharing")]
+            mp.DVoRAConfig(rank=8), mp.MoRAConfig(rank=2, mora_type="sharing"),
+            mp.OFTConfig(oft_block_size=4)]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made
 

@@ -12,10 +12,8 @@ import pytest
 import minipeft
 from helpers import max_rel_err
 from minipeft.adapters.vera import VeRAConfig
-from minipeft.autograd import Tensor
-from minipeft.autograd import functional as F
-from test_peft_oracle import (IDS, V, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_peft,  # noqa: F401
-                              report, report_gradients)
+from test_peft_oracle import (IDS, base, hf_logits, lib, minipeft_saved_in_peft, perturbed_peft_model,  # noqa: F401
+                              report, report_gradients_from_peft, report_merge_and_unload)
 
 pytestmark = pytest.mark.oracle
 GRAD_TOL = 1e-4
@@ -28,11 +26,7 @@ CASES = {
 
 
 def peft_model(lib, base, case):
-    _, _, peft = lib
-    kind, kw = CASES[case]
-    pm = peft.get_peft_model(hf_model(lib, base(kind)), peft.VeraConfig(task_type="CAUSAL_LM", **kw))
-    perturb_peft(lib, pm)
-    return pm
+    return perturbed_peft_model(lib, base, CASES[case], "VeraConfig")
 
 
 @pytest.mark.spec("VERA-2", "VERA-6")
@@ -64,30 +58,11 @@ LEAF = re.compile(r"base_model\.model\.(.+)\.(vera_lambda_b|vera_lambda_d)\.defa
 def test_training_step_gradients_agree(lib, base, tmp_path, case):
     """Mean next-token cross-entropy on IDS from the same state: every trainable gradient (eval mode:
     GPT-2's own dropout draws from different generators in train mode)."""
-    torch = lib[0]
-    pm = peft_model(lib, base, case).eval()
-    pm.save_pretrained(tmp_path)
-    logits = pm(torch.tensor(IDS)).logits
-    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), torch.tensor(IDS[:, 1:]).reshape(-1)).backward()
-    theirs = {"{}.adapters.default.{}".format(*LEAF.match(n).groups()): p.grad.numpy()
-              for n, p in pm.named_parameters() if p.requires_grad}
-    model = minipeft.load_model(base(CASES[case][0]))
-    model.load_adapters(str(tmp_path))
-    out = model(IDS)
-    F.cross_entropy(out[:, :-1].reshape(-1, V), Tensor(IDS[:, 1:].reshape(-1))).backward()
-    report_gradients(case, model, theirs, GRAD_TOL)
+    report_gradients_from_peft(lib, peft_model(lib, base, case).eval(), base(CASES[case][0]), tmp_path, case,
+                               lambda n: "{}.adapters.default.{}".format(*LEAF.match(n).groups()), GRAD_TOL)
 
 
 @pytest.mark.spec("VERA-3")
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_and_unload_equals_peft(lib, base, tmp_path, case):
-    pm = peft_model(lib, base, case).eval()
-    pm.save_pretrained(tmp_path)
-    merged = pm.merge_and_unload()
-    theirs = hf_logits(lib, merged)
-    model = minipeft.load_model(base(CASES[case][0]))
-    model.load_adapters(str(tmp_path))
-    report(f"merge_and_unload vs PEFT {case}", max_rel_err(model.merge_and_unload()(IDS).data, theirs))
-    sd = {k: v.detach().numpy() for k, v in merged.state_dict().items()}
-    mine = {k: np.asarray(v) for k, v in model.net.state_dict().items()}
-    report(f"merged weights vs PEFT {case}", max(max_rel_err(mine[k], sd[k]) for k in mine if k in sd))
+    report_merge_and_unload(lib, peft_model(lib, base, case).eval(), base(CASES[case][0]), tmp_path, case)

@@ -36,6 +36,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "tiedlora": ("TiedLoRAConfig", None, "layer", True, False),  # PEFT has no Tied-LoRA
     "dvora": ("DVoRAConfig", None, "layer", True, False),  # PEFT's VeRA has no DoRA option
     "mora": ("MoRAConfig", None, "layer", True, False),  # PEFT has no MoRA
+    "oft": ("OFTConfig", "OFT", "layer", True, False),
 }
 
 

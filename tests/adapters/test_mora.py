@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minipeft as mp
-from helpers import assert_close
+from helpers import assert_close, assert_training_lowers_the_loss
 from minipeft import backend
 from minipeft.adapters.mora import MORA_TYPES, MoRAConfig, MoRALinear
 from minipeft.autograd import Tensor
@@ -210,7 +210,4 @@ def test_files_hold_M_and_load_with_the_same_r_hat(tmp_path):
 def test_training_moves_M_and_lowers_the_loss():
     model = mp.load_model(mp.DEMO_MODEL)
     model.apply_mora(rank=4, target_modules="all-linear")
-    data = [{"prompt": f"next {w} =", "completion": " " + "".join(chr(ord(c) + 1) for c in w)}
-            for w in ["abc", "hello", "cat", "dog", "pen", "map", "sky", "tree"]]
-    h = model.train(data, mp.TrainingConfig(learning_rate=1e-2, batch_size=4, epochs=8, progress=False))
-    assert h["loss"][-1] < 0.8 * h["loss"][0]
+    assert_training_lowers_the_loss(model)
