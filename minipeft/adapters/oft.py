@@ -122,7 +122,7 @@ def skew_map(b: int):
         for j in range(i + 1, b):
             S[k][i * b + j], S[k][j * b + i] = 1.0, -1.0
             k += 1
-    return xp.asarray(S, dtype=backend.dtype("float32")).reshape(e, b * b)
+    return xp.asarray(S, dtype=backend.dtype("float32"))  # (e, b*b)
 
 
 def cayley(Q: Tensor, exact: bool, terms: int) -> Tensor:  # OFT-2, Q (D', b, b)
@@ -176,9 +176,9 @@ class OFTLinear(Delta):
         p = self.cfg.module_dropout
         if self.training and p > 0 and R.shape[0] > 1:  # OFT-6
             xp = backend.xp_of(R.data)
-            mask = xp.zeros((R.shape[0], 1, 1), dtype=R.data.dtype)
-            idx = self.rng.permutation(R.shape[0])[: int(p * R.shape[0])]
-            mask[xp.asarray(idx)] = 1.0
+            chosen = {int(i) for i in self.rng.permutation(R.shape[0])[: int(p * R.shape[0])]}
+            mask = xp.reshape(xp.asarray([float(i in chosen) for i in range(R.shape[0])], dtype=R.data.dtype),
+                              (R.shape[0], 1, 1))
             R = R * Tensor(1.0 - mask) + Tensor(mask * xp.eye(self.b, dtype=R.data.dtype))
         return R
 
@@ -196,7 +196,7 @@ class OFTLinear(Delta):
         full = xp.zeros((self.n, self.n), dtype=R.dtype)
         for i in range(self.D):
             s = slice(i * self.b, (i + 1) * self.b)
-            full[s, s] = R[0 if R.shape[0] == 1 else i]
+            full[s, s] = R[0 if R.shape[0] == 1 else i, :, :]
         return full
 
     def transform(self, base, M):
