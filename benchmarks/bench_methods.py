@@ -42,6 +42,7 @@ SEED = {
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
     "fourierft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
+    "oft": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -81,6 +82,7 @@ def configs(mp, steps: int):
         "beft": (adapter(mp.BEFTConfig()), {}),
         "fourierft": (adapter(mp.FourierFTConfig()), {}),
         "shira": (adapter(mp.SHiRAConfig()), {}),
+        "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
     }
 
 

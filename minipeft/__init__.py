@@ -17,6 +17,7 @@ from .adapters.mica import MiCAConfig
 from .adapters.mora import MoRAConfig
 from .adapters.multilora import MultiLoRAConfig
 from .adapters.qalora import QALoRAConfig
+from .adapters.oft import OFTConfig
 from .adapters.orthogonal import OrthogonalConfig
 from .adapters.nola import NOLAConfig
 from .adapters.prefix_tuning import PrefixTuningConfig
@@ -44,7 +45,7 @@ DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "tiny-llama-chars
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
-           "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
+           "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "OFTConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig", "MoRAConfig", "MultiLoRAConfig", "QALoRAConfig",
            "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig", "HiRAConfig", "BEFTConfig", "FourierFTConfig", "SHiRAConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",

@@ -143,3 +143,10 @@ def corda_reference(W0, C, r, mode):
     take = slice(0, r) if mode == "ipm" else slice(len(S) - r, len(S))
     sBA = (U[:, take] * S[take]) @ Vt[take]
     return W0 - sBA, sBA
+def assert_training_lowers_the_loss(model):
+    """model.train on eight shift-by-one words (8 epochs, lr 1e-2): the last loss is < 0.8 x the first."""
+    import minipeft as mp
+    data = [{"prompt": f"next {w} =", "completion": " " + "".join(chr(ord(c) + 1) for c in w)}
+            for w in ["abc", "hello", "cat", "dog", "pen", "map", "sky", "tree"]]
+    h = model.train(data, mp.TrainingConfig(learning_rate=1e-2, batch_size=4, epochs=8, progress=False))
+    assert h["loss"][-1] < 0.8 * h["loss"][0]

@@ -24,11 +24,7 @@ CASES = {
 
 
 def peft_model(lib, base, case):
-    _, _, peft = lib
-    kind, kw = CASES[case]
-    pm = peft.get_peft_model(hf_model(lib, base(kind)), peft.VeraConfig(task_type="CAUSAL_LM", **kw))
-    perturb_peft(lib, pm)
-    return pm
+    return perturbed_peft_model(lib, base, CASES[case], "VeraConfig")
 
 
 @pytest.mark.spec("VERA-2", "VERA-6")

@@ -43,6 +43,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "beft": ("BEFTConfig", "BEFT", "layer", True, False),  # merges where the base has biases
     "fourierft": ("FourierFTConfig", "FOURIERFT", "layer", True, False),
     "shira": ("SHiRAConfig", "SHIRA", "layer", True, False),
+    "oft": ("OFTConfig", "OFT", "layer", True, False),
 }
 
 

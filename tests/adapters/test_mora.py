@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minipeft as mp
-from helpers import assert_close
+from helpers import assert_close, assert_training_lowers_the_loss
 from minipeft import backend
 from minipeft.adapters.mora import MORA_TYPES, MoRAConfig, MoRALinear
 from minipeft.autograd import Tensor
