@@ -152,37 +152,16 @@ def report_gradients(label, model, theirs: dict, tol=1e-4):
 
 
 def check_step_gradients(lib, pm, folder, tmp_path, leaf: str, label, tol=1e-4):
-    """Mean next-token cross-entropy on IDS from the same state (eval mode: GPT-2's own dropout draws from
-    different generators in train mode): every trainable gradient of PeftModel pm, whose parameters are
-    base_model.model.<path>.<leaf>.default (leaf a regex), against minipeft's on base `folder` with pm's save."""
+    """report_gradients_from_peft for a PeftModel whose parameters are base_model.model.<path>.<leaf>.default
+    (leaf a regex), compared under minipeft's <path>.adapters.default.<leaf> (eval mode: GPT-2's own dropout
+    draws from different generators in train mode)."""
     import re
-    from minipeft.autograd import Tensor
-    from minipeft.autograd import functional as F
-    torch = lib[0]
     pattern = re.compile(rf"base_model\.model\.(.+)\.({leaf})\.default$")
-    pm.save_pretrained(tmp_path)
-    logits = pm(torch.tensor(IDS)).logits
-    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), torch.tensor(IDS[:, 1:]).reshape(-1)).backward()
-    theirs = {"{}.adapters.default.{}".format(*pattern.match(n).groups()): p.grad.numpy()
-              for n, p in pm.named_parameters() if p.requires_grad}
-    model = minipeft.load_model(folder)
-    model.load_adapters(str(tmp_path))
-    out = model(IDS)
-    F.cross_entropy(out[:, :-1].reshape(-1, V), Tensor(IDS[:, 1:].reshape(-1))).backward()
-    report_gradients(label, model, theirs, tol)
+    report_gradients_from_peft(lib, pm, folder, tmp_path, label,
+                               lambda n: "{}.adapters.default.{}".format(*pattern.match(n).groups()), tol)
 
 
-def check_merge_and_unload(lib, pm, folder, tmp_path, label):
-    """PEFT's merge_and_unload of pm against minipeft's of pm's save: logits and merged weights."""
-    pm.save_pretrained(tmp_path)
-    merged = pm.merge_and_unload()
-    theirs = hf_logits(lib, merged)
-    model = minipeft.load_model(folder)
-    model.load_adapters(str(tmp_path))
-    report(f"merge_and_unload vs PEFT {label}", max_rel_err(model.merge_and_unload()(IDS).data, theirs))
-    sd = {k: v.detach().numpy() for k, v in merged.state_dict().items()}
-    mine = {k: np.asarray(v) for k, v in model.net.state_dict().items()}
-    report(f"merged weights vs PEFT {label}", max(max_rel_err(mine[k], sd[k]) for k in mine if k in sd))
+check_merge_and_unload = report_merge_and_unload  # (the name the FourierFT, SHiRA and VeRA oracles use)
 
 
 # PEFT LoraConfig kwargs for each case; minipeft reads the same dict through LoRAConfig.from_peft

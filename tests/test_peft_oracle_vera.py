@@ -11,7 +11,7 @@ import minipeft
 from helpers import max_rel_err
 from minipeft.adapters.vera import VeRAConfig
 from test_peft_oracle import (IDS, base, check_merge_and_unload, check_step_gradients, hf_logits,  # noqa: F401
-                              hf_model, lib, minipeft_saved_in_peft, perturb_peft, report)
+                              lib, minipeft_saved_in_peft, perturbed_peft_model, report)
 
 pytestmark = pytest.mark.oracle
 GRAD_TOL = 1e-4

@@ -114,8 +114,8 @@ def read_adapter_config(folder: str):
     cls = config_class(d["peft_type"], path, d)
     try:
         return cls.from_peft(d)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    except (ConfigError, TypeError, ValueError) as e:  # read as the peft_type's config: say which one
+        raise CheckpointError(f"{path}: {e} (read as peft_type {d['peft_type']!r}, {cls.__name__})") from e
 
 
 def load_adapters(model, path: str, name: str = "default", strict: bool = True, subfolder: str | None = None):
