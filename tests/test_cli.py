@@ -15,7 +15,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "loraxs": "MINIPEFT_LORAXS", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA",
              "eva": "LORA", "nola": "MINIPEFT_NOLA", "tiedlora": "MINIPEFT_TIEDLORA",
              "dvora": "MINIPEFT_DVORA", "mora": "MINIPEFT_MORA",
-             "multilora": "MINIPEFT_MULTILORA", "qalora": "MINIPEFT_QALORA", "hira": "HIRA", "beft": "BEFT",
+             "multilora": "MINIPEFT_MULTILORA", "qalora": "MINIPEFT_QALORA", "hira": "HIRA", "hra": "HRA", "beft": "BEFT",
              "fourierft": "FOURIERFT", "shira": "SHIRA", "oft": "OFT"}
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

@@ -40,6 +40,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "multilora": ("MultiLoRAConfig", None, "layer", True, False),  # PEFT has no MultiLoRA
     "qalora": ("QALoRAConfig", None, "layer", True, False),  # PEFT's use_qalora: GPTQ only, no merge
     "hira": ("HiRAConfig", "HIRA", "layer", True, False),
+    "hra": ("HRAConfig", "HRA", "layer", True, False),
     "beft": ("BEFTConfig", "BEFT", "layer", True, False),  # merges where the base has biases
     "fourierft": ("FourierFTConfig", "FOURIERFT", "layer", True, False),
     "shira": ("SHiRAConfig", "SHIRA", "layer", True, False),
