@@ -213,3 +213,32 @@ def test_peft_and_minipeft_agree_both_ways_on_gradients_and_on_merge(lib, base, 
     report(f"RoAd {variant} minipeft -> PEFT", max_rel_err(ours(IDS_O), hf_logits(lib, theirs)))
     check_step_gradients(lib, pm, base(kind), tmp_path / "grad", "road_theta|road_alpha", f"RoAd {variant}")
     check_merge_and_unload(lib, pm, base(kind), tmp_path / "merge", f"RoAd {variant}")
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("ROAD-3")
+def test_a_mixed_batch_equals_peft_s_adapter_names_forward(lib, base, tmp_path):
+    """Two RoAd adapters (road_1, road_4) and the base in one batch: each row as PEFT's adapter_names gives it."""
+    from test_peft_oracle import perturb_peft, report
+    torch, _, peft = lib
+    kind = "llama"
+    from test_peft_oracle import hf_model
+    pm = peft.get_peft_model(hf_model(lib, base(kind)), peft.RoadConfig(task_type="CAUSAL_LM", **ORACLE["road_1"][1]))
+    pm.add_adapter("other", peft.RoadConfig(task_type="CAUSAL_LM", **ORACLE["road_4"][1]))
+    perturb_peft(lib, pm)  # the active adapter's tensors only are trainable: move "other" too
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".other" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.eval().save_pretrained(tmp_path)
+    model = mp.load_model(base(kind))
+    model.load_adapters(str(tmp_path))  # default, and other/ under its name (PEFT-7)
+    assert sorted(model.peft_configs) == ["default", "other"]
+    names = ["default", "other", "__base__"]
+    ids = np.random.default_rng(2).integers(0, 64, (3, 9))
+    with torch.no_grad():
+        theirs = pm(torch.tensor(ids), adapter_names=names).logits.numpy()
+        plain = pm(torch.tensor(ids), adapter_names=["__base__"] * 3).logits.numpy()
+    assert all(max_rel_err(theirs[b], plain[b]) > 1e-3 for b in (0, 1)) and np.allclose(theirs[2], plain[2])
+    report("RoAd mixed batch vs PEFT adapter_names", max_rel_err(model(ids, adapter_names=names), theirs))
