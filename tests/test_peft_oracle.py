@@ -417,14 +417,15 @@ def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp
     _, _, peft = lib
     targets = {"llama": ("q_proj", "v_proj", "down_proj"), "gpt2": ("c_attn", "c_fc")}[kind]
     for cfg_cls in (c for c in REGISTRY if method_of_class(c).in_peft):  # PEFT has no LoRA-XS (LORAXS-6)
-        if kind == "gpt2" and method_of_class(cfg_cls).name == "beft":
-            continue  # BEFT-5: BEFT takes torch.nn.Linear only (PEFT's rule), and GPT-2 has Conv1D
+        if kind == "gpt2" and method_of_class(cfg_cls).name in ("beft", "hra", "road"):
+            continue  # BEFT-5, HRA, RoAd: torch.nn.Linear only (PEFT's rule), and GPT-2 has Conv1D
         if kind == "gpt2" and cfg_cls.__name__ == "OFTConfig":
             continue  # PEFT's OFT adapts no Conv1D, and minipeft's refuses it (OFT-10)
         model = minipeft.load_model(base(kind))
         extra = {"feedforward_modules": targets[-1:]} if "feedforward_modules" in cfg_cls.__dataclass_fields__ else {}
         extra.update({"total_step": 10} if "total_step" in cfg_cls.__dataclass_fields__ else {})  # PEFT's AdaLoRA needs it
         extra.update({"n_frequency": 64} if "n_frequency" in cfg_cls.__dataclass_fields__ else {})  # 1000 > v_proj's 512
+        extra.update({"group_size": 8} if cfg_cls.peft_type == "ROAD" else {})  # PEFT's 64 does not divide the widths
         if cfg_cls.peft_type == "SHIRA":  # r = 32 gives more entries than v_proj has; no Conv1D, as in PEFT (SHIRA-8)
             if kind == "gpt2":
                 continue
