@@ -78,3 +78,26 @@ def check_mixed_batch(model, names, ids):
             want = model(ids).numpy()
         assert_close(mixed[b], want[b], 1e-6, label=f"row {b} ({n})")
     assert np.isfinite(mixed).all()
+
+
+def check_on_the_backend(create, delta_np, trained: str, seed: int = 0):
+    """On the backend in use: a random Linear (12 -> 20) adapted by create(base) (a delta) takes a batch, its
+    `trained` tensor gets a gradient, and the forward, then the merged forward, equal x (W0 + delta_np(d))^T + b."""
+    from minipeft import backend
+    from minipeft.adapters.base import AdaptedLayer
+    from helpers import assert_close
+    rng = np.random.default_rng(seed)
+    base, W0 = random_base(False, rng, 12, 20)
+    layer = AdaptedLayer(base)
+    layer.adapters["default"] = d = create(base)
+    layer.active = ["default"]
+    for t in layer.parameters():
+        t.data = backend.asarray(np.asarray(t.data))
+    x = rng.standard_normal((2, 3, 12)).astype(np.float32)
+    y = layer(Tensor(backend.asarray(x)))
+    y.sum().backward()
+    assert getattr(d, trained).grad is not None
+    ref = x @ (W0 + delta_np(d)).T + np.asarray(base.bias.data)
+    assert_close(backend.to_host(y.data), ref, 1e-5, label="forward")
+    layer.merge("default")
+    assert_close(backend.to_host(layer(Tensor(backend.asarray(x))).data), ref, 1e-5, label="merged forward")

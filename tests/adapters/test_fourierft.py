@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import lycoris_checks as lc
 from helpers import assert_close
-from one_layer import probe_backward, random_base
+from one_layer import check_on_the_backend, probe_backward, random_base
 from minipeft import backend
 from minipeft.adapters.base import AdaptedLayer
 from minipeft.adapters.fourierft import FourierFTConfig, FourierFTLinear
@@ -139,21 +139,8 @@ def test_trainable_count_with_pattern(n_f, tm, pattern):
 
 @pytest.mark.spec("FOURIERFT-2", "FOURIERFT-3", "FOURIERFT-6")
 def test_array_api_only(any_backend):
-    rng = np.random.default_rng(0)
-    base, W0 = random_base(False, rng, 12, 20)
-    layer = AdaptedLayer(base)
-    layer.adapters["default"] = d = FourierFTLinear.create(base, FourierFTConfig(n_frequency=50), "q", backend.RNG(0))
-    layer.active = ["default"]
-    for t in layer.parameters():
-        t.data = backend.asarray(np.asarray(t.data))
-    x = rng.standard_normal((2, 3, 12)).astype(np.float32)
-    y = layer(Tensor(backend.asarray(x)))
-    y.sum().backward()
-    assert d.fourierft_spectrum.grad is not None
-    ref = x @ (W0 + delta_np(d)).T + np.asarray(base.bias.data)
-    assert_close(backend.to_host(y.data), ref, 1e-5, label="forward")
-    layer.merge("default")
-    assert_close(backend.to_host(layer(Tensor(backend.asarray(x))).data), ref, 1e-5, label="merged forward")
+    check_on_the_backend(lambda base: FourierFTLinear.create(base, FourierFTConfig(n_frequency=50), "q", backend.RNG(0)), delta_np,
+                         "fourierft_spectrum")
 
 
 # ---- FOURIERFT-7 --------------------------------------------------------------------------------------------------

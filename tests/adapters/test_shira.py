@@ -10,11 +10,10 @@ from hypothesis import strategies as st
 
 import lycoris_checks as lc
 from helpers import assert_close
-from one_layer import probe_backward, random_base
+from one_layer import check_on_the_backend, probe_backward, random_base
 from minipeft import backend
 from minipeft.adapters.base import AdaptedLayer
 from minipeft.adapters.shira import TORCH_DEFAULT_SEED, SHiRAConfig, SHiRALinear
-from minipeft.autograd import Tensor
 from minipeft.errors import CheckpointError, ConfigError
 from minipeft.safetensors_io import read_safetensors, write_safetensors
 from test_backend import fisher_yates_prefix
@@ -104,21 +103,8 @@ def test_trainable_count(r, tm):
 
 @pytest.mark.spec("SHIRA-2", "SHIRA-3", "SHIRA-6")
 def test_array_api_only(any_backend):
-    rng = np.random.default_rng(0)
-    base, W0 = random_base(False, rng, 12, 20)
-    layer = AdaptedLayer(base)
-    layer.adapters["default"] = d = SHiRALinear.create(base, SHiRAConfig(rank=2, init_weights=False), "q", backend.RNG(0))
-    layer.active = ["default"]
-    for t in layer.parameters():
-        t.data = backend.asarray(np.asarray(t.data))
-    x = rng.standard_normal((2, 3, 12)).astype(np.float32)
-    y = layer(Tensor(backend.asarray(x)))
-    y.sum().backward()
-    assert d.shira_weight.grad is not None
-    ref = x @ (W0 + delta_np(d)).T + np.asarray(base.bias.data)
-    assert_close(backend.to_host(y.data), ref, 1e-5, label="forward")
-    layer.merge("default")
-    assert_close(backend.to_host(layer(Tensor(backend.asarray(x))).data), ref, 1e-5, label="merged forward")
+    check_on_the_backend(lambda base: SHiRALinear.create(base, SHiRAConfig(rank=2, init_weights=False), "q", backend.RNG(0)), delta_np,
+                         "shira_weight")
 
 
 @pytest.mark.spec("SHIRA-7", "SHIRA-8")
