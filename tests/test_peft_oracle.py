@@ -12,6 +12,7 @@ import pytest
 
 import minipeft
 from helpers import data_for, max_rel_err
+from test_every_method import SMALL
 from minipeft.adapters.lora import LoRAConfig
 
 pytestmark = pytest.mark.oracle
@@ -136,6 +137,34 @@ def report_merge_and_unload(lib, pm, folder, tmp_path, case):
     report(f"merged weights vs PEFT {case}", max(max_rel_err(mine[k], sd[k]) for k in mine if k in sd))
 
 
+def check_both_ways_and_merged(lib, pm, folder, tmp_path, label, ids=IDS, loading=None):
+    """A perturbed PeftModel pm on the HF base saved at folder: its save loads here with its logits, minipeft's save
+    of that loads in PEFT with minipeft's, and minipeft's merge_and_unload().save(), read by transformers, equals
+    PEFT's merge_and_unload (each < TOL on ids). loading: a context the minipeft load runs in (a pytest.warns).
+    Returns the minipeft model that read pm's folder."""
+    import contextlib
+    torch, transformers, peft = lib
+
+    def logits(m):
+        with torch.no_grad():
+            return m(torch.tensor(ids)).logits.numpy()
+
+    theirs = logits(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    model = minipeft.load_model(folder)
+    with loading or contextlib.nullcontext():
+        model.load_adapters(str(tmp_path / "peft"))
+    report(f"{label} PEFT->minipeft", max_rel_err(model(ids), theirs))
+    model.save_adapters(str(tmp_path / "ours"))
+    report(f"{label} minipeft->PEFT", max_rel_err(model(ids), logits(peft.PeftModel.from_pretrained(
+        hf_model(lib, folder), str(tmp_path / "ours")).eval())))
+    merged_theirs = logits(pm.merge_and_unload())
+    model.merge_and_unload().save(str(tmp_path / "merged"))
+    report(f"{label} merged (transformers) vs PEFT merge_and_unload",
+           max_rel_err(logits(hf_model(lib, str(tmp_path / "merged"))), merged_theirs))
+    return model
+
+
 def report(label, err):
     print(f"\n  {label}: max rel err {err:.2e}")
     assert err < TOL, f"{label}: {err:.3e} >= {TOL}"
@@ -159,9 +188,6 @@ def check_step_gradients(lib, pm, folder, tmp_path, leaf: str, label, tol=1e-4):
     pattern = re.compile(rf"base_model\.model\.(.+)\.({leaf})\.default$")
     report_gradients_from_peft(lib, pm, folder, tmp_path, label,
                                lambda n: "{}.adapters.default.{}".format(*pattern.match(n).groups()), tol)
-
-
-check_merge_and_unload = report_merge_and_unload  # (the name the FourierFT, SHiRA and VeRA oracles use)
 
 
 # PEFT LoraConfig kwargs for each case; minipeft reads the same dict through LoRAConfig.from_peft
@@ -407,6 +433,9 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
     report(f"combined cat (rank_pattern {cfg['rank_pattern']}) minipeft->PEFT", max_rel_err(ours, hf_logits(lib, pm)))
 
 
+LINEAR_ONLY = {"beft", "hra", "road", "oft", "shira"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
+
+
 @pytest.mark.spec("PEFT-3")
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp_path, kind):
@@ -417,19 +446,13 @@ def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp
     _, _, peft = lib
     targets = {"llama": ("q_proj", "v_proj", "down_proj"), "gpt2": ("c_attn", "c_fc")}[kind]
     for cfg_cls in (c for c in REGISTRY if method_of_class(c).in_peft):  # PEFT has no LoRA-XS (LORAXS-6)
-        if kind == "gpt2" and method_of_class(cfg_cls).name in ("beft", "hra", "road"):
-            continue  # BEFT-5, HRA, RoAd: torch.nn.Linear only (PEFT's rule), and GPT-2 has Conv1D
-        if kind == "gpt2" and cfg_cls.__name__ == "OFTConfig":
-            continue  # PEFT's OFT adapts no Conv1D, and minipeft's refuses it (OFT-10)
+        name = method_of_class(cfg_cls).name
+        if kind == "gpt2" and name in LINEAR_ONLY:
+            continue  # torch.nn.Linear only (PEFT's rule, BEFT-5, SHIRA-8, OFT-10), and GPT-2 has Conv1D
         model = minipeft.load_model(base(kind))
         extra = {"feedforward_modules": targets[-1:]} if "feedforward_modules" in cfg_cls.__dataclass_fields__ else {}
         extra.update({"total_step": 10} if "total_step" in cfg_cls.__dataclass_fields__ else {})  # PEFT's AdaLoRA needs it
-        extra.update({"n_frequency": 64} if "n_frequency" in cfg_cls.__dataclass_fields__ else {})  # 1000 > v_proj's 512
-        extra.update({"group_size": 8} if cfg_cls.peft_type == "ROAD" else {})  # PEFT's 64 does not divide the widths
-        if cfg_cls.peft_type == "SHIRA":  # r = 32 gives more entries than v_proj has; no Conv1D, as in PEFT (SHIRA-8)
-            if kind == "gpt2":
-                continue
-            extra["rank"] = 2
+        extra.update(SMALL.get(name, {}))  # sizes that fit the tiny models (FourierFT, SHiRA, RoAd)
         model.apply_adapter(cfg_cls(target_modules=targets, **extra), **data_for(cfg_cls))
         folder = tmp_path / cfg_cls.__name__
         model.save_adapters(str(folder))

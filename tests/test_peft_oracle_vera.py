@@ -10,7 +10,7 @@ import pytest
 import minipeft
 from helpers import max_rel_err
 from minipeft.adapters.vera import VeRAConfig
-from test_peft_oracle import (IDS, base, check_merge_and_unload, check_step_gradients, hf_logits,  # noqa: F401
+from test_peft_oracle import (IDS, base, report_merge_and_unload, check_step_gradients, hf_logits,  # noqa: F401
                               lib, minipeft_saved_in_peft, perturbed_peft_model, report)
 
 pytestmark = pytest.mark.oracle
@@ -58,4 +58,4 @@ def test_training_step_gradients_agree(lib, base, tmp_path, case):
 @pytest.mark.spec("VERA-3")
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_and_unload_equals_peft(lib, base, tmp_path, case):
-    check_merge_and_unload(lib, peft_model(lib, base, case).eval(), base(CASES[case][0]), tmp_path, case)
+    report_merge_and_unload(lib, peft_model(lib, base, case).eval(), base(CASES[case][0]), tmp_path, case)

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 import minipeft as mp
-from helpers import max_rel_err
+from helpers import hf_llama_folder, max_rel_err
 from minipeft.adapters.beft import BEFTConfig, BEFTLinear
 from minipeft.backend import RNG
 from minipeft.errors import ConfigError
 from minipeft.safetensors_io import read_safetensors
 from one_layer import random_base
 from test_lora import CFG, IDS, check_forward_merge_unmerge, layers, make_model, snapshot
+from test_peft_oracle import check_both_ways_and_merged, hf_model, lib, perturb_peft  # noqa: F401 (fixture)
 
 
 def offsets(model):
@@ -95,42 +96,10 @@ def test_saved_keys_and_fields_are_peft_names(tmp_path):
 
 @pytest.mark.oracle
 @pytest.mark.spec("BEFT-1", "BEFT-3", "BEFT-6")
-def test_peft_and_minipeft_agree_both_ways_and_on_merge(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in CFG.items() if k != "model_type"})
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3)
-    hf.save_pretrained(tmp_path / "base")
-    pm = peft.get_peft_model(hf, peft.BeftConfig(task_type="CAUSAL_LM", target_modules=["v_proj", "o_proj"])).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "beft_" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        theirs = pm(torch.tensor(IDS)).logits.numpy()
-    pm.save_pretrained(tmp_path / "peft")
-    model = mp.load_model(str(tmp_path / "base"))
-    model.load_adapters(str(tmp_path / "peft"))
-    err = max_rel_err(model(IDS), theirs)
-    print(f"\n  BEFT PEFT -> minipeft: max rel err {err:.2e}")
-    assert err < 1e-5
-    model.save_adapters(str(tmp_path / "ours"))
-    again = peft.PeftModel.from_pretrained(
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").eval(),
-        str(tmp_path / "ours")).eval()
-    with torch.no_grad():
-        err = max_rel_err(model(IDS), again(torch.tensor(IDS)).logits.numpy())
-        merged_theirs = pm.merge_and_unload()(torch.tensor(IDS)).logits.numpy()
-    print(f"  BEFT minipeft -> PEFT: max rel err {err:.2e}")
-    assert err < 1e-5
-    model.merge_and_unload().save(str(tmp_path / "merged"))
-    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
-    with torch.no_grad():
-        err = max_rel_err(hf_merged.eval()(torch.tensor(IDS)).logits.numpy(), merged_theirs)
-    print(f"  BEFT merged (transformers) vs PEFT merge_and_unload: max rel err {err:.2e}")
-    assert err < 1e-5
+def test_peft_and_minipeft_agree_both_ways_and_on_merge(lib, tmp_path):
+    peft = lib[2]
+    folder = hf_llama_folder(str(tmp_path / "base"), **{k: v for k, v in CFG.items() if k != "model_type"})  # biases
+    pm = peft.get_peft_model(hf_model(lib, folder),
+                             peft.BeftConfig(task_type="CAUSAL_LM", target_modules=["v_proj", "o_proj"]))
+    perturb_peft(lib, pm)  # every beft_bias moved
+    check_both_ways_and_merged(lib, pm.eval(), folder, tmp_path, "BEFT", IDS)

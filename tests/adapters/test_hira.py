@@ -1,6 +1,5 @@
 """spec/hira.md (HIRA-n) on tiny random Llama models (test_lora.py's set-up), each claim rebuilt in NumPy
 float64 from the spec's formula dW = W0 ⊙ (B A); and (oracle) against PEFT's HIRA on Llama and GPT-2."""
-import contextlib
 import json
 
 import numpy as np
@@ -15,6 +14,7 @@ from minipeft.errors import ConfigError
 from minipeft.safetensors_io import read_safetensors
 from test_dora import SETTINGS, targets
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
+from test_peft_oracle import V, base, check_both_ways_and_merged, lib, perturbed_peft_model  # noqa: F401 (fixtures)
 
 
 def randomize(model, seed=1, scale=0.3):
@@ -37,7 +37,8 @@ def test_forward_and_merge_are_W0_plus_W0_hadamard_B_A(r, tm):
     W = snapshot(model)
     model.apply_hira(rank=r, target_modules=tm)
     randomize(model)
-    updates = {p + ".weight": update_np(W[p + ".weight"], layer.adapters["default"]) for p, layer in layers(model, "default")}
+    updates = {p + ".weight": update_np(W[p + ".weight"], layer.adapters["default"])
+               for p, layer in layers(model, "default")}
     check_forward_merge_unmerge(model, W, updates)
     model.merge_adapter()
     model.unmerge_adapter()
@@ -115,7 +116,8 @@ def test_saved_keys_and_fields_are_peft_names(tmp_path):
     model.apply_hira(rank=4, init="gaussian", dropout=0.1, target_modules=("q_proj",))
     model.save_adapters(str(tmp_path))
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "HIRA" and cfg["r"] == 4 and cfg["init_weights"] == "gaussian" and cfg["hira_dropout"] == 0.1
+    assert cfg["peft_type"] == "HIRA" and cfg["r"] == 4
+    assert cfg["init_weights"] == "gaussian" and cfg["hira_dropout"] == 0.1
     keys, _ = read_safetensors(str(tmp_path / "adapter_model.safetensors"))
     assert {k: v.shape for k, v in keys.items()} == {
         f"base_model.model.model.layers.{i}.self_attn.q_proj.hira_{m}": s for i in (0, 1)
@@ -132,49 +134,11 @@ CASES = {"llama": ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "down_
 @pytest.mark.oracle
 @pytest.mark.spec("HIRA-2", "HIRA-4", "HIRA-7")
 @pytest.mark.parametrize("case", list(CASES))
-def test_peft_and_minipeft_agree_both_ways_and_on_merge(case, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    from test_peft_oracle import LLAMA, V
-    torch.manual_seed(0)
+def test_peft_and_minipeft_agree_both_ways_and_on_merge(lib, base, case, tmp_path):
     kind, kw = CASES[case]
-    cfg = transformers.LlamaConfig(**LLAMA) if kind == "llama" else \
-        transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128)
-    hf = (transformers.LlamaForCausalLM if kind == "llama" else transformers.GPT2LMHeadModel)(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3)
-    hf.save_pretrained(tmp_path / "base")
+    pm = perturbed_peft_model(lib, base, CASES[case], "HiraConfig").eval()  # every hira_A, hira_B moved
     ids = np.random.default_rng(1).integers(0, V, (2, 7))
-    pm = peft.get_peft_model(hf, peft.HiraConfig(task_type="CAUSAL_LM", **kw)).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "hira_" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-        theirs = pm(torch.tensor(ids)).logits.numpy()
-    pm.save_pretrained(tmp_path / "peft")
-    model = mp.load_model(str(tmp_path / "base"))
-    with (pytest.warns(UserWarning, match="rank_pattern") if "rank_pattern" in kw else contextlib.nullcontext()):
-        model.load_adapters(str(tmp_path / "peft"))
-    err = max_rel_err(model(ids), theirs)
-    if "rank_pattern" in kw:  # HIRA-6: PEFT built every layer at r, and minipeft read the folder the same way
+    warns = pytest.warns(UserWarning, match="rank_pattern") if "rank_pattern" in kw else None
+    if "rank_pattern" in kw:  # HIRA-6: PEFT builds every layer at r, and minipeft reads the folder the same way
         assert pm.base_model.model.model.layers[0].mlp.down_proj.hira_A["default"].shape[0] == kw["r"]
-    print(f"\n  HiRA {case} PEFT -> minipeft: max rel err {err:.2e}")
-    assert err < 1e-5
-    model.save_adapters(str(tmp_path / "ours"))
-    again = peft.PeftModel.from_pretrained(
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").eval(),
-        str(tmp_path / "ours")).eval()
-    with torch.no_grad():
-        err = max_rel_err(model(ids), again(torch.tensor(ids)).logits.numpy())
-        merged_theirs = pm.merge_and_unload()(torch.tensor(ids)).logits.numpy()
-    print(f"  HiRA {case} minipeft -> PEFT: max rel err {err:.2e}")
-    assert err < 1e-5
-    model.merge_and_unload().save(str(tmp_path / "merged"))
-    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
-    with torch.no_grad():
-        err = max_rel_err(hf_merged(torch.tensor(ids)).logits.numpy(), merged_theirs)
-    print(f"  HiRA {case} merged (transformers) vs PEFT merge_and_unload: max rel err {err:.2e}")
-    assert err < 1e-5
+    check_both_ways_and_merged(lib, pm, base(kind), tmp_path, f"HiRA {case}", ids, loading=warns)
