@@ -11,6 +11,7 @@ What the array API standard lacks lives here, once per backend:
 - the FFT extension, in the input's precision  BACKEND-10
 - torch.randperm's seeded stream (host side)   BACKEND-11
 - host transfer (to_host / asarray)           BACKEND-2
+- host threads (map_chunks, map_ranges)       BACKEND-9, BACKEND-12
 - the host allocator (glibc malloc tuning)    BACKEND-7
 
 Backends: "numpy" (CPU), "cupy" (NVIDIA GPU) and "array_api_strict" (a CPU guard in the tests:
@@ -237,7 +238,42 @@ def host_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-_POOLS: dict = {}  # thread count -> the executor of map_chunks (made once, reused)
+_POOLS: dict = {}  # thread count -> the executor of map_chunks and map_ranges (made once, reused)
+
+
+def _openblas_local_threads():
+    """NumPy's OpenBLAS `openblas_set_num_threads_local` (OpenBLAS 0.3.27+: the BLAS thread count of
+    the calling thread only), found among the libraries this process has loaded; None where NumPy
+    uses another BLAS (MKL, Accelerate) or an older OpenBLAS."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+def _single_threaded_blas() -> None:
+    """The pool's thread initializer (BACKEND-12): BLAS calls made on a pool thread run on that thread
+    alone, so k pool threads never wake k x BLAS threads on k cores."""
+    fn = _openblas_local_threads()
+    if fn is not None:
+        fn(1)
+
+
+def _pool(k: int):
+    if k not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOLS[k] = ThreadPoolExecutor(k, thread_name_prefix="minipeft", initializer=_single_threaded_blas)
+    return _POOLS[k]
 
 
 def map_chunks(fn, starts, a) -> None:
@@ -250,11 +286,28 @@ def map_chunks(fn, starts, a) -> None:
         for s in starts:
             fn(s)
         return
-    if k not in _POOLS:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOLS[k] = ThreadPoolExecutor(k, thread_name_prefix="minipeft")
-    for _ in _POOLS[k].map(fn, starts):  # re-raises a chunk's exception here
+    for _ in _pool(k).map(fn, starts):  # re-raises a chunk's exception here
         pass
+
+
+def split_ranges(n: int, a) -> list:
+    """The ranges map_ranges gives fn for n items of arrays like `a` (BACKEND-12): [(0, n)] on CuPy,
+    the strict guard and one thread; on NumPy min(host_threads(), n) contiguous ranges of sizes
+    that differ by at most one, in order."""
+    k = min(host_threads(), n) if _kind(a) == "numpy" else 1
+    if k <= 1:
+        return [(0, n)]
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+def map_ranges(fn, ranges) -> list:
+    """[fn(lo, hi) for (lo, hi) in ranges], from split_ranges (BACKEND-12). More than one range: on the
+    pool's threads, each calling BLAS single-threaded (NumPy releases the GIL in matmul and in ufunc
+    loops, so ranges that write disjoint slices run on separate cores). A range's values do not depend
+    on the others, so any split gives the serial values bit for bit. A range's exception is raised here."""
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
+    return list(_pool(len(ranges)).map(lambda r: fn(*r), ranges))
 
 
 def multiply_into(out, start: int, x, y) -> None:

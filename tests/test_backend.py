@@ -452,3 +452,56 @@ def test_torch_randperm_prefix_equals_torch(n, k, seed):
     torch = pytest.importorskip("torch")
     ref = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].numpy()
     assert np.array_equal(backend.torch_randperm_prefix(n, k, seed), ref)
+
+
+# ---- BACKEND-12 --------------------------------------------------------------------------------
+@pytest.mark.spec("BACKEND-12")
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 50), st.integers(1, 8))
+def test_split_ranges_cover_in_order_with_sizes_within_one(n, threads):
+    old = os.environ.get("MINIPEFT_NUM_THREADS")
+    os.environ["MINIPEFT_NUM_THREADS"] = str(threads)
+    try:
+        ranges = backend.split_ranges(n, np.zeros(1))
+    finally:
+        os.environ.pop("MINIPEFT_NUM_THREADS") if old is None else os.environ.__setitem__("MINIPEFT_NUM_THREADS", old)
+    assert len(ranges) == min(threads, n)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in order, no overlap
+    sizes = [hi - lo for lo, hi in ranges]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.spec("BACKEND-12")
+def test_split_ranges_is_one_range_off_numpy(any_backend, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_NUM_THREADS", "4")
+    a = backend.asarray(np.zeros(3, np.float32))
+    expected = [(0, 10)] if backend.get_backend() != "numpy" else [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert backend.split_ranges(10, a) == expected
+
+
+@pytest.mark.spec("BACKEND-12")
+def test_map_ranges_returns_in_order_on_pool_threads_with_single_threaded_blas(monkeypatch):
+    import threading
+    monkeypatch.setenv("MINIPEFT_NUM_THREADS", "3")
+    ranges = backend.split_ranges(7, np.zeros(1))
+    where = backend.map_ranges(lambda lo, hi: (lo, hi, threading.current_thread().name), ranges)
+    assert [w[:2] for w in where] == [(0, 2), (2, 4), (4, 7)]
+    assert all(w[2].startswith("minipeft") for w in where)  # the pool's threads, not the caller's
+    local = backend._openblas_local_threads()
+    if local is not None:  # NumPy's OpenBLAS: each pool thread's BLAS count is 1 (set returns the old one)
+        olds = backend.map_ranges(lambda lo, hi: (local(1), threading.current_thread().name), ranges)
+        assert all(o == 1 for o, _ in olds)
+    assert backend.map_ranges(lambda lo, hi: hi - lo, [(0, 5)]) == [5]  # one range: on the caller
+
+
+@pytest.mark.spec("BACKEND-12")
+def test_map_ranges_raises_a_ranges_exception(monkeypatch):
+    monkeypatch.setenv("MINIPEFT_NUM_THREADS", "2")
+
+    def fn(lo, hi):
+        if lo > 0:
+            raise ValueError(f"range {lo}..{hi} failed")
+
+    with pytest.raises(ValueError, match="range 3..6 failed"):
+        backend.map_ranges(fn, backend.split_ranges(6, np.zeros(1)))
