@@ -121,18 +121,31 @@ def unmatched_targets(base: Checkpoint, adapter) -> list[Finding]:
 NOTHING = "the adapter changes nothing on this base"
 
 
+def open_base(A, base: str | None) -> Checkpoint:
+    """AUDIT-8: BASE (given, else the config's), or for a plain LoRA without one the base its file implies."""
+    if base is not None:
+        return base_for(A, base)
+    try:
+        return base_for(A, None)
+    except MiniPeftError as e:
+        reason = needs_base(A)
+        if reason:
+            raise ConfigError(f"{e}; BASE is needed here: {reason}") from None
+        return ImpliedBase(A)  # a plain LoRA's dW needs no base
+
+
+def open_layers(adapter: str, base: str | None):
+    """(AdapterFile, its base Checkpoint, AdapterLayers) of an adapter folder (AUDIT-2, AUDIT-8)."""
+    A = read_adapter(adapter)
+    B = open_base(A, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return A, B, AdapterLayers(A, B)
+
+
 def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = True) -> AdapterReport:
     A = read_adapter(adapter)
-    reason = needs_base(A)
-    if base is not None:
-        B = base_for(A, base)
-    else:
-        try:
-            B = base_for(A, None)
-        except MiniPeftError as e:
-            if reason:
-                raise ConfigError(f"{e}; BASE is needed here: {reason}") from None
-            B = ImpliedBase(A)  # a plain LoRA's dW needs no base
+    B = open_base(A, base)
     real = not isinstance(B, ImpliedBase)
     findings = unmatched_targets(B, A) if real else []
     if any(NOTHING in f.message for f in findings):

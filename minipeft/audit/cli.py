@@ -29,6 +29,13 @@ def add_audit_parser(sub, parents):
     d.add_argument("--base", default=None, help="base model folder (default: the config's base_model_name_or_path; "
                    "a plain LoRA needs none)")
     d.set_defaults(fn=cmd_adapter)
+    f = command("diff", "how alike are adapters A and B? per layer: cosine of dW, principal angles between the "
+                "column and row spaces, norm ratio; a summary")
+    f.add_argument("a", help="adapter folder A (PEFT's layout)")
+    f.add_argument("b", help="adapter folder B")
+    f.add_argument("--base", default=None, help="base model folder for both (default: each config's "
+                   "base_model_name_or_path; a plain LoRA needs none)")
+    f.set_defaults(fn=cmd_diff)
     return a
 
 
@@ -46,3 +53,8 @@ def cmd_merged(args):
 def cmd_adapter(args):
     from .adapter import audit_adapter
     return show(audit_adapter(args.adapter, args.base, show_progress=not args.no_progress), args)
+
+
+def cmd_diff(args):
+    from .diff import audit_diff
+    return show(audit_diff(args.a, args.b, args.base, show_progress=not args.no_progress), args)
