@@ -30,6 +30,10 @@ def add_audit_parser(sub, parents):
     d.add_argument("adapter", help="adapter folder (PEFT's layout)")
     d.add_argument("--base", default=None, help="base model folder (default: the config's base_model_name_or_path; "
                    "a plain LoRA needs none)")
+    d.add_argument("--intruder-k", type=int, default=10, help="intruder dimensions are counted among the top k "
+                   "singular vectors of W0 + dW (with a base; 0: not counted)")
+    d.add_argument("--intruder-epsilon", type=float, default=0.5, help="a singular vector is an intruder when its "
+                   "|cos| with every singular vector of W0 is below this")
     d.set_defaults(fn=cmd_adapter)
     f = command("diff", "how alike are adapters A and B? per layer: cosine of dW, principal angles between the "
                 "column and row spaces, norm ratio; a summary")
@@ -66,7 +70,8 @@ def cmd_merged(args):
 
 def cmd_adapter(args):
     from .adapter import audit_adapter
-    return show(audit_adapter(args.adapter, args.base, show_progress=not args.no_progress), args)
+    return show(audit_adapter(args.adapter, args.base, show_progress=not args.no_progress, intruder_k=args.intruder_k,
+                              intruder_epsilon=args.intruder_epsilon), args)
 
 
 def cmd_diff(args):
