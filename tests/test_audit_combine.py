@@ -155,3 +155,11 @@ def test_peft_combination_passes(combination, hf_base, tmp_path):
     errors = [c.error for c in r.layers if c.error is not None]
     print(f"\n  PEFT {combination}: worst error {max(errors, default=0):.2e}")
     assert len(r.layers) == 4 and max(errors, default=0) < 1e-5
+
+
+@pytest.mark.spec("AUDIT-14")
+def test_a_factorwise_type_of_unequal_ranks_is_bad_input(base, tmp_path, capsys):
+    sources, mix = combined_by_minipeft(base, tmp_path, "cat", rank=(4, 2))
+    args = ["audit", "combine", "--adapters", *sources, "--weights", "0.7", "0.4", "--combined", mix]
+    assert main([*args, "--type", "linear"]) == 2
+    assert "needs equal ranks" in capsys.readouterr().err

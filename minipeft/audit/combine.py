@@ -87,6 +87,8 @@ def unmatched(stored, candidates, tol) -> int:
 def check_layer(combination, deltas, ws, dWs, C, k: definition.Knobs, tol):
     """(error, optimum, exact_gap, ok, E or None) of C's layer (its delta and dW) against the definition."""
     dW_C, d_C = C.dW, C.delta
+    if combination in definition.MERGES:  # factor-wise
+        definition.equal_ranks(combination, deltas, C.path)
     if combination == "cat":
         E = sum(w * d for w, d in zip(ws, dWs))
         return rel(dW_C, E), None, None, rel(dW_C, E) <= tol, E
