@@ -194,3 +194,65 @@ def test_peft_adapters_give_the_dW_of_peft_merge(case, hf_base, tmp_path):
         assert row.scale == pytest.approx(rule(raw["lora_alpha"], raw["r"]))
     print(f"\n  {case} by PEFT: worst rel err of |dW|_F, |dW|_2 {worst:.2e}")
     assert worst < 1e-5 and len(r.layers) == 2 * len(raw["target_modules"])
+
+
+@pytest.mark.spec("AUDIT-19")
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2 ** 31), st.integers(8, 40))
+def test_an_intruder_is_counted_and_no_change_has_none(seed, n):
+    from minipeft.audit.adapter import intruders
+    rng = np.random.default_rng(seed)
+    W0 = rng.standard_normal((n, n))
+    U0, S0, _ = np.linalg.svd(W0)
+    assert intruders(W0, W0, 10, 0.5) == 0
+    u, v = U0 @ np.ones(n) / math.sqrt(n), rng.standard_normal(n)
+    assert np.max(np.abs(u @ U0)) < 0.5
+    assert intruders(W0, W0 + 100 * S0[0] * np.outer(u, v / np.linalg.norm(v)), 10, 0.5) == 1
+    assert intruders(W0, W0 + 100 * S0[0] * np.outer(u, v / np.linalg.norm(v)), 10, 0.1) == 0  # eps below 1/sqrt(n)
+
+
+@pytest.mark.spec("AUDIT-19", "AUDIT-1")
+def test_the_report_counts_intruders_per_layer(base, tmp_path, capsys):
+    model = mp.load_model(base)
+    model.apply_lora(rank=1, alpha=1, target_modules=["q_proj"])
+    W0 = weights(base)[f"{Q}.weight"].astype(np.float64)
+    U0, S0, _ = np.linalg.svd(W0)
+    n = W0.shape[0]
+    delta = model.net.get_submodule(Q).adapters["default"]
+    delta.lora_A.weight.data = (np.ones((1, W0.shape[1])) / math.sqrt(W0.shape[1])).astype(np.float32)  # (1, in)
+    delta.lora_B.weight.data = (100 * S0[0] * U0 @ np.ones(n) / math.sqrt(n))[:, None].astype(np.float32)  # (out, 1)
+    model.save_adapters(str(tmp_path / "a"))
+    r = audit_adapter(str(tmp_path / "a"), base)
+    assert {x.path: x.intruders for x in r.layers} == {Q: 1, "model.layers.1.self_attn.q_proj": 0}
+    assert "top 10" in r.intruder_rule and "below 0.5" in r.intruder_rule
+    assert main(["audit", "adapter", str(tmp_path / "a"), "--base", base, "--intruder-k", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["intruder_rule"] is None and [x["intruders"] for x in out["layers"]] == [None, None]
+    assert main(["audit", "adapter", str(tmp_path / "a"), "--base", base, "--intruder-epsilon", "2"]) == 2
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("AUDIT-19")
+def test_intruder_counts_are_peft_reduce_intruder_dimension_counts(hf_base, tmp_path):
+    """PEFT's reduce_intruder_dimension logs each layer's count (top_k 10, epsilon 0.5): the same as ours."""
+    pytest.importorskip("peft")
+    import peft
+    import torch
+    import transformers
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 1.5)
+    pm.save_pretrained(str(tmp_path / "a"))
+    logged = []
+    reduce_intruder_dimension(pm, logging_sink=logged.append)
+    theirs = {line.split(": ")[0].replace("base_model.model.", ""):
+              0 if "No intruders" in line else int(line.rsplit(" ", 1)[1]) for line in logged if ": " in line}
+    r = audit_adapter(str(tmp_path / "a"), hf_base)
+    ours = {x.path: x.intruders for x in r.layers}
+    print(f"\n  intruders per layer: {ours}")
+    assert ours == theirs and sum(ours.values()) > 0

@@ -159,10 +159,16 @@ def combine_layer(combination, deltas, ws, k: Knobs, svd_rank, clamp, where: str
     if combination.endswith("svd"):
         merge = MERGES[combination[:-len("_svd")]] if combination != "svd" else task_arithmetic
         return svd_split(merge, deltas, ws, k, svd_rank or max(ranks), clamp)
+    equal_ranks(combination, deltas, where)
+    return factorwise(MERGES[combination], deltas, ws, k)
+
+
+def equal_ranks(combination, deltas, where: str) -> None:
+    """LORA-8's factor-wise merges need one rank r at the layer."""
+    ranks = [d.lora_A.weight.shape[0] for d in deltas]
     if len(set(ranks)) > 1:
         raise ConfigError(f"combination {combination!r} needs equal ranks, but at {where} the ranks are {ranks}; "
                           "use 'cat' (exact) or 'svd'")
-    return factorwise(MERGES[combination], deltas, ws, k)
 
 
 # ---- the model-level operation --------------------------------------------------------------------------

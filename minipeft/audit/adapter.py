@@ -57,6 +57,7 @@ class LayerRow:
     scale: float | None  # alpha / r, or alpha / sqrt(r) with use_rslora
     spectrum: Spectrum
     rel_fro: float | None  # ||dW||_F / ||W0||_F, with a base
+    intruders: int | None = None  # intruder dimensions among W0 + dW's top k (AUDIT-19), with a base
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ class AdapterReport(Report):
     scale_rule: str | None
     layers: list
     findings: list
+    intruder_rule: str | None = None  # k and epsilon of AUDIT-19, with a base
 
     command = "audit adapter"
 
@@ -74,15 +76,18 @@ class AdapterReport(Report):
         out = [f"adapter {self.adapter} ({self.method})", f"base {self.base}"]
         if self.scale_rule:
             out.append(f"scale: {self.scale_rule}")
+        if self.intruder_rule:
+            out.append(f"intruders: {self.intruder_rule}")
         out.append(f"{len(self.layers)} layer(s):")
         out.append(f"  {'layer':<56} {'r':>3} {'scale':>7} {'|dW|_F':>9} {'|dW|_2':>9} "
-                   f"{'srank':>6} {'erank':>6} {'|dW|/|W|':>9}  top singular values")
+                   f"{'srank':>6} {'erank':>6} {'|dW|/|W|':>9} {'intr':>4}  top singular values")
         for row in self.layers:
             sp = row.spectrum
             out.append(f"  {row.path:<56} {row.r if row.r is not None else '-':>3} "
                        f"{fmt(row.scale) if row.scale is not None else '-':>7} {fmt(sp.fro):>9} {fmt(sp.spectral):>9} "
                        f"{sp.stable_rank:6.2f} {sp.effective_rank:6.2f} "
-                       f"{fmt(row.rel_fro) if row.rel_fro is not None else '-':>9}  "
+                       f"{fmt(row.rel_fro) if row.rel_fro is not None else '-':>9} "
+                       f"{row.intruders if row.intruders is not None else '-':>4}  "
                        + " ".join(fmt(v) for v in sp.singular_values[:4]))
         return out
 
@@ -121,18 +126,44 @@ def unmatched_targets(base: Checkpoint, adapter) -> list[Finding]:
 NOTHING = "the adapter changes nothing on this base"
 
 
-def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = True) -> AdapterReport:
-    A = read_adapter(adapter)
-    reason = needs_base(A)
+def open_base(A, base: str | None) -> Checkpoint:
+    """AUDIT-8: BASE (given, else the config's), or for a plain LoRA without one the base its file implies."""
     if base is not None:
-        B = base_for(A, base)
-    else:
-        try:
-            B = base_for(A, None)
-        except MiniPeftError as e:
-            if reason:
-                raise ConfigError(f"{e}; BASE is needed here: {reason}") from None
-            B = ImpliedBase(A)  # a plain LoRA's dW needs no base
+        return base_for(A, base)
+    try:
+        return base_for(A, None)
+    except MiniPeftError as e:
+        reason = needs_base(A)
+        if reason:
+            raise ConfigError(f"{e}; BASE is needed here: {reason}") from None
+        return ImpliedBase(A)  # a plain LoRA's dW needs no base
+
+
+def open_layers(adapter: str, base: str | None):
+    """(AdapterFile, its base Checkpoint, AdapterLayers) of an adapter folder (AUDIT-2, AUDIT-8)."""
+    A = read_adapter(adapter)
+    B = open_base(A, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return A, B, AdapterLayers(A, B)
+
+
+def intruders(W0, W, k: int, eps: float) -> int:
+    """AUDIT-19 (Shuttleworth et al. 2024, arXiv:2410.21228): how many of W's top k left singular vectors have
+    |cos| < eps with every left singular vector of W0 (both (out, in))."""
+    U0 = np.linalg.svd(W0, full_matrices=False)[0]  # (out, q)
+    U = np.linalg.svd(W, full_matrices=False)[0][:, :k]  # (out, k)
+    return int(np.sum(np.max(np.abs(U.T @ U0), axis=1) < eps))
+
+
+def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = True, intruder_k: int = 10,
+                  intruder_epsilon: float = 0.5) -> AdapterReport:
+    if isinstance(intruder_k, bool) or not isinstance(intruder_k, int) or intruder_k < 0:
+        raise ConfigError(f"--intruder-k {intruder_k!r} must be an integer >= 0 (0: no intruder count)")
+    if not 0 < intruder_epsilon <= 1:
+        raise ConfigError(f"--intruder-epsilon {intruder_epsilon!r} must lie in (0, 1] (a cosine similarity)")
+    A = read_adapter(adapter)
+    B = open_base(A, base)
     real = not isinstance(B, ImpliedBase)
     findings = unmatched_targets(B, A) if real else []
     if any(NOTHING in f.message for f in findings):
@@ -141,6 +172,7 @@ def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = T
         warnings.simplefilter("ignore")
         layers = AdapterLayers(A, B)
     cfg, rows = A.cfg, []
+    count = real and intruder_k > 0
     lora = hasattr(cfg, "rank_alpha_for") and hasattr(cfg, "use_rslora")
     for path in progress(layers.paths, len(layers.paths), "audit adapter", show_progress, "layer"):
         layer = layers.layer(path)
@@ -151,7 +183,8 @@ def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = T
         r, alpha = cfg.rank_alpha_for(path) if lora else (None, None)
         w0 = float(np.linalg.norm(layer.W0)) if real else 0.0
         rows.append(LayerRow(path, tuple(dW.shape), r, alpha, lora_scaling(alpha, r, cfg.use_rslora) if lora else None,
-                             sp, sp.fro / w0 if w0 > 0 else None))
+                             sp, sp.fro / w0 if w0 > 0 else None,
+                             intruders(layer.W0, layer.merged, intruder_k, intruder_epsilon) if count else None))
         del layer, dW
     findings += layers.problems
     findings += [Finding("unexplained-tensor", A.weights_path, k,
@@ -159,4 +192,6 @@ def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = T
                          "replaces): PEFT ignores it on load. Check target_modules / the base model, or drop it")
                  for k in layers.unexplained()]
     rule = ("alpha / sqrt(r) (use_rslora)" if cfg.use_rslora else "alpha / r") if lora else None
-    return AdapterReport(A.folder, B.folder, A.method.title, rule, rows, findings)
+    shown = (f"of the top {intruder_k} left singular vectors of W0 + dW, those whose |cos| with every left singular "
+             f"vector of W0 is below {intruder_epsilon:g} (Shuttleworth et al. 2024)") if count else None
+    return AdapterReport(A.folder, B.folder, A.method.title, rule, rows, findings, shown)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..adapters.combine import COMBINATIONS
+
 
 def add_audit_parser(sub, parents):
     a = sub.add_parser("audit", parents=parents, help="verify and explain adapters and merged checkpoints: "
@@ -28,7 +30,30 @@ def add_audit_parser(sub, parents):
     d.add_argument("adapter", help="adapter folder (PEFT's layout)")
     d.add_argument("--base", default=None, help="base model folder (default: the config's base_model_name_or_path; "
                    "a plain LoRA needs none)")
+    d.add_argument("--intruder-k", type=int, default=10, help="intruder dimensions are counted among the top k "
+                   "singular vectors of W0 + dW (with a base; 0: not counted)")
+    d.add_argument("--intruder-epsilon", type=float, default=0.5, help="a singular vector is an intruder when its "
+                   "|cos| with every singular vector of W0 is below this")
     d.set_defaults(fn=cmd_adapter)
+    f = command("diff", "how alike are adapters A and B? per layer: cosine of dW, principal angles between the "
+                "column and row spaces, norm ratio; a summary")
+    f.add_argument("a", help="adapter folder A (PEFT's layout)")
+    f.add_argument("b", help="adapter folder B")
+    f.add_argument("--base", default=None, help="base model folder for both (default: each config's "
+                   "base_model_name_or_path; a plain LoRA needs none)")
+    f.set_defaults(fn=cmd_diff)
+    c = command("combine", "is COMBINED the weighted combination --type of the --adapters? (minipeft's "
+                "merge_adapters or PEFT's add_weighted_adapter), layer by layer against the type's definition")
+    c.add_argument("--adapters", nargs="+", required=True, help="the source adapter folders, in order")
+    c.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per source")
+    c.add_argument("--type", required=True, dest="combination", choices=COMBINATIONS, help="the combination type")
+    c.add_argument("--combined", required=True, help="the combined adapter folder")
+    c.add_argument("--density", type=float, default=None, help="the density of ties / dare / magnitude_prune types")
+    c.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"))
+    c.add_argument("--base", default=None, help="base model folder (default: each config's base_model_name_or_path; "
+                   "plain LoRAs need none)")
+    c.add_argument("--tol", type=float, default=1e-5, help="allowed relative Frobenius error")
+    c.set_defaults(fn=cmd_combine)
     return a
 
 
@@ -45,4 +70,16 @@ def cmd_merged(args):
 
 def cmd_adapter(args):
     from .adapter import audit_adapter
-    return show(audit_adapter(args.adapter, args.base, show_progress=not args.no_progress), args)
+    return show(audit_adapter(args.adapter, args.base, show_progress=not args.no_progress, intruder_k=args.intruder_k,
+                              intruder_epsilon=args.intruder_epsilon), args)
+
+
+def cmd_diff(args):
+    from .diff import audit_diff
+    return show(audit_diff(args.a, args.b, args.base, show_progress=not args.no_progress), args)
+
+
+def cmd_combine(args):
+    from .combine import audit_combine
+    return show(audit_combine(args.adapters, args.weights, args.combination, args.combined, args.base, args.density,
+                              args.majority_sign_method, args.tol, show_progress=not args.no_progress), args)

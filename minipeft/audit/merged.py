@@ -156,15 +156,21 @@ def compare(key, E, dW, touched, B, M, tol):
 
 def diagnosis(moved, dW) -> str:
     """What MERGED's change M - W0 looks like next to dW: none at all, or dW times a scalar c != 1."""
-    dW = np.broadcast_to(dW, np.shape(moved))
     if not np.any(moved):
         return "; MERGED holds BASE's value here: the adapter was not merged into this layer"
-    norm = float(np.sum(dW * dW))
+    c = multiple(moved, dW)
+    return f"; MERGED - BASE = {c:.4g} x dW here (the scaling differs)" if c is not None else ""
+
+
+def multiple(X, Y) -> float | None:
+    """c when X = c Y with c != 1 (both within 1e-3, relative), else None."""
+    Y = np.broadcast_to(Y, np.shape(X))
+    norm = float(np.sum(Y * Y))
     if norm == 0:
-        return ""
-    c = float(np.sum(moved * dW)) / norm
-    rest = float(np.linalg.norm(moved - c * dW)) / max(float(np.linalg.norm(moved)), 1e-30)
-    return f"; MERGED - BASE = {c:.4g} x dW here (the scaling differs)" if rest < 1e-3 and abs(c - 1) > 1e-3 else ""
+        return None
+    c = float(np.sum(X * Y)) / norm
+    rest = float(np.linalg.norm(X - c * Y)) / max(float(np.linalg.norm(X)), 1e-30)
+    return c if rest < 1e-3 and abs(c - 1) > 1e-3 else None
 
 
 def rule_text(tol, dtypes) -> str:
