@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from bench_step import SIZES, make_checkpoint, timed
+from bench_step import SIZES, checkpoint_folder, timed
 
 PROMPT_LEN = 16
 
@@ -63,9 +63,7 @@ def main():
             torch.set_num_threads(args.threads)
         print(json.dumps(run(args.child, args.folder, args.new_tokens, args.repeats)))
         return
-    folder = os.path.join("/tmp", f"minipeft-bench-{args.size}")
-    if not os.path.isdir(folder):
-        make_checkpoint(args.size, folder)
+    folder = checkpoint_folder(args.size)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
     res = {}
     for impl in ("minipeft", "transformers"):

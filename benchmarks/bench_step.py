@@ -24,7 +24,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 from peak_memory import peak_rss_mb  # noqa: E402
 
 SIZES = {
@@ -43,9 +44,22 @@ def make_checkpoint(size: str, folder: str) -> None:
     s = dict(SIZES[size])
     s.pop("seq")
     s.setdefault("num_key_value_heads", s["num_attention_heads"])
-    cfg = transformers.LlamaConfig(**s, max_position_embeddings=1024, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(**s, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+def checkpoint_folder(size: str) -> str:
+    """/tmp/minipeft-bench-<size>-p4096: the random llama of `size` (positions up to 4096 for the sequence
+    curve), built once with torch in a child process (this one never imports torch, so its peak memory stays
+    its own) into a temporary folder renamed into place (a crash leaves no half checkpoint to reuse)."""
+    folder = os.path.join("/tmp", f"minipeft-bench-{size}-p4096")
+    if not os.path.isdir(folder):
+        tmp = f"{folder}.tmp{os.getpid()}"
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_step; "
+                        f"bench_step.make_checkpoint({size!r}, {tmp!r})"], check=True)
+        os.replace(tmp, folder)
+    return folder
 
 
 def run_minipeft(folder, case, seq, batch, repeats, device):
@@ -149,9 +163,7 @@ def main():
     if args.child:
         return child(args)
     seq = args.seq or SIZES[args.size]["seq"]
-    folder = os.path.join("/tmp", f"minipeft-bench-{args.size}")
-    if not os.path.isdir(folder):
-        make_checkpoint(args.size, folder)
+    folder = checkpoint_folder(args.size)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
                MINIPEFT_BACKEND="cupy" if args.device == "cuda" else os.environ.get("MINIPEFT_BACKEND", "numpy"))
     rows = []

@@ -241,10 +241,9 @@ def host_threads() -> int:
 _POOLS: dict = {}  # thread count -> the executor of map_chunks and map_ranges (made once, reused)
 
 
-def _openblas_local_threads():
-    """NumPy's OpenBLAS `openblas_set_num_threads_local` (OpenBLAS 0.3.27+: the BLAS thread count of
-    the calling thread only), found among the libraries this process has loaded; None where NumPy
-    uses another BLAS (MKL, Accelerate) or an older OpenBLAS."""
+def _openblas():
+    """NumPy's OpenBLAS (a ctypes handle to the copy this process has loaded), or None where NumPy uses
+    another BLAS (MKL, Accelerate)."""
     import ctypes
     try:
         with open("/proc/self/maps") as f:
@@ -253,12 +252,46 @@ def _openblas_local_threads():
         return None
     for path in paths:
         try:
-            fn = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
+            return ctypes.CDLL(path)
+        except OSError:
             continue
-        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-        return fn
     return None
+
+
+def _openblas_symbol(lib, *names):
+    for name in names:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def _openblas_local_threads():
+    """OpenBLAS's `openblas_set_num_threads_local` (0.3.27+: the BLAS thread count of the calling
+    thread only), or None (another BLAS, an older OpenBLAS)."""
+    import ctypes
+    lib = _openblas()
+    fn = lib and _openblas_symbol(lib, "openblas_set_num_threads_local")
+    if fn is None:
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def host_blas() -> str:
+    """The BLAS under NumPy, for benchmark records: OpenBLAS's configuration and the kernel it chose
+    for this CPU, or NumPy's own account of its BLAS."""
+    import ctypes
+    lib = _openblas()
+    config = lib and _openblas_symbol(lib, "scipy_openblas_get_config64_", "scipy_openblas_get_config",
+                                      "openblas_get_config64_", "openblas_get_config")
+    core = lib and _openblas_symbol(lib, "scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                                    "openblas_get_corename64_", "openblas_get_corename")
+    if config is not None and core is not None:
+        config.restype = core.restype = ctypes.c_char_p
+        return f"{config().decode().strip()} (kernel {core().decode()})"
+    blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+    return f"{blas.get('name', 'unknown BLAS')} {blas.get('version', '')}".strip()
 
 
 def _single_threaded_blas() -> None:
