@@ -30,8 +30,7 @@ from .. import backend
 from ..autograd import concat
 from ..autograd import functional as F
 from ..autograd.tensor import Tensor
-from ..nn.layers import Linear
-from .base import COMMON_FIELDS, AdapterConfig, Delta, check, fan_in_uniform, orient, trainable
+from .base import COMMON_FIELDS, AdapterConfig, Delta, check, check_peft_linear, fan_in_uniform, orient, trainable
 from .registry import register
 
 INITS = ("default", "bat", "mini", "random")
@@ -86,10 +85,7 @@ class MiSSLinear(Delta):
 
     @classmethod
     def create(cls, base, cfg: MiSSConfig, path: str, rng, init_weights: bool = True):
-        check(not getattr(base, "fan_in_fan_out", False), f"target_modules (for {path})", "Conv1D",
-              "PEFT's MISS adapts torch.nn.Linear only (not GPT-2's Conv1D), so the file could not be read there")
-        check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,
-              "MiSS needs a float Linear base; load the model unquantized")
+        check_peft_linear(base, path, "MISS", "MiSS")
         n, m, r = base.in_features, base.out_features, cfg.rank
         check_widths(cfg, n, m, path)
         xp = backend.xp_of(base.weight.data)

@@ -16,7 +16,7 @@ from minipeft.safetensors_io import read_safetensors
 from test_dora import SETTINGS, targets
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
 from test_peft_oracle import IDS as IDS_P
-from test_peft_oracle import (base, check_both_ways_and_merged, check_step_gradients, hf_logits, hf_model,  # noqa: F401
+from test_peft_oracle import (base, check_peft_case, check_step_gradients, hf_logits, hf_model,  # noqa: F401
                               lib, perturbed_peft_model, report)
 
 DIVISORS = st.sampled_from([1, 2, 4, 8, 16])  # divide every width of the tiny llama (16, 32, 64)
@@ -221,13 +221,7 @@ CASES = {"default": ("llama", dict(r=4, target_modules=TM)),
 @pytest.mark.spec("MISS-1", "MISS-2", "MISS-4", "MISS-5", "MISS-6")
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_and_minipeft_agree_both_ways_and_on_merge(lib, base, tmp_path, case):
-    kind, kw = CASES[case]
-    pm = perturbed_peft_model(lib, base, CASES[case], "MissConfig").eval()  # every miss_block (and bias) moved
-    trained = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    check_both_ways_and_merged(lib, pm, base(kind), tmp_path, f"MiSS {case}")
-    model = mp.load_model(base(kind))
-    model.load_adapters(str(tmp_path / "peft"))
-    assert type(model.peft_configs["default"]) is MiSSConfig and model.parameter_counts()[0] == trained
+    check_peft_case(lib, base, CASES[case], "MissConfig", MiSSConfig, tmp_path, f"MiSS {case}")  # every tensor moved
 
 
 @pytest.mark.oracle
