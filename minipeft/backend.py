@@ -372,6 +372,19 @@ def ifft2_real(a):
     return xp.astype(xp.real(fft.ifftn(xp.astype(a, cdtype), axes=(-2, -1))), rdtype)
 
 
+def fft_last(a, inverse: bool = False):
+    """The DFT (inverse=True: the inverse DFT, with its 1/n) over the last axis of a real or complex array, as a
+    complex array of a's precision (spec/c3a.md C3A-2 applies its block-circulant kernels with it)."""
+    xp, fft, cdtype, _ = _fft(a)
+    return xp.astype((fft.ifft if inverse else fft.fft)(xp.astype(a, cdtype), axis=-1), cdtype)
+
+
+def real_part(a):
+    """Re(a) of a complex array, as a real array of a's precision."""
+    xp, _, _, rdtype = _fft(a)
+    return xp.astype(xp.real(a), rdtype)
+
+
 # ---- random numbers (BACKEND-6) ------------------------------------------------------------
 class RNG:
     """Seeded random numbers, drawn on the host with NumPy's PCG64 and moved to the backend, so

@@ -20,7 +20,8 @@ IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
 QUANT = mp.QuantizationConfig(compute_dtype="float32")
 SMALL = {"fourierft": dict(n_frequency=256), "shira": dict(rank=2),  # PEFT's defaults (1000; 32 (in + out)) exceed
-         "road": dict(group_size=8)}  # the tiny llama's v_proj (32 x 16 = 512); RoAd's group_size 64 > its 16 outputs
+         "road": dict(group_size=8),  # the tiny llama's v_proj (32 x 16 = 512); RoAd's group_size 64 > its 16 outputs
+         "miss": dict(rank=5), "c3a": dict(block_size=8)}  # MiSS's r = 64 > the tiny llama's 32 inputs; 5 leaves a padded shard
 
 
 def fresh(method, seed=0):
@@ -192,7 +193,7 @@ def loads_both_ways(name, method, hf_base, tmp_path):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # PEFT moves every saved tensor, saves, and minipeft reads its folder
         for n, p in pm.named_parameters():
-            if p.requires_grad or any(k in n for k in ("lora_", "hada_", "lokr_", "vera_lambda", "ia3_", "prompt", "hira_", "hra_u", "beft_", "road_")):
+            if p.requires_grad or any(k in n for k in ("lora_", "hada_", "lokr_", "vera_lambda", "ia3_", "prompt", "hira_", "hra_u", "beft_", "road_", "miss_block", "c3a_kernel")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         theirs = pm(torch.tensor(IDS)).logits.numpy()
     pm.save_pretrained(str(tmp_path / "peft"))

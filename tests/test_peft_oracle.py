@@ -165,6 +165,17 @@ def check_both_ways_and_merged(lib, pm, folder, tmp_path, label, ids=IDS, loadin
     return model
 
 
+def check_peft_case(lib, base, case, config_class: str, ours: type, tmp_path, label):
+    """check_both_ways_and_merged on perturbed_peft_model(case); PEFT's folder then loads here as config type `ours`
+    with PEFT's trainable parameter count."""
+    pm = perturbed_peft_model(lib, base, case, config_class).eval()
+    trained = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    check_both_ways_and_merged(lib, pm, base(case[0]), tmp_path, label)
+    model = minipeft.load_model(base(case[0]))
+    model.load_adapters(str(tmp_path / "peft"))
+    assert type(model.peft_configs["default"]) is ours and model.parameter_counts()[0] == trained
+
+
 def report(label, err):
     print(f"\n  {label}: max rel err {err:.2e}")
     assert err < TOL, f"{label}: {err:.3e} >= {TOL}"
@@ -433,7 +444,7 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
     report(f"combined cat (rank_pattern {cfg['rank_pattern']}) minipeft->PEFT", max_rel_err(ours, hf_logits(lib, pm)))
 
 
-LINEAR_ONLY = {"beft", "hra", "road", "oft", "shira"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
+LINEAR_ONLY = {"beft", "hra", "road", "oft", "shira", "miss", "c3a"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
 
 
 @pytest.mark.spec("PEFT-3")

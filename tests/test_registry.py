@@ -46,6 +46,8 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "shira": ("SHiRAConfig", "SHIRA", "layer", True, False),
     "oft": ("OFTConfig", "OFT", "layer", True, False),
     "road": ("RoadConfig", "ROAD", "layer", True, False),
+    "miss": ("MiSSConfig", "MISS", "layer", True, False),
+    "c3a": ("C3AConfig", "C3A", "layer", True, False),
 }
 
 

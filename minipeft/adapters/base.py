@@ -287,6 +287,16 @@ def orient(dW, base):
     return backend.xp_of(dW).matrix_transpose(dW) if base.fan_in_fan_out else dW
 
 
+def check_peft_linear(base, path: str, peft_name: str, ours: str) -> None:
+    """A target of a PEFT tuner that takes torch.nn.Linear only: GPT-2's Conv1D (which PEFT refuses) and a 4-bit layer
+    (which minipeft does not adapt for it) are ConfigErrors naming the layer."""
+    check(not getattr(base, "fan_in_fan_out", False), f"target_modules (for {path})", "Conv1D",
+          f"PEFT's {peft_name} adapts torch.nn.Linear only (not GPT-2's Conv1D), so the file could not be read there")
+    from ..nn.layers import Linear
+    check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,
+          f"{ours} needs a float Linear base; load the model unquantized")
+
+
 def trainable(array) -> Tensor:
     return Tensor(array, requires_grad=True)
 
