@@ -42,7 +42,7 @@ SEED = {
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "hra": ("-", "-", "-", "-"), "miss": ("-", "-", "-", "-"), "c3a": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
     "fourierft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
-    "oft": ("-", "-", "-", "-"),
+    "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -86,6 +86,7 @@ def configs(mp, steps: int):
         "fourierft": (adapter(mp.FourierFTConfig()), {}),
         "shira": (adapter(mp.SHiRAConfig()), {}),
         "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
+        "delora": (adapter(mp.DeLoRAConfig(rank=8)), {}),
     }
 
 

@@ -193,7 +193,7 @@ def loads_both_ways(name, method, hf_base, tmp_path):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # PEFT moves every saved tensor, saves, and minipeft reads its folder
         for n, p in pm.named_parameters():
-            if p.requires_grad or any(k in n for k in ("lora_", "hada_", "lokr_", "vera_lambda", "ia3_", "prompt", "hira_", "hra_u", "beft_", "road_", "miss_block", "c3a_kernel")):
+            if p.requires_grad or any(k in n for k in ("lora_", "hada_", "lokr_", "vera_lambda", "ia3_", "prompt", "hira_", "hra_u", "beft_", "road_", "miss_block", "c3a_kernel", "delora_")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         theirs = pm(torch.tensor(IDS)).logits.numpy()
     pm.save_pretrained(str(tmp_path / "peft"))

@@ -122,6 +122,21 @@ def report_gradients_from_peft(lib, pm, folder, tmp_path, case, our_name, tol):
     report_gradients(case, model, theirs, tol)
 
 
+def report_init_is_base(lib, folder, config_class: str, kw: dict, our_config, label):
+    """PEFT's model of config_class(**kw) at its own init, and minipeft's of our_config (the same config read
+    through from_peft), each against the base at folder (< TOL). Returns (PEFT's model, minipeft's, the base logits)."""
+    import minipeft
+    peft = lib[2]
+    hf = peft.get_peft_model(hf_model(lib, folder), getattr(peft, config_class)(task_type="CAUSAL_LM", **kw)).eval()
+    with hf.disable_adapter():
+        want = hf_logits(lib, hf)
+    report(f"{label} PEFT default init vs base", max_rel_err(hf_logits(lib, hf), want))
+    model = minipeft.load_model(folder)
+    model.apply_adapter(our_config)
+    report(f"{label} minipeft default init vs base", max_rel_err(model(IDS), want))
+    return hf, model, want
+
+
 def report_merge_and_unload(lib, pm, folder, tmp_path, case):
     """PEFT's merge_and_unload of pm against minipeft's of pm's saved adapter on the base at folder:
     logits, and every weight both state dicts hold."""
@@ -444,7 +459,7 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
     report(f"combined cat (rank_pattern {cfg['rank_pattern']}) minipeft->PEFT", max_rel_err(ours, hf_logits(lib, pm)))
 
 
-LINEAR_ONLY = {"beft", "hra", "road", "oft", "shira", "miss", "c3a"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
+LINEAR_ONLY = {"beft", "hra", "road", "oft", "shira", "miss", "c3a", "delora"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
 
 
 @pytest.mark.spec("PEFT-3")

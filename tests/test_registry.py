@@ -48,6 +48,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "road": ("RoadConfig", "ROAD", "layer", True, False),
     "miss": ("MiSSConfig", "MISS", "layer", True, False),
     "c3a": ("C3AConfig", "C3A", "layer", True, False),
+    "delora": ("DeLoRAConfig", "DELORA", "layer", True, False),
 }
 
 

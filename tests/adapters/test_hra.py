@@ -17,7 +17,7 @@ from test_dora import SETTINGS, targets
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
 from test_peft_oracle import IDS as IDS_P
 from test_peft_oracle import (base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturbed_peft_model,  # noqa: F401
-                              report, report_gradients_from_peft, report_merge_and_unload)
+                              report, report_gradients_from_peft, report_init_is_base, report_merge_and_unload)
 
 
 def randomize(model, seed=1):
@@ -185,13 +185,8 @@ def test_training_step_gradients_agree(lib, base, tmp_path, case):
 @pytest.mark.spec("HRA-4")
 def test_peft_default_init_is_the_base_and_apply_GS_init_is_not(lib, base):
     peft, (kind, kw) = lib[2], CASES["plain"]
-    hf = peft.get_peft_model(hf_model(lib, base(kind)), peft.HRAConfig(task_type="CAUSAL_LM", **kw)).eval()
-    with hf.disable_adapter():
-        want = hf_logits(lib, hf)
-    report("HRA PEFT default init vs base", max_rel_err(hf_logits(lib, hf), want))
-    model = mp.load_model(base(kind))
-    model.apply_adapter(HRAConfig.from_peft(dict(peft_type="HRA", **kw)))
-    report("HRA minipeft default init vs base", max_rel_err(model(IDS_P), want))
+    *_, want = report_init_is_base(lib, base(kind), "HRAConfig", kw, HRAConfig.from_peft(dict(peft_type="HRA", **kw)),
+                                   "HRA")
     gs_kw = dict(kw, apply_GS=True)
     gs = peft.get_peft_model(hf_model(lib, base(kind)), peft.HRAConfig(task_type="CAUSAL_LM", **gs_kw)).eval()
     assert not max_rel_err(hf_logits(lib, gs), want) < 1e-2  # HRA-4: Gram-Schmidt breaks the pairs (noise or NaN)
