@@ -140,7 +140,7 @@ class BOFTLinear(Delta):
 
     def blocks(self, dropout: bool) -> Tensor:  # BOFT-2, BOFT-6: R_kd (f, D, b, b)
         A = self.boft_R.reshape(self.f * self.D, self.b, self.b)
-        R = cayley((A - A.transpose(1, 2)) * 0.5, True, 0)
+        R = cayley((A - A.transpose(1, 2)) * 0.5, exact=True, terms=0)  # the series' terms unused
         p = self.cfg.boft_dropout
         if dropout and self.training and p > 0:  # BOFT-6: one factor, int(p D) of its blocks
             k = self.rng.integer(0, self.f - 1)
@@ -165,17 +165,14 @@ class BOFTLinear(Delta):
         s = self.boft_s.reshape(self.boft_s.shape[0])
         return y * s if base.bias is None else (y - base.bias) * s + base.bias
 
-    def transform(self, base, W):
-        base.weight.data = orient(W, base)
-
     def merge_into(self, base):  # BOFT-7: diag(s) W0 R^T
         xp = backend.xp_of(base.weight.data)
         R = self.rotation().data
-        self.transform(base, xp.matmul(base.weight_out_in(), xp.matrix_transpose(R)) * self.boft_s.data)
+        base.weight.data = orient(xp.matmul(base.weight_out_in(), xp.matrix_transpose(R)) * self.boft_s.data, base)
 
     def unmerge_from(self, base):  # diag(1/s) W R
         xp = backend.xp_of(base.weight.data)
-        self.transform(base, xp.matmul(base.weight_out_in(), self.rotation().data) / self.boft_s.data)
+        base.weight.data = orient(xp.matmul(base.weight_out_in(), self.rotation().data) / self.boft_s.data, base)
 
 
 register("boft", BOFTConfig, BOFTLinear,
