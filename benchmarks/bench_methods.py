@@ -42,7 +42,7 @@ SEED = {
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "hra": ("-", "-", "-", "-"), "miss": ("-", "-", "-", "-"), "c3a": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
     "fourierft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
-    "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"),
+    "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -87,6 +87,7 @@ def configs(mp, steps: int):
         "shira": (adapter(mp.SHiRAConfig()), {}),
         "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
         "delora": (adapter(mp.DeLoRAConfig(rank=8)), {}),
+        "boft": (adapter(mp.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2)), {}),
     }
 
 

@@ -459,7 +459,7 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
     report(f"combined cat (rank_pattern {cfg['rank_pattern']}) minipeft->PEFT", max_rel_err(ours, hf_logits(lib, pm)))
 
 
-LINEAR_ONLY = {"beft", "hra", "road", "oft", "shira", "miss", "c3a", "delora"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
+LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "delora"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
 
 
 @pytest.mark.spec("PEFT-3")
@@ -474,7 +474,7 @@ def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp
     for cfg_cls in (c for c in REGISTRY if method_of_class(c).in_peft):  # PEFT has no LoRA-XS (LORAXS-6)
         name = method_of_class(cfg_cls).name
         if kind == "gpt2" and name in LINEAR_ONLY:
-            continue  # torch.nn.Linear only (PEFT's rule, BEFT-5, SHIRA-8, OFT-10), and GPT-2 has Conv1D
+            continue  # torch.nn.Linear only (PEFT's rule, BEFT-5, SHIRA-8, OFT-10, BOFT-10), and GPT-2 has Conv1D
         model = minipeft.load_model(base(kind))
         extra = {"feedforward_modules": targets[-1:]} if "feedforward_modules" in cfg_cls.__dataclass_fields__ else {}
         extra.update({"total_step": 10} if "total_step" in cfg_cls.__dataclass_fields__ else {})  # PEFT's AdaLoRA needs it

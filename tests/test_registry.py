@@ -45,6 +45,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "fourierft": ("FourierFTConfig", "FOURIERFT", "layer", True, False),
     "shira": ("SHiRAConfig", "SHIRA", "layer", True, False),
     "oft": ("OFTConfig", "OFT", "layer", True, False),
+    "boft": ("BOFTConfig", "BOFT", "layer", True, False),
     "road": ("RoadConfig", "ROAD", "layer", True, False),
     "miss": ("MiSSConfig", "MISS", "layer", True, False),
     "c3a": ("C3AConfig", "C3A", "layer", True, False),

@@ -142,6 +142,15 @@ def cayley(Q: Tensor, exact: bool, terms: int) -> Tensor:  # OFT-2, Q (D', b, b)
     return R + P @ Q
 
 
+def to_identity(R: Tensor, chosen: set) -> Tensor:
+    """R (K, b, b) with the blocks whose index is in `chosen` replaced by I (OFT's module_dropout, BOFT's
+    multiplicative dropout)."""
+    xp = backend.xp_of(R.data)
+    K, b = R.shape[0], R.shape[-1]
+    mask = xp.reshape(xp.asarray([float(i in chosen) for i in range(K)], dtype=R.data.dtype), (K, 1, 1))
+    return R * Tensor(1.0 - mask) + Tensor(mask * xp.eye(b, dtype=R.data.dtype))
+
+
 class OFTRotation(Module):
     def __init__(self, rows: int, b: int):
         self.weight = trainable(backend.xp().zeros((rows, b * (b - 1) // 2), dtype=backend.dtype("float32")))
@@ -175,11 +184,7 @@ class OFTLinear(Delta):
         R = cayley(Q, not self.cfg.use_cayley_neumann, self.cfg.num_cayley_neumann_terms)
         p = self.cfg.module_dropout
         if self.training and p > 0 and R.shape[0] > 1:  # OFT-6
-            xp = backend.xp_of(R.data)
-            chosen = {int(i) for i in self.rng.permutation(R.shape[0])[: int(p * R.shape[0])]}
-            mask = xp.reshape(xp.asarray([float(i in chosen) for i in range(R.shape[0])], dtype=R.data.dtype),
-                              (R.shape[0], 1, 1))
-            R = R * Tensor(1.0 - mask) + Tensor(mask * xp.eye(self.b, dtype=R.data.dtype))
+            R = to_identity(R, {int(i) for i in self.rng.permutation(R.shape[0])[: int(p * R.shape[0])]})
         return R
 
     def adapt_input(self, x):  # OFT-3: block i of x (row) -> x_i R_i

@@ -181,15 +181,22 @@ def load_adapter_folder(model, path: str, name: str, strict: bool) -> dict:
         raise CheckpointError(f"{path}: this adapter does not fit the model: {e}") from e
     try:
         fit_to_file(model, name, loaded)  # a PEFT prompt file has no encoder tensors
+        for path, check_shapes in deltas_with(model, name, "check_shapes"):  # a delta explains a misfit (BOFT-9)
+            check_shapes(loaded, f"{PREFIX}{path}.", weights_path)
         report = _assign(model, name, loaded, weights_path, strict)
         check_loaded(model, name, loaded, weights_path)
-        for _, m in model.net.named_modules():  # a delta that holds positions checks the file's (SHIRA-8)
-            if isinstance(m, AdaptedLayer) and name in m.adapters and hasattr(m.adapters[name], "check_file"):
-                m.adapters[name].check_file(weights_path)
+        for _, check_file in deltas_with(model, name, "check_file"):  # a delta holding positions checks them (SHIRA-8)
+            check_file(weights_path)
     except Exception:
         model.delete_adapter(name)  # leave no half-loaded adapter behind
         raise
     return report
+
+
+def deltas_with(model, name: str, hook: str) -> list:
+    """[(layer path, the bound method `hook`)] of adapter `name`'s deltas that have one."""
+    return [(path, getattr(m.adapters[name], hook)) for path, m in model.net.named_modules()
+            if isinstance(m, AdaptedLayer) and name in m.adapters and hasattr(m.adapters[name], hook)]
 
 
 # IO-7: sizes a stranger's adapter_config.json sets, checked before anything is allocated. A rank or a
