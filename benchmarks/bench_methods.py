@@ -42,7 +42,7 @@ SEED = {
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "hra": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
     "fourierft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
-    "oft": ("-", "-", "-", "-"),
+    "oft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -84,6 +84,7 @@ def configs(mp, steps: int):
         "fourierft": (adapter(mp.FourierFTConfig()), {}),
         "shira": (adapter(mp.SHiRAConfig()), {}),
         "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
+        "vblora": (adapter(mp.VBLoRAConfig(num_vectors=64, vector_length=16)), {}),
     }
 
 

@@ -20,7 +20,8 @@ IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
 QUANT = mp.QuantizationConfig(compute_dtype="float32")
 SMALL = {"fourierft": dict(n_frequency=256), "shira": dict(rank=2),  # PEFT's defaults (1000; 32 (in + out)) exceed
-         "road": dict(group_size=8)}  # the tiny llama's v_proj (32 x 16 = 512); RoAd's group_size 64 > its 16 outputs
+         "road": dict(group_size=8),
+         "vblora": dict(num_vectors=16, vector_length=16)}  # VB-LoRA's L = 256 exceeds every tiny width  # the tiny llama's v_proj (32 x 16 = 512); RoAd's group_size 64 > its 16 outputs
 
 
 def fresh(method, seed=0):

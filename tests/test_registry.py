@@ -46,6 +46,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "shira": ("SHiRAConfig", "SHIRA", "layer", True, False),
     "oft": ("OFTConfig", "OFT", "layer", True, False),
     "road": ("RoadConfig", "ROAD", "layer", True, False),
+    "vblora": ("VBLoRAConfig", "VBLORA", "layer", True, False),
 }
 
 

@@ -86,8 +86,8 @@ def _list_or_none(v):
 
 
 def kept_dtype(t):
-    """float32 for weights; positions (SHiRA's shira_indices) keep their integer dtype (IO-8)."""
-    return backend.dtype_name(t.data) if backend.dtype_name(t.data).startswith("int") else np.float32
+    """float32 for weights; positions (SHiRA's shira_indices, VB-LoRA's top-k indices) keep their integer dtype (IO-8)."""
+    return backend.dtype_name(t.data) if backend.dtype_name(t.data).startswith(("int", "uint")) else np.float32
 
 
 def save_adapters(model, path: str, names=None) -> None:
@@ -183,9 +183,10 @@ def load_adapter_folder(model, path: str, name: str, strict: bool) -> dict:
         fit_to_file(model, name, loaded)  # a PEFT prompt file has no encoder tensors
         report = _assign(model, name, loaded, weights_path, strict)
         check_loaded(model, name, loaded, weights_path)
-        for _, m in model.net.named_modules():  # a delta that holds positions checks the file's (SHIRA-8)
-            if isinstance(m, AdaptedLayer) and name in m.adapters and hasattr(m.adapters[name], "check_file"):
-                m.adapters[name].check_file(weights_path)
+        for _, m in model.net.named_modules():  # a delta that holds positions checks the file's (SHIRA-8), or
+            # builds its tensors from the file's form (VB-LoRA's top-k logits, VBLORA-8)
+            if isinstance(m, AdaptedLayer) and name in m.adapters and hasattr(m.adapters[name], "from_file"):
+                m.adapters[name].from_file(weights_path)
     except Exception:
         model.delete_adapter(name)  # leave no half-loaded adapter behind
         raise
@@ -194,7 +195,8 @@ def load_adapter_folder(model, path: str, name: str, strict: bool) -> dict:
 
 # IO-7: sizes a stranger's adapter_config.json sets, checked before anything is allocated. A rank or a
 # number of virtual tokens n makes at least n values of the file; an encoder's width is not saved by PEFT
-ROW_FIELDS, WIDTH_FIELDS, MAX_WIDTH = ("rank", "initial_rank", "target_rank", "num_virtual_tokens"), \
+ROW_FIELDS, WIDTH_FIELDS, MAX_WIDTH = ("rank", "initial_rank", "target_rank", "num_virtual_tokens", "num_vectors",
+                                      "vector_length"), \
     ("encoder_hidden_size", "projection_dim"), 65_536
 
 
