@@ -79,7 +79,7 @@ class VBLoRAConfig(AdapterConfig):
 
 def topk_indices(z, k: int):
     """VBLORA-1: the k largest entries of z (M, N) per row, largest first, ties to the lower index (M, k)."""
-    return backend.xp_of(z).argsort(-z, axis=-1, stable=True)[:, :k]
+    return backend.argsort_stable(-z, axis=-1)[:, :k]
 
 
 def softmax_last(a):
