@@ -42,7 +42,7 @@ SEED = {
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "hra": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
     "fourierft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
-    "oft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"),
+    "oft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -85,6 +85,7 @@ def configs(mp, steps: int):
         "shira": (adapter(mp.SHiRAConfig()), {}),
         "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
         "vblora": (adapter(mp.VBLoRAConfig(num_vectors=64, vector_length=16)), {}),
+        "randlora": (adapter(mp.RandLoRAConfig(rank=8)), {}),
     }
 
 

@@ -198,7 +198,8 @@ def valid_configs():
             mp.DVoRAConfig(rank=8), mp.MoRAConfig(rank=2, mora_type="sharing"), mp.HiRAConfig(rank=2), mp.HRAConfig(rank=2), mp.BEFTConfig(),
             mp.FourierFTConfig(n_frequency=16), mp.SHiRAConfig(rank=1), mp.OFTConfig(oft_block_size=4), mp.RoadConfig(variant="road_4", group_size=8),
             mp.MultiLoRAConfig(rank=2, num_loras=2), mp.QALoRAConfig(rank=2, bits=2, group_size=16),
-            mp.VBLoRAConfig(num_vectors=8, vector_length=8)]
+            mp.VBLoRAConfig(num_vectors=8, vector_length=8),
+            mp.RandLoRAConfig(rank=4)]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made
 

@@ -47,6 +47,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "oft": ("OFTConfig", "OFT", "layer", True, False),
     "road": ("RoadConfig", "ROAD", "layer", True, False),
     "vblora": ("VBLoRAConfig", "VBLORA", "layer", True, False),
+    "randlora": ("RandLoRAConfig", "RANDLORA", "layer", True, False),
 }
 
 
