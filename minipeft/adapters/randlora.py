@@ -87,7 +87,7 @@ class RandLoRALinear(Delta):
 
     def __init__(self, n, m, projections: tuple, cfg: RandLoRAConfig, rng):
         self.n, self.m, self.p, self.rng = n, m, cfg.dropout, rng
-        self.s = cfg.alpha / cfg.rank
+        self.s, self.save_projection = cfg.alpha / cfg.rank, cfg.save_projection
         self.projections = projections  # (A, B): shared and frozen; a tuple, so no parameter walk finds them
         r, mn = cfg.rank, min(n, m)
         nb = bases(mn, r)
@@ -114,7 +114,7 @@ class RandLoRALinear(Delta):
     def saved_parameters(self):
         """RANDLORA-7: lam, gam, and PEFT's per-layer copies of the shared bases."""
         own = [("randlora_lambda", self.randlora_lambda), ("randlora_gamma", self.randlora_gamma)]
-        return own + list(zip(("randlora_A", "randlora_B"), self.projections))
+        return own + (list(zip(("randlora_A", "randlora_B"), self.projections)) if self.save_projection else [])
 
     def factors(self):
         """RANDLORA-1/2: (first, second) with dW = s second @ first, first (k, in), second (out, k)."""

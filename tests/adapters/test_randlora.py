@@ -102,6 +102,8 @@ def test_saved_keys_and_a_file_without_the_bases_is_refused(tmp_path):
     lean = make_model()
     lean.apply_randlora(rank=4, target_modules=("v_proj",), save_projection=False)
     lean.save_adapters(str(tmp_path / "b"))
+    lean_keys, _ = read_safetensors(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert sorted(lean_keys) == sorted(k for k in per_layer if k.endswith(("_lambda", "_gamma")))  # PEFT's layout too
     with pytest.raises(CheckpointError, match="save_projection"):
         make_model().load_adapters(str(tmp_path / "b"))
 
