@@ -16,6 +16,8 @@ from .adapters.shira import SHiRAConfig
 from .adapters.road import RoadConfig
 from .adapters.miss import MiSSConfig
 from .adapters.c3a import C3AConfig
+from .adapters.vblora import VBLoRAConfig
+from .adapters.randlora import RandLoRAConfig
 from .adapters.lora import LoRAConfig
 from .adapters.loraxs import LoRAXSConfig
 from .adapters.loftq import LoftQConfig
@@ -53,6 +55,6 @@ __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "OFTConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig", "MoRAConfig", "MultiLoRAConfig", "QALoRAConfig",
-           "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig", "HiRAConfig", "HRAConfig", "BEFTConfig", "FourierFTConfig", "SHiRAConfig", "RoadConfig", "MiSSConfig", "C3AConfig", "DeLoRAConfig", "BOFTConfig",
+           "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig", "HiRAConfig", "HRAConfig", "BEFTConfig", "FourierFTConfig", "SHiRAConfig", "RoadConfig", "MiSSConfig", "C3AConfig", "DeLoRAConfig", "BOFTConfig", "VBLoRAConfig", "RandLoRAConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

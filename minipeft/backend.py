@@ -149,6 +149,14 @@ def dtype_name(a) -> str:
     return str(a.dtype).replace("array_api_strict.", "")
 
 
+def argsort_stable(a, axis: int = -1):
+    """Indices that sort a ascending along axis, equal entries kept in index order. CuPy's argsort is always
+    stable and takes no `stable` keyword; NumPy and the array API take stable=True."""
+    if _kind(a) == "cupy":
+        return _module("cupy").argsort(a, axis=axis)
+    return xp_of(a).argsort(a, axis=axis, stable=True)
+
+
 # ---- scatter-add (BACKEND-3) ---------------------------------------------------------------
 def scatter_add(target, indices, values):
     """target[indices[i]] += values[i] along axis 0, repeated indices accumulating. Returns target."""

@@ -86,8 +86,8 @@ def _list_or_none(v):
 
 
 def kept_dtype(t):
-    """float32 for weights; positions (SHiRA's shira_indices) keep their integer dtype (IO-8)."""
-    return backend.dtype_name(t.data) if backend.dtype_name(t.data).startswith("int") else np.float32
+    """float32 for weights; positions (SHiRA's shira_indices, VB-LoRA's top-k indices) keep their integer dtype (IO-8)."""
+    return backend.dtype_name(t.data) if backend.dtype_name(t.data).startswith(("int", "uint")) else np.float32
 
 
 def save_adapters(model, path: str, names=None) -> None:
@@ -185,8 +185,8 @@ def load_adapter_folder(model, path: str, name: str, strict: bool) -> dict:
             check_shapes(loaded, f"{PREFIX}{path}.", weights_path)
         report = _assign(model, name, loaded, weights_path, strict)
         check_loaded(model, name, loaded, weights_path)
-        for _, check_file in deltas_with(model, name, "check_file"):  # a delta holding positions checks them (SHIRA-8)
-            check_file(weights_path)
+        for _, from_file in deltas_with(model, name, "from_file"):  # a delta holding positions checks them (SHIRA-8),
+            from_file(weights_path)  # or builds its tensors from the file's form (VB-LoRA's top-k logits, VBLORA-8)
     except Exception:
         model.delete_adapter(name)  # leave no half-loaded adapter behind
         raise
@@ -201,7 +201,8 @@ def deltas_with(model, name: str, hook: str) -> list:
 
 # IO-7: sizes a stranger's adapter_config.json sets, checked before anything is allocated. A rank or a
 # number of virtual tokens n makes at least n values of the file; an encoder's width is not saved by PEFT
-ROW_FIELDS, WIDTH_FIELDS, MAX_WIDTH = ("rank", "initial_rank", "target_rank", "num_virtual_tokens"), \
+ROW_FIELDS, WIDTH_FIELDS, MAX_WIDTH = ("rank", "initial_rank", "target_rank", "num_virtual_tokens", "num_vectors",
+                                      "vector_length", "num_basis_a", "num_basis_b"), \
     ("encoder_hidden_size", "projection_dim"), 65_536
 
 

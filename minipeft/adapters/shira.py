@@ -106,7 +106,7 @@ class SHiRALinear(Delta):
     def saved_parameters(self):  # SHIRA-7: PEFT saves the positions beside the entries
         return [("shira_weight", self.shira_weight), ("shira_indices", self.indices[0])]
 
-    def check_file(self, where: str):
+    def from_file(self, where: str):
         """A loaded shira_indices must be (2, N) rows in [0, out) and columns in [0, in)."""
         i = backend.to_host(self.indices[0].data).astype(np.int64)
         if not (np.all((0 <= i[0]) & (i[0] < self.shape[0])) and np.all((0 <= i[1]) & (i[1] < self.shape[1]))):
