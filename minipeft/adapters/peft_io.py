@@ -229,9 +229,15 @@ def _assign(model, name, loaded: dict, where: str, strict: bool) -> dict:
     if strict and (missing or unexpected):
         raise CheckpointError(f"{where}: keys do not match the model: missing {missing[:4]} "
                               f"({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all)")
+    first = {}  # id of a tensor saved under several keys (RandLoRA's per-layer copies of its shared bases) -> key
     for key, t in expected.items():
-        if key in loaded:
-            fill(t, loaded[key], key, where)
+        if key not in loaded:
+            continue
+        if id(t) in first and not np.array_equal(loaded[key].astype(np.float32), loaded[first[id(t)]].astype(np.float32)):
+            raise CheckpointError(f"{where}: tensors {first[id(t)]!r} and {key!r} are copies of one shared tensor "
+                                  "but differ; the file was edited or mixes adapters (IO-8)")
+        first.setdefault(id(t), key)
+        fill(t, loaded[key], key, where)
     return {"missing": missing, "unexpected": unexpected}
 
 

@@ -108,6 +108,27 @@ def test_saved_keys_and_a_file_without_the_bases_is_refused(tmp_path):
         make_model().load_adapters(str(tmp_path / "b"))
 
 
+@pytest.mark.spec("RANDLORA-7", "IO-8")
+def test_per_layer_copies_of_the_bases_that_differ_are_refused(tmp_path):
+    from minipeft.safetensors_io import write_safetensors
+    model = make_model()
+    model.apply_randlora(rank=4, target_modules=("v_proj",))
+    model.save_adapters(str(tmp_path))
+    path = str(tmp_path / "adapter_model.safetensors")
+    tensors, meta = read_safetensors(path)
+    assert make_model().load_adapters(str(tmp_path)) is not None  # the saved copies agree: it loads
+    key = "base_model.model.model.layers.1.self_attn.v_proj.randlora_B"
+    tensors[key] = tensors[key] + np.float32(1e-3)
+    write_safetensors(path, tensors, meta)
+    fresh = make_model()
+    before = snapshot(fresh)
+    with pytest.raises(CheckpointError, match="copies of one shared tensor but differ"):
+        fresh.load_adapters(str(tmp_path))
+    after = snapshot(fresh)  # no adapter left behind, the base untouched
+    assert not fresh.peft_configs and sorted(after) == sorted(before)
+    assert all(np.array_equal(after[n], before[n]) for n in before)
+
+
 # ---- against PEFT ---------------------------------------------------------------------------------------
 CASES = {"llama": ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
          "llama_sparse": ("llama", dict(r=3, randlora_alpha=12, sparse=True, target_modules=["q_proj", "up_proj"])),
