@@ -11,7 +11,6 @@ What the array API standard lacks lives here, once per backend:
 - the FFT extension, in the input's precision  BACKEND-10
 - torch.randperm's seeded stream (host side)   BACKEND-11
 - host transfer (to_host / asarray)           BACKEND-2
-- host threads (map_chunks, map_ranges)       BACKEND-9, BACKEND-12
 - the host allocator (glibc malloc tuning)    BACKEND-7
 
 Backends: "numpy" (CPU), "cupy" (NVIDIA GPU) and "array_api_strict" (a CPU guard in the tests:
@@ -246,7 +245,7 @@ def host_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-_POOLS: dict = {}  # thread count -> the executor of map_chunks and map_ranges (made once, reused)
+_POOLS: dict = {}  # thread count -> the executor of map_chunks (made once, reused)
 
 
 def _openblas():
@@ -274,18 +273,6 @@ def _openblas_symbol(lib, *names):
     return None
 
 
-def _openblas_local_threads():
-    """OpenBLAS's `openblas_set_num_threads_local` (0.3.27+: the BLAS thread count of the calling
-    thread only), or None (another BLAS, an older OpenBLAS)."""
-    import ctypes
-    lib = _openblas()
-    fn = lib and _openblas_symbol(lib, "openblas_set_num_threads_local")
-    if fn is None:
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-    return fn
-
-
 def host_blas() -> str:
     """The BLAS under NumPy, for benchmark records: OpenBLAS's configuration and the kernel it chose
     for this CPU, or NumPy's own account of its BLAS."""
@@ -302,19 +289,6 @@ def host_blas() -> str:
     return f"{blas.get('name', 'unknown BLAS')} {blas.get('version', '')}".strip()
 
 
-def _single_threaded_blas() -> None:
-    """The pool's thread initializer (BACKEND-12): BLAS calls made on a pool thread run on that thread
-    alone, so k pool threads never wake k x BLAS threads on k cores."""
-    fn = _openblas_local_threads()
-    if fn is not None:
-        fn(1)
-
-
-def _pool(k: int):
-    if k not in _POOLS:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOLS[k] = ThreadPoolExecutor(k, thread_name_prefix="minipeft", initializer=_single_threaded_blas)
-    return _POOLS[k]
 
 
 def map_chunks(fn, starts, a) -> None:
@@ -327,28 +301,11 @@ def map_chunks(fn, starts, a) -> None:
         for s in starts:
             fn(s)
         return
-    for _ in _pool(k).map(fn, starts):  # re-raises a chunk's exception here
+    if k not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOLS[k] = ThreadPoolExecutor(k, thread_name_prefix="minipeft")
+    for _ in _POOLS[k].map(fn, starts):  # re-raises a chunk's exception here
         pass
-
-
-def split_ranges(n: int, a) -> list:
-    """The ranges map_ranges gives fn for n items of arrays like `a` (BACKEND-12): [(0, n)] on CuPy,
-    the strict guard and one thread; on NumPy min(host_threads(), n) contiguous ranges of sizes
-    that differ by at most one, in order."""
-    k = min(host_threads(), n) if _kind(a) == "numpy" else 1
-    if k <= 1:
-        return [(0, n)]
-    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
-
-
-def map_ranges(fn, ranges) -> list:
-    """[fn(lo, hi) for (lo, hi) in ranges], from split_ranges (BACKEND-12). More than one range: on the
-    pool's threads, each calling BLAS single-threaded (NumPy releases the GIL in matmul and in ufunc
-    loops, so ranges that write disjoint slices run on separate cores). A range's values do not depend
-    on the others, so any split gives the serial values bit for bit. A range's exception is raised here."""
-    if len(ranges) == 1:
-        return [fn(*ranges[0])]
-    return list(_pool(len(ranges)).map(lambda r: fn(*r), ranges))
 
 
 def multiply_into(out, start: int, x, y) -> None:

@@ -263,9 +263,7 @@ class SDPA(Function):
     rowsum(dO O) equals rowsum(dP P) (= sum_s P_s (dO . v_s)) and costs (T, D) work instead of (T, S);
     the (T, S) arrays are updated in place, so a step makes no more of them than it must.
     Long queries go in blocks of ATTN_BLOCK rows; a block reads only the keys before the last one the
-    mask lets any of its rows see (key_blocks): under a causal mask about half of P is never computed.
-    The kv heads are split into ranges over the host's threads (backend.map_ranges): each range's
-    matmuls are small, and run faster one per core than each spread over every core by the BLAS."""
+    mask lets any of its rows see (key_blocks): under a causal mask about half of P is never computed."""
 
     def forward(self, q, k, v, mask=None, scale=1.0, blocks=None):
         xp = _xp(q)
@@ -274,25 +272,20 @@ class SDPA(Function):
         G = H // Hkv
         self.shape, self.scale = (B, H, T, D, Hkv, S, G), scale
         self.blocks = blocks if blocks is not None else key_blocks(mask, T, S, ATTN_BLOCK)
-        self.heads = backend.split_ranges(Hkv, q)  # kv-head ranges on the host's threads (BACKEND-12)
         q5 = xp.reshape(q, (B, Hkv, G, T, D))  # (B, Hkv, G, T, D)
         kt, v5 = xp.matrix_transpose(k)[:, :, None, ...], v[:, :, None, ...]  # (B, Hkv, 1, D, S), (B, Hkv, 1, S, Dv)
         o = xp.empty((B, Hkv, G, T, Dv), dtype=q.dtype)
-
-        def heads(a, b):  # kv heads a..b-1 and their query groups: P's blocks, O written in place
-            ps = []
-            for i, j, n in self.blocks:
-                s = xp.matmul(q5[:, a:b, :, i:j, :] * scale, kt[:, a:b, :, :, :n])  # (B, h, G, r, n), a new array
-                if mask is not None:  # a mask of one row (B, 1, 1, S) holds for every query
-                    s += mask[:, :, None, i:j, :n] if mask.shape[2] > 1 else mask[:, :, None, :, :n]
-                s -= xp.max(s, axis=-1, keepdims=True)
-                p = xp.exp(s)
-                p /= xp.sum(p, axis=-1, keepdims=True)
-                o[:, a:b, :, i:j, :] = xp.matmul(p, v5[:, a:b, :, :n, :])
-                ps.append(p)
-            return ps
-
-        self.save_for_backward(q5, k, v, backend.map_ranges(heads, self.heads), o)
+        ps = []
+        for i, j, n in self.blocks:
+            s = xp.matmul(q5[:, :, :, i:j, :] * scale, kt[..., :n])  # (B, Hkv, G, r, n), a new array
+            if mask is not None:  # a mask of one row (B, 1, 1, S) holds for every query
+                s += mask[:, :, None, i:j, :n] if mask.shape[2] > 1 else mask[:, :, None, :, :n]
+            s -= xp.max(s, axis=-1, keepdims=True)
+            p = xp.exp(s)
+            p /= xp.sum(p, axis=-1, keepdims=True)
+            o[:, :, :, i:j, :] = xp.matmul(p, v5[:, :, :, :n, :])
+            ps.append(p)
+        self.save_for_backward(q5, k, v, ps, o)
         return xp.reshape(o, (B, H, T, Dv))
 
     def backward(self, g):
@@ -305,22 +298,17 @@ class SDPA(Function):
         dq = xp.empty(q5.shape, dtype=q5.dtype) if need_q else None
         dk = xp.zeros(k.shape, dtype=k.dtype) if need_k else None
         dv = xp.zeros(v.shape, dtype=v.dtype) if need_v else None
-
-        def heads(a, b, ps):  # kv heads a..b-1: their slices of dq, dk and dv
-            for (i, j, n), p in zip(self.blocks, ps):
-                gb = g5[:, a:b, :, i:j, :]
-                ds = xp.matmul(gb, vt[:, a:b, :, :, :n])  # dP (B, h, G, r, n), a new array
-                ds -= xp.sum(gb * o[:, a:b, :, i:j, :], axis=-1, keepdims=True)
-                ds *= p  # dS / scale
-                if need_q:
-                    dq[:, a:b, :, i:j, :] = xp.matmul(ds, k5[:, a:b, :, :n, :]) * self.scale
-                if need_k:
-                    dk[:, a:b, :n, :] += xp.sum(xp.matmul(xp.matrix_transpose(ds), q5[:, a:b, :, i:j, :]), axis=2) * self.scale
-                if need_v:
-                    dv[:, a:b, :n, :] += xp.sum(xp.matmul(xp.matrix_transpose(p), gb), axis=2)
-
-        parts = dict(zip(self.heads, ps))
-        backend.map_ranges(lambda a, b: heads(a, b, parts[(a, b)]), self.heads)
+        for (i, j, n), p in zip(self.blocks, ps):
+            gb = g5[:, :, :, i:j, :]
+            ds = xp.matmul(gb, vt[..., :n])  # dP (B, Hkv, G, r, n), a new array
+            ds -= xp.sum(gb * o[:, :, :, i:j, :], axis=-1, keepdims=True)
+            ds *= p  # dS / scale
+            if need_q:
+                dq[:, :, :, i:j, :] = xp.matmul(ds, k5[:, :, :, :n, :]) * self.scale
+            if need_k:
+                dk[:, :, :n, :] += xp.sum(xp.matmul(xp.matrix_transpose(ds), q5[:, :, :, i:j, :]), axis=2) * self.scale
+            if need_v:
+                dv[:, :, :n, :] += xp.sum(xp.matmul(xp.matrix_transpose(p), gb), axis=2)
         return (None if dq is None else xp.reshape(dq, (B, H, T, D))), dk, dv
 
 
