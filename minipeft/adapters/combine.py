@@ -59,8 +59,8 @@ def prune_mag(t, density: float):
         return t
     xp = backend.xp_of(t)
     flat = xp.reshape(xp.abs(t), (-1,))
-    order = xp.argsort(-flat, stable=True)  # flat indices, largest |t| first
-    place = xp.argsort(order, stable=True)  # each entry's place in that order
+    order = backend.argsort_stable(-flat)  # flat indices, largest |t| first
+    place = backend.argsort_stable(order)  # each entry's place in that order
     keep = xp.reshape(place < int(density * flat.shape[0]), t.shape)
     return xp.where(keep, t, xp.zeros_like(t))
 
