@@ -443,6 +443,32 @@ def test_half_precision_checkpoints_load_their_exact_values(tmp_path, code):
         assert p.numpy().dtype == np.float32
 
 
+@pytest.mark.spec("MODEL-12")
+@pytest.mark.parametrize("code", ["F32", "BF16"])
+def test_loading_holds_the_parameters_and_one_tensor_at_most(tmp_path, code):
+    """tracemalloc (NumPy's buffers) over load_model: the peak is the parameters' bytes plus the largest
+    tensor's copy, not a second (or third) copy of the model; the values are the file's."""
+    import tracemalloc
+    raw = dict(CONFIGS["llama"], vocab_size=4096, hidden_size=128, intermediate_size=256)
+    w = random_weights(raw)
+    path = write_folder(tmp_path / code, raw, w, {k: code for k in w})
+    total = sum(a.nbytes for a in w.values())
+    largest = max(a.nbytes for a in w.values())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        m = minipeft.load_model(path)
+        now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert now - before >= total  # the parameters themselves
+    assert peak - before <= total + 2 * largest + (1 << 20), (peak - before, total, largest)
+    for name, p in m.net.named_parameters():
+        exact = w[name] if code == "F32" else backend.round_to_bf16(w[name])
+        np.testing.assert_array_equal(p.numpy(), exact, err_msg=name)
+        assert p.data.flags.writeable  # a copy, not the file's read-only mapping
+
+
 @pytest.mark.spec("MODEL-7")
 def test_sharded_checkpoint_and_prefixes(tmp_path):
     raw = CONFIGS["gpt2"]

@@ -17,7 +17,7 @@ import numpy as np
 from .. import backend
 from ..errors import CheckpointError
 from ..fileio import atomic_save_dir, atomic_write_json
-from ..safetensors_io import read_header, read_safetensors, write_safetensors
+from ..safetensors_io import TensorFile, read_header, write_safetensors
 from .config import read_config
 
 # buffers transformers writes that are not parameters here (recomputed instead)
@@ -103,13 +103,15 @@ def refuse_pickled(folder: str, wanted: str, conversion: str) -> None:
 
 
 def read_weights(folder: str) -> dict:
+    """{key: (TensorFile, path)} over the folder's shards: headers validated, no tensor read yet, so
+    load_state holds one file-mapped tensor at a time (MODEL-12), not a second copy of the model."""
     tensors = {}
     for path in weight_files(folder):
-        part, _ = read_safetensors(path)
-        for k in part:
+        part = TensorFile(path)
+        for k in part.infos:
             if k in tensors:
                 raise CheckpointError(f"{path}: key {k!r} appears in more than one shard")
-        tensors.update({k: (v, path) for k, v in part.items()})
+        tensors.update({k: (part, path) for k in part.infos})
     return tensors
 
 
@@ -119,7 +121,7 @@ def load_state(net, tensors: dict, dtype: str, folder: str) -> None:
     tied = {"lm_head.weight"} if getattr(net.config, "tie_word_embeddings", False) else set()
     base = getattr(net, "base_name", "")
     assigned, unexpected = set(), []
-    for key, (arr, path) in tensors.items():
+    for key, (part, path) in tensors.items():
         name = key
         if name not in params and base and f"{base}.{key}" in params:
             name = f"{base}.{key}"  # a bare base-model checkpoint (LlamaModel, GPT2Model)
@@ -131,6 +133,7 @@ def load_state(net, tensors: dict, dtype: str, folder: str) -> None:
             unexpected.append((key, path))
             continue
         p = params[name]
+        arr = part.get(key)  # a read-only mapping of the file's bytes (a float32 copy for BF16)
         if tuple(arr.shape) != p.shape:
             raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(arr.shape)}, the model "
                                   f"({net.config.model_type}, config.json) expects {p.shape}")
@@ -141,7 +144,8 @@ def load_state(net, tensors: dict, dtype: str, folder: str) -> None:
             first = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
             raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN/Inf value(s) (first at index {first}); "
                                   f"every output would be NaN. The checkpoint is damaged: download or save it again")
-        p.data = backend.asarray(arr, dtype)
+        p.data = backend.asarray(np.array(arr, dtype=dtype))  # the one copy the model keeps
+        del arr  # unmapped: the next tensor's pages replace this one's
         assigned.add(name)
     missing = [n for n in params if n not in assigned and n not in tied]
     for opt in getattr(net, "optional_modules", ()):  # BERT's pooler: BertForMaskedLM checkpoints lack it

@@ -9,8 +9,9 @@ from .module import Module
 
 
 def _param(shape, dtype="float32", fill=0.0) -> Tensor:
-    xp = backend.xp()
-    return Tensor(xp.full(shape, fill, dtype=backend.dtype(dtype, xp)), requires_grad=True)
+    xp = backend.xp()  # zeros: on the host, pages no one writes cost no memory (a checkpoint replaces them)
+    make = xp.zeros(shape, dtype=backend.dtype(dtype, xp)) if fill == 0.0 else xp.full(shape, fill, dtype=backend.dtype(dtype, xp))
+    return Tensor(make, requires_grad=True)
 
 
 class Linear(Module):
