@@ -87,7 +87,7 @@ def configs(mp, steps: int):
         "shira": (adapter(mp.SHiRAConfig()), {}),
         "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
         "delora": (adapter(mp.DeLoRAConfig(rank=8)), {}),
-        "psoft": (adapter(mp.PSOFTConfig(rank=8, psoft_alpha=8)), {}),
+        "psoft": (adapter(mp.PSOFTConfig(rank=32, psoft_alpha=32)), {}),
         "boft": (adapter(mp.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2)), {}),
         "vblora": (adapter(mp.VBLoRAConfig(num_vectors=64, vector_length=16)), {}),
         "randlora": (adapter(mp.RandLoRAConfig(rank=8)), {}),

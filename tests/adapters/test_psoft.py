@@ -74,7 +74,8 @@ def test_forward_and_merge_are_W0_plus_the_rotated_subspace_update(r, alpha, kw,
 @pytest.mark.parametrize("ab_svd_init", ["psoft_init", "pissa_init"])
 def test_A_and_B_are_the_signed_top_r_svd_of_W0(ab_svd_init):
     model = make_model()
-    model.apply_adapter(PSOFTConfig(rank=5, psoft_alpha=10, ab_svd_init=ab_svd_init, target_modules=("q_proj", "v_proj")))
+    model.apply_adapter(PSOFTConfig(rank=5, psoft_alpha=10, ab_svd_init=ab_svd_init,
+                                    target_modules=("q_proj", "v_proj")))
     for path, layer in layers(model, "default"):
         d = layer.adapters["default"]
         U, S, Vh = np.linalg.svd(np.asarray(layer.base_layer.weight.data, np.float64), full_matrices=False)
@@ -159,7 +160,8 @@ def test_count():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(rank=0), "rank"), (dict(psoft_alpha=0), "psoft_alpha"), (dict(psoft_dropout=1.0), "psoft_dropout"),
     (dict(ab_svd_init="lora"), "ab_svd_init"), (dict(psoft_svd="lowrank"), "psoft_svd"), (dict(init="x"), "init"),
-    (dict(num_cayley_neumann_terms=0), "num_cayley_neumann_terms"), (dict(cayley_neumann_eps=1.5), "cayley_neumann_eps")])
+    (dict(num_cayley_neumann_terms=0), "num_cayley_neumann_terms"),
+    (dict(cayley_neumann_eps=1.5), "cayley_neumann_eps")])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         PSOFTConfig(**kwargs)
@@ -203,8 +205,9 @@ def test_saved_keys_are_peft_names_and_A_B_are_rebuilt_from_the_base(tmp_path):
 
 # ---- against PEFT (test_peft_oracle.py's tiny random Llama, every psoft_R leaf moved) -------------------------------
 CASES = {"default": ("llama", dict(r=4, psoft_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-         "pissa_neumann": ("llama", dict(r=5, ab_svd_init="pissa_init", use_cayley_neumann=True, num_cayley_neumann_terms=4,
-                                         cayley_neumann_eps=0.5, target_modules=["q_proj", "k_proj", "up_proj"])),
+         "pissa_neumann": ("llama", dict(r=5, ab_svd_init="pissa_init", use_cayley_neumann=True,
+                                         num_cayley_neumann_terms=4, cayley_neumann_eps=0.5,
+                                         target_modules=["q_proj", "k_proj", "up_proj"])),
          "free_one_vector": ("llama", dict(r=3, psoft_orth=False, psoft_mag_a=False, psoft_alpha=6,
                                            target_modules=["v_proj", "o_proj"])),
          "random": ("llama", dict(r=4, init_weights=False, target_modules=["q_proj", "down_proj"]))}
