@@ -150,3 +150,30 @@ def assert_training_lowers_the_loss(model):
             for w in ["abc", "hello", "cat", "dog", "pen", "map", "sky", "tree"]]
     h = model.train(data, mp.TrainingConfig(learning_rate=1e-2, batch_size=4, epochs=8, progress=False))
     assert h["loss"][-1] < 0.8 * h["loss"][0]
+
+
+def peft_svd_signs_as_minipeft():
+    """A context in which torch.linalg.svd (PEFT's PSOFT takes W0's SVD with it, and saves no factor) returns each
+    singular pair with the sign minipeft fixes (PSOFT-1: the largest-|.| entry of U's column positive) instead of
+    its LAPACK's (MKL's here, OpenBLAS's in NumPy: they differ on about half the pairs, and the file cannot say which
+    PEFT had). The factors are otherwise torch's own."""
+    import contextlib
+
+    import torch
+
+    plain = torch.linalg.svd
+
+    def signed(A, *args, **kwargs):
+        U, S, Vh = plain(A, *args, **kwargs)
+        top = U.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
+        sign = torch.where(U.gather(-2, top) < 0, -1.0, 1.0).to(U.dtype)
+        return torch.return_types.linalg_svd((U * sign, S, Vh * sign.transpose(-1, -2)))
+
+    @contextlib.contextmanager
+    def patched():
+        torch.linalg.svd = signed
+        try:
+            yield
+        finally:
+            torch.linalg.svd = plain
+    return patched()

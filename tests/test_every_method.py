@@ -14,7 +14,7 @@ from minipeft import backend
 from minipeft.adapters.inject import adapted_layers
 from minipeft.autograd import no_grad
 from minipeft.quant.linear4bit import dequantize_model, quantize_model
-from tests.helpers import TINY_LLAMA, assert_close, data_for, hf_llama_folder, max_rel_err, peft_loftq_on_cpu, tiny_llama
+from tests.helpers import TINY_LLAMA, assert_close, data_for, hf_llama_folder, max_rel_err, peft_loftq_on_cpu, peft_svd_signs_as_minipeft, tiny_llama
 
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
@@ -22,7 +22,8 @@ QUANT = mp.QuantizationConfig(compute_dtype="float32")
 SMALL = {"fourierft": dict(n_frequency=256), "shira": dict(rank=2),  # PEFT's defaults (1000; 32 (in + out)) exceed
          "road": dict(group_size=8),  # the tiny llama's v_proj (32 x 16 = 512); RoAd's group_size 64 > its 16 outputs
          "miss": dict(rank=5), "c3a": dict(block_size=8),  # MiSS's r = 64 > the tiny llama's 32 inputs; 5 leaves a padded shard
-         "vblora": dict(num_vectors=16, vector_length=16)}  # VB-LoRA's L = 256 exceeds every tiny width
+         "vblora": dict(num_vectors=16, vector_length=16),  # VB-LoRA's L = 256 exceeds every tiny width
+         "psoft": dict(rank=4)}  # PSOFT's r = 32 > the tiny v_proj's 16 outputs
 
 
 def fresh(method, seed=0):
@@ -172,7 +173,9 @@ def test_every_peft_method_loads_in_peft_and_back(name, hf_base, tmp_path):
     method = mp.adapters.registry.method(name)
     if method.quantized_base or name == "loftq":
         pytest.importorskip("bitsandbytes")
-    with peft_loftq_on_cpu() if name == "loftq" else contextlib.nullcontext():  # PEFT reruns LoftQ as it loads
+    with (peft_loftq_on_cpu() if name == "loftq"  # PEFT reruns LoftQ as it loads
+          else peft_svd_signs_as_minipeft() if name == "psoft"  # PEFT retakes W0's SVD as it loads (PSOFT-1)
+          else contextlib.nullcontext()):
         loads_both_ways(name, method, hf_base, tmp_path)
 
 
@@ -194,7 +197,7 @@ def loads_both_ways(name, method, hf_base, tmp_path):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # PEFT moves every saved tensor, saves, and minipeft reads its folder
         for n, p in pm.named_parameters():
-            if p.requires_grad or any(k in n for k in ("lora_", "hada_", "lokr_", "vera_lambda", "ia3_", "prompt", "hira_", "hra_u", "beft_", "road_", "miss_block", "c3a_kernel", "delora_")):
+            if p.requires_grad or any(k in n for k in ("lora_", "hada_", "lokr_", "vera_lambda", "ia3_", "prompt", "hira_", "hra_u", "beft_", "road_", "miss_block", "c3a_kernel", "delora_", "psoft_R")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         theirs = pm(torch.tensor(IDS)).logits.numpy()
     pm.save_pretrained(str(tmp_path / "peft"))

@@ -459,7 +459,7 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
     report(f"combined cat (rank_pattern {cfg['rank_pattern']}) minipeft->PEFT", max_rel_err(ours, hf_logits(lib, pm)))
 
 
-LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "delora"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
+LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "delora", "psoft"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
 
 
 @pytest.mark.spec("PEFT-3")
