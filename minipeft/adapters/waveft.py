@@ -1,0 +1,138 @@
+"""WaveFT: Exploring Sparsity for Parameter Efficient Fine Tuning Using Wavelets (2025, arXiv:2505.12532;
+authors not checked here, no copy of the paper offline), spec/waveft.md.
+
+Symbols: W0 (out, in) frozen base weight, x (..., in); n_f = n_frequency (n_frequency_pattern per layer);
+    c (n_f,) the trained wavelet coefficients (PEFT's waveft_spectrum); s the scaling; lo, hi the wavelet's
+    reconstruction low / high pass filters of length L (hi_i = (-1)^i lo_{L-1-i}).
+Positions (WAVEFT-1): FourierFT's (fourierft.seeded_positions): p = the first n_f entries of torch.randperm(out * in)
+    seeded with random_loc_seed, u_k = p_k // in, v_k = p_k % in. Not saved: rebuilt on load, as PEFT does.
+Coefficient grid (WAVEFT-2): the P x Q grid with P = out + L - 2, Q = in + L - 2, each rounded up to even (PEFT's
+    WAVELET_REDUCTIONS), holds c_k at (u_k + (P - out) // 2, v_k + (Q - in) // 2), else 0; its quadrants
+    (top-left, top-right, bottom-left, bottom-right) are the subbands cA, cH, cV, cD of one level.
+Delta weight (WAVEFT-3): dW = s IDWT2(cA, (cH, cV, cD)) centre-cropped to (out, in). One level of the separable
+    synthesis is linear: dW = s R M C^T with M = [[cA, cV], [cH, cD]] (the subband that a row filter multiplies:
+    cH, cD take hi along rows; cV, cD take hi along columns, PEFT's lh = hi (x) lo stacking) and
+    R[a, i] = lo[t_a - 2i], R[a, P/2 + i] = hi[t_a - 2i] (zero outside 0..L-1), t_a = a + L - 2 + the centre crop;
+    C the same for columns. use_idwt=False: dW = s S, the grid without padding (R = C = I).
+Forward (WAVEFT-4): h = W0 x + b + dW x, dW materialised each call (as PEFT).
+Init (WAVEFT-5): init_weights=True (PEFT's default): c = 0; False: c ~ N(0, 0.01^2).
+Merge (WAVEFT-6): W <- W0 + dW (dW^T for the gpt2 Conv1D layout, PEFT's fan_in_fan_out); unmerge subtracts it.
+Gradients (WAVEFT-7): dL/dc = s (R^T G C)[positions in M], G = dL/d(dW) (the op CoefficientsToWeight).
+Serialization (WAVEFT-8): peft_type "WAVEFT"; key <layer>.waveft_spectrum (n_f,).
+Errors (WAVEFT-9): a wavelet_family other than db1, db2, sym2; proportional_parameters=True; FourierFT's.
+PEFT parity: peft/tuners/waveft/layer.py WaveFTLayer.update_layer, get_delta_weight; waverec2d.py waverec2d.
+Deviations: of PEFT's db1-db10, sym2-sym10, coif1-coif5 only db1, db2 and sym2 (db2's filter) are here;
+    proportional_parameters is refused; c ~ N(0, 0.01^2) is drawn from minipeft's RNG, not torch's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from .. import backend
+from ..autograd.function import Function
+from .base import check, trainable
+from .fourierft import FourierFTConfig, FourierFTLinear, seeded_positions
+from .registry import register
+
+_R3 = math.sqrt(3.0)
+# reconstruction low-pass filters (Daubechies' closed forms; PyWavelets' sym2 is db2's filter)
+REC_LO = {"db1": (1 / math.sqrt(2), 1 / math.sqrt(2)),
+          "db2": tuple(v / (4 * math.sqrt(2)) for v in (1 + _R3, 3 + _R3, 3 - _R3, 1 - _R3))}
+REC_LO["sym2"] = REC_LO["db2"]
+
+
+@dataclasses.dataclass
+class WaveFTConfig(FourierFTConfig):
+    n_frequency: int = 2592  # trained wavelet coefficients per layer
+    scaling: float = 25.0
+    wavelet_family: str = "db1"  # db1 (Haar), db2, sym2
+    use_idwt: bool = True  # False: dW = s S, the coefficients used as a sparse weight
+    random_loc_seed: int = 777
+    init_weights: bool = True  # True: c = 0 (PEFT's default); False: c ~ N(0, 0.01^2)
+    proportional_parameters: bool = False  # PEFT's experimental per-layer budget; refused here
+    bias: str = "none"  # "none" | "all" | "waveft_only"
+
+    peft_type = "WAVEFT"
+    BIASES = ("none", "all", "waveft_only")
+    PEFT_FIELDS = {f: f for f in ("n_frequency", "scaling", "wavelet_family", "use_idwt", "random_loc_seed",
+                                  "n_frequency_pattern", "init_weights", "proportional_parameters", "bias")}
+    INIT_MOVES_OUTPUT = None
+
+    def validate(self):
+        super().validate()
+        check(self.wavelet_family in REC_LO, "wavelet_family", self.wavelet_family,
+              f"supported here: {', '.join(REC_LO)} (PEFT's other db/sym/coif filters are not in minipeft)")
+        check(self.proportional_parameters is False, "proportional_parameters", self.proportional_parameters,
+              "is not supported by minipeft; set n_frequency_pattern per layer instead")
+
+
+def synthesis(n: int, lo) -> np.ndarray:
+    """WAVEFT-3: the (n, P) matrix of one level of 1-D inverse DWT (P/2 low, then P/2 high coefficients),
+    after PEFT's padding to P, waverec2d's crop of L - 2 each side and the centre crop to n."""
+    L = len(lo)
+    hi = [(-1) ** i * lo[L - 1 - i] for i in range(L)]
+    P = n + L - 2 + (n + L - 2) % 2
+    h = P // 2
+    start = L - 2 + (P - L + 2 - n) // 2
+    R = np.zeros((n, P))
+    for a in range(n):
+        t = a + start
+        for i in range(max(0, (t - L + 2) // 2), min(h, t // 2 + 1)):
+            R[a, i], R[a, h + i] = lo[t - 2 * i], hi[t - 2 * i]
+    return R
+
+
+def grid_positions(p, n: int, m: int, P: int, Q: int):
+    """WAVEFT-2, WAVEFT-3: the flat index in M (P, Q) of each seeded position p (flat in the m x n weight)."""
+    r, c = p // n + (P - m) // 2, p % n + (Q - n) // 2
+    h, w = P // 2, Q // 2
+    qr, qc = r >= h, c >= w  # grid quadrant; M swaps the off-diagonal ones
+    return (qc * h + r % h) * Q + qr * w + c % w
+
+
+class CoefficientsToWeight(Function):
+    """dW = s R M C^T with M (P, Q) zero but M.flat[flat] = c (WAVEFT-3); backward (WAVEFT-7):
+    dc = s (R^T G C).flat[flat]."""
+
+    def forward(self, c, flat, R, C, s):
+        xp = backend.xp_of(c)
+        self.flat, self.R, self.C, self.s = flat, R, C, s
+        M = backend.scatter_add(xp.zeros((R.shape[1] * C.shape[1],), dtype=c.dtype), flat, c)
+        return (R @ xp.reshape(M, (R.shape[1], C.shape[1])) @ xp.matrix_transpose(C)) * s  # (out, in)
+
+    def backward(self, g):
+        xp = backend.xp_of(g)
+        return (xp.take(xp.reshape(xp.matrix_transpose(self.R) @ g @ self.C, (-1,)), self.flat) * self.s,)  # (n_f,)
+
+
+class WaveFTLinear(FourierFTLinear):  # FourierFT's adapt and delta_weight (WAVEFT-4), its own dW
+    def __init__(self, n: int, m: int, positions, s: float, wavelet_family: str = "db1", use_idwt: bool = True):
+        self.shape, self.s = (m, n), s
+        p = np.asarray(positions, np.int64)
+        R, C = (synthesis(m, REC_LO[wavelet_family]), synthesis(n, REC_LO[wavelet_family])) if use_idwt \
+            else (np.eye(m), np.eye(n))
+        flat = grid_positions(p, n, m, R.shape[1], C.shape[1]) if use_idwt else p
+        # a tuple: constants, no parameters (flat positions in M, row and column synthesis)
+        self.positions = (backend.asarray(flat, "int64"), backend.asarray(R, "float32"), backend.asarray(C, "float32"))
+        self.waveft_spectrum = trainable(backend.xp().zeros((len(p),), dtype=backend.dtype("float32")))
+
+    @classmethod
+    def create(cls, base, cfg: WaveFTConfig, path: str, rng, init_weights: bool = True):
+        delta = cls(base.in_features, base.out_features, seeded_positions(base, cfg, path, "WaveFT"), cfg.scaling,
+                    cfg.wavelet_family, cfg.use_idwt)
+        if init_weights and not cfg.init_weights:  # WAVEFT-5
+            delta.waveft_spectrum.data = rng.normal(delta.waveft_spectrum.shape, std=0.01)
+        return delta
+
+    def weight(self):  # WAVEFT-3: a Tensor (out, in)
+        flat, R, C = self.positions
+        return CoefficientsToWeight.apply(self.waveft_spectrum, flat=flat, R=R, C=C, s=self.s)
+
+
+register("waveft", WaveFTConfig, WaveFTLinear,
+         paper="Exploring Sparsity for Parameter Efficient Fine Tuning Using Wavelets, 2025, "
+               "arXiv:2505.12532",
+         summary="WaveFT, dW = s IDWT2(S) with S sparse at n_frequency seeded positions (spec/waveft.md).")
