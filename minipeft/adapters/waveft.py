@@ -13,7 +13,8 @@ Delta weight (WAVEFT-3): dW = s IDWT2(cA, (cH, cV, cD)) centre-cropped to (out, 
     synthesis is linear: dW = s R M C^T with M = [[cA, cV], [cH, cD]] (the subband that a row filter multiplies:
     cH, cD take hi along rows; cV, cD take hi along columns, PEFT's lh = hi (x) lo stacking) and
     R[a, i] = lo[t_a - 2i], R[a, P/2 + i] = hi[t_a - 2i] (zero outside 0..L-1), t_a = a + L - 2 + the centre crop;
-    C the same for columns. use_idwt=False: dW = s S, the grid without padding (R = C = I).
+    C the same for columns; applied (synthesis) as L/2-tap polyphase sums of shifted rows, no matrix is formed.
+    use_idwt=False: dW = s S, the grid without padding (R = C = I).
 Forward (WAVEFT-4): h = W0 x + b + dW x, dW materialised each call (as PEFT).
 Init (WAVEFT-5): init_weights=True (PEFT's default): c = 0; False: c ~ N(0, 0.01^2).
 Merge (WAVEFT-6): W <- W0 + dW (dW^T for the gpt2 Conv1D layout, PEFT's fan_in_fan_out); unmerge subtracts it.
@@ -69,20 +70,37 @@ class WaveFTConfig(FourierFTConfig):
               "is not supported by minipeft; set n_frequency_pattern per layer instead")
 
 
-def synthesis(n: int, lo) -> np.ndarray:
-    """WAVEFT-3: the (n, P) matrix of one level of 1-D inverse DWT (P/2 low, then P/2 high coefficients),
-    after PEFT's padding to P, waverec2d's crop of L - 2 each side and the centre crop to n."""
-    L = len(lo)
+def padded(n: int, L: int) -> int:
+    """WAVEFT-2: PEFT's padded size, n + L - 2 rounded up to even."""
+    return n + L - 2 + (n + L - 2) % 2
+
+
+def synthesis(xp, X, lo, n: int):
+    """WAVEFT-3 along axis 0: rows [start, start + n) of one level of 1-D inverse DWT of X (P, k), its first
+    P/2 rows the low-pass coefficients, the rest the high-pass ones (R X in the spec). Polyphase: the even and
+    odd output rows are L/2-tap sums of shifted coefficient rows, interleaved."""
+    L, h, k = len(lo), X.shape[0] // 2, X.shape[1]
     hi = [(-1) ** i * lo[L - 1 - i] for i in range(L)]
-    P = n + L - 2 + (n + L - 2) % 2
-    h = P // 2
+    e, z = L // 2 - 1, xp.zeros((L // 2 - 1, X.shape[1]), dtype=X.dtype)
+    A, B = xp.concat([z, X[:h, :], z]), xp.concat([z, X[h:, :], z])  # (h + 2e, k)
+    m = h + e
+    phases = [sum(lo[2 * q + r] * A[e - q:e - q + m, :] + hi[2 * q + r] * B[e - q:e - q + m, :] for q in range(L // 2))
+              for r in (0, 1)]
+    start = L - 2 + (2 * h - L + 2 - n) // 2
+    return xp.reshape(xp.stack(phases, axis=1), (2 * m, k))[start:start + n, :]
+
+
+def synthesis_adjoint(xp, G, lo, P: int):
+    """WAVEFT-7: R^T G for synthesis's R (n, P), G (n, k): (P, k)."""
+    L, (n, k), h = len(lo), G.shape, P // 2
+    hi = [(-1) ** i * lo[L - 1 - i] for i in range(L)]
+    e = L // 2 - 1
+    m = h + e
     start = L - 2 + (P - L + 2 - n) // 2
-    R = np.zeros((n, P))
-    for a in range(n):
-        t = a + start
-        for i in range(max(0, (t - L + 2) // 2), min(h, t // 2 + 1)):
-            R[a, i], R[a, h + i] = lo[t - 2 * i], hi[t - 2 * i]
-    return R
+    full = xp.concat([xp.zeros((start, k), dtype=G.dtype), G, xp.zeros((2 * m - start - n, k), dtype=G.dtype)])
+    g = xp.reshape(full, (m, 2, k))
+    lows, highs = ([sum(f[2 * q + r] * g[q:q + h, r, :] for q in range(L // 2) for r in (0, 1))] for f in (lo, hi))
+    return xp.concat(lows + highs)
 
 
 def grid_positions(p, n: int, m: int, P: int, Q: int):
@@ -95,28 +113,34 @@ def grid_positions(p, n: int, m: int, P: int, Q: int):
 
 class CoefficientsToWeight(Function):
     """dW = s R M C^T with M (P, Q) zero but M.flat[flat] = c (WAVEFT-3); backward (WAVEFT-7):
-    dc = s (R^T G C).flat[flat]."""
+    dc = s (R^T G C).flat[flat]. lo None: use_idwt=False, R = C = I."""
 
-    def forward(self, c, flat, R, C, s):
+    def forward(self, c, flat, grid, lo, shape, s):
         xp = backend.xp_of(c)
-        self.flat, self.R, self.C, self.s = flat, R, C, s
-        M = backend.scatter_add(xp.zeros((R.shape[1] * C.shape[1],), dtype=c.dtype), flat, c)
-        return (R @ xp.reshape(M, (R.shape[1], C.shape[1])) @ xp.matrix_transpose(C)) * s  # (out, in)
+        self.flat, self.grid, self.lo, self.s = flat, grid, lo, s
+        M = xp.reshape(backend.scatter_add(xp.zeros((grid[0] * grid[1],), dtype=c.dtype), flat, c), grid)
+        if lo is None:
+            return M * s
+        RM = synthesis(xp, M, lo, shape[0])  # (out, Q)
+        return xp.matrix_transpose(synthesis(xp, xp.matrix_transpose(RM), lo, shape[1])) * s  # (out, in)
 
     def backward(self, g):
         xp = backend.xp_of(g)
-        return (xp.take(xp.reshape(xp.matrix_transpose(self.R) @ g @ self.C, (-1,)), self.flat) * self.s,)  # (n_f,)
+        if self.lo is not None:
+            g = synthesis_adjoint(xp, xp.matrix_transpose(synthesis_adjoint(xp, xp.matrix_transpose(g), self.lo,
+                                                                            self.grid[1])), self.lo, self.grid[0])
+        return (xp.take(xp.reshape(g, (-1,)), self.flat) * self.s,)  # (n_f,)
 
 
 class WaveFTLinear(FourierFTLinear):  # FourierFT's adapt and delta_weight (WAVEFT-4), its own dW
     def __init__(self, n: int, m: int, positions, s: float, wavelet_family: str = "db1", use_idwt: bool = True):
         self.shape, self.s = (m, n), s
         p = np.asarray(positions, np.int64)
-        R, C = (synthesis(m, REC_LO[wavelet_family]), synthesis(n, REC_LO[wavelet_family])) if use_idwt \
-            else (np.eye(m), np.eye(n))
-        flat = grid_positions(p, n, m, R.shape[1], C.shape[1]) if use_idwt else p
-        # a tuple: constants, no parameters (flat positions in M, row and column synthesis)
-        self.positions = (backend.asarray(flat, "int64"), backend.asarray(R, "float32"), backend.asarray(C, "float32"))
+        self.lo = REC_LO[wavelet_family] if use_idwt else None
+        L = len(self.lo) if use_idwt else 2
+        self.grid = (padded(m, L), padded(n, L)) if use_idwt else (m, n)
+        flat = grid_positions(p, n, m, *self.grid) if use_idwt else p
+        self.positions = (backend.asarray(flat, "int64"),)  # flat positions in M; a tuple: no parameter
         self.waveft_spectrum = trainable(backend.xp().zeros((len(p),), dtype=backend.dtype("float32")))
 
     @classmethod
@@ -128,8 +152,8 @@ class WaveFTLinear(FourierFTLinear):  # FourierFT's adapt and delta_weight (WAVE
         return delta
 
     def weight(self):  # WAVEFT-3: a Tensor (out, in)
-        flat, R, C = self.positions
-        return CoefficientsToWeight.apply(self.waveft_spectrum, flat=flat, R=R, C=C, s=self.s)
+        return CoefficientsToWeight.apply(self.waveft_spectrum, flat=self.positions[0], grid=self.grid, lo=self.lo,
+                                          shape=self.shape, s=self.s)
 
 
 register("waveft", WaveFTConfig, WaveFTLinear,
