@@ -20,9 +20,9 @@ Init (WAVEFT-5): init_weights=True (PEFT's default): c = 0; False: c ~ N(0, 0.01
 Merge (WAVEFT-6): W <- W0 + dW (dW^T for the gpt2 Conv1D layout, PEFT's fan_in_fan_out); unmerge subtracts it.
 Gradients (WAVEFT-7): dL/dc = s (R^T G C)[positions in M], G = dL/d(dW) (the op CoefficientsToWeight).
 Serialization (WAVEFT-8): peft_type "WAVEFT"; key <layer>.waveft_spectrum (n_f,).
-Errors (WAVEFT-9): a wavelet_family other than db1, db2, sym2; proportional_parameters=True; FourierFT's.
+Errors (WAVEFT-9): a wavelet_family other than db1..db10, sym2; proportional_parameters=True; FourierFT's.
 PEFT parity: peft/tuners/waveft/layer.py WaveFTLayer.update_layer, get_delta_weight; waverec2d.py waverec2d.
-Deviations: of PEFT's db1-db10, sym2-sym10, coif1-coif5 only db1, db2 and sym2 (db2's filter) are here;
+Deviations: of PEFT's db1-db10, sym2-sym10, coif1-coif5 only db1-db10 and sym2 (db2's filter) are here;
     proportional_parameters is refused; c ~ N(0, 0.01^2) is drawn from minipeft's RNG, not torch's.
 """
 from __future__ import annotations
@@ -38,18 +38,28 @@ from .base import check, trainable
 from .fourierft import FourierFTConfig, FourierFTLinear, seeded_positions
 from .registry import register
 
-_R3 = math.sqrt(3.0)
-# reconstruction low-pass filters (Daubechies' closed forms; PyWavelets' sym2 is db2's filter)
-REC_LO = {"db1": (1 / math.sqrt(2), 1 / math.sqrt(2)),
-          "db2": tuple(v / (4 * math.sqrt(2)) for v in (1 + _R3, 3 + _R3, 3 - _R3, 1 - _R3))}
-REC_LO["sym2"] = REC_LO["db2"]
+def daubechies(N: int) -> tuple:
+    """WAVEFT-3: db<N>'s reconstruction low-pass filter (length 2N), Daubechies' extremal-phase construction:
+    lo ∝ (1 + z)^N Q(z), Q's roots the ones inside the unit circle of z^(N-1) P((2 - z - 1/z) / 4),
+    P(y) = sum_{k<N} C(N-1+k, k) y^k; scaled to sum sqrt(2). Host NumPy, once at import (constants)."""
+    poly, y_k, y = np.zeros(2 * N - 1), np.ones(1), np.array([-0.25, 0.5, -0.25])  # y_k: z^k y^k
+    for k in range(N):
+        poly[N - 1 - k:N + k] += math.comb(N - 1 + k, k) * y_k
+        y_k = np.convolve(y_k, y)
+    roots = np.roots(poly) if N > 1 else np.zeros(0)
+    lo = np.real(np.convolve(np.poly(roots[np.abs(roots) < 1]), [math.comb(N, i) for i in range(N + 1)]))
+    return tuple(float(v) for v in lo * math.sqrt(2) / lo.sum())
+
+
+REC_LO = {f"db{N}": daubechies(N) for N in range(1, 11)}
+REC_LO["sym2"] = REC_LO["db2"]  # PyWavelets' sym2 is db2's filter (the other symlets are not here)
 
 
 @dataclasses.dataclass
 class WaveFTConfig(FourierFTConfig):
     n_frequency: int = 2592  # trained wavelet coefficients per layer
     scaling: float = 25.0
-    wavelet_family: str = "db1"  # db1 (Haar), db2, sym2
+    wavelet_family: str = "db1"  # db1 (Haar) .. db10, sym2
     use_idwt: bool = True  # False: dW = s S, the coefficients used as a sparse weight
     random_loc_seed: int = 777
     init_weights: bool = True  # True: c = 0 (PEFT's default); False: c ~ N(0, 0.01^2)
@@ -65,7 +75,7 @@ class WaveFTConfig(FourierFTConfig):
     def validate(self):
         super().validate()
         check(self.wavelet_family in REC_LO, "wavelet_family", self.wavelet_family,
-              f"supported here: {', '.join(REC_LO)} (PEFT's other db/sym/coif filters are not in minipeft)")
+              f"supported here: {', '.join(REC_LO)} (PEFT's sym3-sym10 and coif1-coif5 are not in minipeft)")
         check(self.proportional_parameters is False, "proportional_parameters", self.proportional_parameters,
               "is not supported by minipeft; set n_frequency_pattern per layer instead")
 

@@ -151,17 +151,20 @@ def test_merge_unmerge(n_f, tm, family):
 @pytest.mark.parametrize("family", sorted(REC_LO))
 def test_one_coefficient_is_an_outer_product_of_filters(family):
     """A lone cA coefficient at grid (i, j) gives s lo(x)lo placed at (2i, 2j) - (L - 2) - crop: the filter
-    taps themselves, the orthonormal wavelet's unit energy (sum lo^2 = 1) and sum lo = sqrt(2)."""
+    taps themselves; and the filters are orthonormal under even shifts with sum lo = sqrt(2)."""
     lo = np.asarray(REC_LO[family])
-    assert_close(np.sum(lo ** 2), 1.0, 1e-12, label="energy") and None
     assert abs(np.sum(lo) - np.sqrt(2)) < 1e-12
-    out, n_in, L = 12, 10, len(lo)
-    P, Q = out + L - 2, n_in + L - 2
-    u, v = 4 - (P - out) // 2, 2 - (Q - n_in) // 2  # grid position (4, 2), in cA for both sizes
+    for j in range(len(lo) // 2):  # orthonormal under even shifts: sum_k lo_k lo_{k+2j} = [j = 0]
+        assert abs(np.dot(lo[:len(lo) - 2 * j], lo[2 * j:]) - (j == 0)) < 1e-10
+    out, n_in, L = 12, 9, len(lo)
+    P, Q = out + L - 2, n_in + L - 2 + 1  # 9 + L - 2 is odd: PEFT pads one more
+    u, v = 1, 1  # weight position (1, 1): grid (i, j) below, in cA for every family here
+    i, j = u + (P - out) // 2, v + (Q - n_in) // 2
+    assert i < P // 2 and j < Q // 2
     d = WaveFTLinear(n_in, out, [u * n_in + v], 2.0, family)
     d.waveft_spectrum.data = np.ones(1, np.float32)
     want = np.zeros((out, n_in))
-    a0, b0 = 8 - (L - 2) - (P - L + 2 - out) // 2, 4 - (L - 2) - (Q - L + 2 - n_in) // 2
+    a0, b0 = 2 * i - (L - 2) - (P - L + 2 - out) // 2, 2 * j - (L - 2) - (Q - L + 2 - n_in) // 2
     for k in range(L):
         for j in range(L):
             if 0 <= a0 + k < out and 0 <= b0 + j < n_in:
@@ -247,8 +250,8 @@ def test_save_load_keys_and_config(tmp_path):
 # ---- WAVEFT-9 ---------------------------------------------------------------------------------------------------
 @pytest.mark.spec("WAVEFT-9")
 @pytest.mark.parametrize("kw, match", [
-    (dict(wavelet_family="coif1"), "wavelet_family='coif1'.*db1, db2, sym2"),
-    (dict(wavelet_family="haar"), "wavelet_family='haar'.*db1, db2, sym2"),
+    (dict(wavelet_family="coif1"), "wavelet_family='coif1'.*db1, db2, db3.*db10, sym2"),
+    (dict(wavelet_family="haar"), "wavelet_family='haar'.*db1, db2, db3.*db10, sym2"),
     (dict(proportional_parameters=True), "proportional_parameters"),
     (dict(n_frequency=0), "n_frequency"), (dict(n_frequency=2.5), "n_frequency"),
     (dict(n_frequency_pattern={"q_proj": 0}), "n_frequency_pattern"), (dict(random_loc_seed=-1), "random_loc_seed"),
@@ -273,6 +276,8 @@ ORACLE = {"db1": ("llama", dict(n_frequency=200, target_modules=["q_proj", "v_pr
                                         n_frequency_pattern={"v_proj": 32, r"layers\.1\.mlp\.up_proj": 2048})),
           "sym2_random": ("llama", dict(n_frequency=100, scaling=3.0, wavelet_family="sym2", init_weights=False,
                                         bias="waveft_only", target_modules=["q_proj", "k_proj"])),
+          "db4": ("llama", dict(n_frequency=300, scaling=2.0, wavelet_family="db4", target_modules=["v_proj", "up_proj"])),
+          "db10": ("llama", dict(n_frequency=120, scaling=2.0, wavelet_family="db10", target_modules=["q_proj", "down_proj"])),
           "sparse": ("llama", dict(n_frequency=150, scaling=2.0, use_idwt=False, target_modules=["q_proj", "o_proj"])),
           "gpt2_db1": ("gpt2", dict(n_frequency=80, scaling=4.0, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
           "gpt2_db2": ("gpt2", dict(n_frequency=50, scaling=4.0, wavelet_family="db2", target_modules=["c_attn", "c_proj"],
@@ -301,8 +306,17 @@ def test_peft_and_minipeft_agree_both_ways_and_on_merge(lib, base, case, tmp_pat
 
 
 @pytest.mark.oracle
+@pytest.mark.spec("WAVEFT-3")
+def test_filters_are_peft_s(lib):
+    """Daubechies' construction here gives PEFT's (PyWavelets') reconstruction filters for db1..db10 and sym2."""
+    from peft.tuners.waveft.wavelet import Wavelet
+    for family, lo in REC_LO.items():
+        assert np.abs(np.asarray(lo) - np.asarray(Wavelet(family).rec_lo)).max() < 1e-11, family
+
+
+@pytest.mark.oracle
 @pytest.mark.spec("WAVEFT-7")
-@pytest.mark.parametrize("case", ["db1", "db2_pattern", "gpt2_db2"])
+@pytest.mark.parametrize("case", ["db1", "db2_pattern", "db10", "gpt2_db2"])
 def test_training_step_gradients_agree(lib, base, tmp_path, case):
     check_step_gradients(lib, perturbed_peft_model(lib, base, ORACLE[case], "WaveFTConfig").eval(),
                          base(ORACLE[case][0]), tmp_path, "waveft_spectrum", f"WaveFT {case}")
@@ -329,7 +343,7 @@ def test_n_frequency_above_in_times_out_and_unknown_wavelet_are_refused_like_pef
         mp.load_model(base()).apply_adapter(WaveFTConfig(**kw))
     with pytest.raises(ValueError, match="not supported"):
         peft.WaveFTConfig(wavelet_family="db99")
-    with pytest.raises(ConfigError, match="db1, db2, sym2"):
+    with pytest.raises(ConfigError, match="db1, db2, db3.*sym2"):
         WaveFTConfig.from_peft(dict(peft_type="WAVEFT", wavelet_family="db99"))
 
 
