@@ -41,7 +41,7 @@ SEED = {
     "nola": ("-", "-", "-", "-"), "tiedlora": ("-", "-", "-", "-"), "dvora": ("-", "-", "-", "-"),
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "hra": ("-", "-", "-", "-"), "miss": ("-", "-", "-", "-"), "c3a": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
-    "fourierft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
+    "fourierft": ("-", "-", "-", "-"), "waveft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
     "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "psoft": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
@@ -84,6 +84,7 @@ def configs(mp, steps: int):
         "c3a": (adapter(mp.C3AConfig(block_size=16)), {}),
         "beft": (adapter(mp.BEFTConfig()), {}),
         "fourierft": (adapter(mp.FourierFTConfig()), {}),
+        "waveft": (adapter(mp.WaveFTConfig()), {}),
         "shira": (adapter(mp.SHiRAConfig()), {}),
         "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
         "delora": (adapter(mp.DeLoRAConfig(rank=8)), {}),

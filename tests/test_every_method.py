@@ -19,7 +19,7 @@ from tests.helpers import TINY_LLAMA, assert_close, data_for, hf_llama_folder, m
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
 QUANT = mp.QuantizationConfig(compute_dtype="float32")
-SMALL = {"fourierft": dict(n_frequency=256), "shira": dict(rank=2),  # PEFT's defaults (1000; 32 (in + out)) exceed
+SMALL = {"fourierft": dict(n_frequency=256), "waveft": dict(n_frequency=256), "shira": dict(rank=2),  # PEFT's defaults (1000; 32 (in + out)) exceed
          "road": dict(group_size=8),  # the tiny llama's v_proj (32 x 16 = 512); RoAd's group_size 64 > its 16 outputs
          "miss": dict(rank=5), "c3a": dict(block_size=8),  # MiSS's r = 64 > the tiny llama's 32 inputs; 5 leaves a padded shard
          "vblora": dict(num_vectors=16, vector_length=16),  # VB-LoRA's L = 256 exceeds every tiny width

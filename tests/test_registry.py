@@ -43,6 +43,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "hra": ("HRAConfig", "HRA", "layer", True, False),
     "beft": ("BEFTConfig", "BEFT", "layer", True, False),  # merges where the base has biases
     "fourierft": ("FourierFTConfig", "FOURIERFT", "layer", True, False),
+    "waveft": ("WaveFTConfig", "WAVEFT", "layer", True, False),
     "shira": ("SHiRAConfig", "SHIRA", "layer", True, False),
     "oft": ("OFTConfig", "OFT", "layer", True, False),
     "boft": ("BOFTConfig", "BOFT", "layer", True, False),

@@ -46,6 +46,7 @@ class FourierFTConfig(AdapterConfig):
     bias: str = "none"  # "none" | "all" | "fourier_only"
 
     peft_type = "FOURIERFT"
+    BIASES = ("none", "all", "fourier_only")
     PEFT_FIELDS = {f: f for f in ("n_frequency", "scaling", "random_loc_seed", "n_frequency_pattern",
                                   "init_weights", "bias")}
     INIT_MOVES_OUTPUT = "PEFT's default init_weights=False draws the spectrum from N(0, 1) (FOURIERFT-4)"
@@ -58,7 +59,7 @@ class FourierFTConfig(AdapterConfig):
                   "must be a positive integer")
         check(isinstance(self.random_loc_seed, int) and 0 <= self.random_loc_seed < 2**64, "random_loc_seed", self.random_loc_seed,
               "must be an integer in [0, 2**64) (torch.Generator.manual_seed's range)")
-        check(self.bias in ("none", "all", "fourier_only"), "bias", self.bias, "use 'none', 'all' or 'fourier_only'")
+        check(self.bias in self.BIASES, "bias", self.bias, "use one of " + ", ".join(map(repr, self.BIASES)))
         check(self.layers_pattern is None or self.layers_to_transform is not None, "layers_pattern",
               self.layers_pattern, "needs layers_to_transform (PEFT's rule)")
 
@@ -69,6 +70,19 @@ class FourierFTConfig(AdapterConfig):
     def trainable_count(self, layers: dict, mc) -> int:
         """FOURIERFT-6: n_f coefficients per layer."""
         return sum(self.n_frequency_for(p) for p in layers)
+
+
+def seeded_positions(base, cfg, path: str, method: str):
+    """FOURIERFT-1 (WAVEFT-1 too): the first n_f entries of torch.randperm(out * in) seeded with random_loc_seed,
+    flat p_k = u_k in + v_k, after the checks both methods share (a float Linear base, n_f <= in * out)."""
+    check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,
+          f"{method} needs a float Linear (or gpt2 Conv1D) base")
+    n, m, n_f = base.in_features, base.out_features, cfg.n_frequency_for(path)
+    check(n_f <= n * m, "n_frequency", n_f, f"must be <= in * out = {n * m} of {path} ({n} -> {m}); lower it "
+          f"or set n_frequency_pattern for that layer")
+    check(n * m < backend.TORCH_RANDPERM_SMALL, f"target_modules (for {path})", (n, m),
+          f"in * out must be < {backend.TORCH_RANDPERM_SMALL}: torch.randperm shuffles larger ranges another way")
+    return backend.torch_randperm_prefix(n * m, n_f, cfg.random_loc_seed)
 
 
 class SpectrumToWeight(Function):
@@ -94,16 +108,9 @@ class FourierFTLinear(Delta):
 
     @classmethod
     def create(cls, base, cfg: FourierFTConfig, path: str, rng, init_weights: bool = True):
-        check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,
-              "FourierFT needs a float Linear (or gpt2 Conv1D) base")
-        n, m, n_f = base.in_features, base.out_features, cfg.n_frequency_for(path)
-        check(n_f <= n * m, "n_frequency", n_f, f"must be <= in * out = {n * m} of {path} ({n} -> {m}); lower it "
-              f"or set n_frequency_pattern for that layer")
-        check(n * m < backend.TORCH_RANDPERM_SMALL, f"target_modules (for {path})", (n, m),
-              f"in * out must be < {backend.TORCH_RANDPERM_SMALL}: torch.randperm shuffles larger ranges another way")
-        delta = cls(n, m, backend.torch_randperm_prefix(n * m, n_f, cfg.random_loc_seed), cfg.scaling)
+        delta = cls(base.in_features, base.out_features, seeded_positions(base, cfg, path, "FourierFT"), cfg.scaling)
         if init_weights and not cfg.init_weights:  # FOURIERFT-4
-            delta.fourierft_spectrum.data = rng.normal((n_f,))
+            delta.fourierft_spectrum.data = rng.normal(delta.fourierft_spectrum.shape)
         return delta
 
     def weight(self):  # FOURIERFT-2: a Tensor (out, in)

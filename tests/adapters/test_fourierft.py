@@ -125,16 +125,21 @@ def test_one_layer_conv1d_forward_merge_and_gradients(n_f, fan_in_fan_out, seed)
     assert_close(base.weight.data, W0.T if fan_in_fan_out else W0, 1e-6, label="unmerged")
 
 
+def check_trainable_count_with_pattern(config_class, n_f, tm, pattern):
+    """n_f numbers per layer, n_frequency_pattern's where it matches (FOURIERFT-6; WAVEFT-7 shares it)."""
+    model = make_model()
+    cfg = config_class(n_frequency=n_f, target_modules=tm, n_frequency_pattern={r"layers\.1\..*": pattern})
+    model.apply_adapter(cfg)
+    want = sum(pattern if ".layers.1." in p else n_f for p, _ in layers(model, "default"))
+    lc.check_trainable(model, want)
+    assert cfg.trainable_count({p: None for p, _ in layers(model, "default")}, model.config) == want
+
+
 @pytest.mark.spec("FOURIERFT-6")
 @SETTINGS
 @given(n_f=st.integers(1, 512), tm=targets, pattern=st.integers(1, 300))
 def test_trainable_count_with_pattern(n_f, tm, pattern):
-    model = make_model()
-    cfg = FourierFTConfig(n_frequency=n_f, target_modules=tm, n_frequency_pattern={r"layers\.1\..*": pattern})
-    model.apply_fourierft(cfg)
-    want = sum(pattern if ".layers.1." in p else n_f for p, _ in layers(model, "default"))
-    lc.check_trainable(model, want)
-    assert cfg.trainable_count({p: None for p, _ in layers(model, "default")}, model.config) == want
+    check_trainable_count_with_pattern(FourierFTConfig, n_f, tm, pattern)
 
 
 @pytest.mark.spec("FOURIERFT-2", "FOURIERFT-3", "FOURIERFT-6")
