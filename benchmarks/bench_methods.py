@@ -42,7 +42,7 @@ SEED = {
     "mora": ("-", "-", "-", "-"), "multilora": ("-", "-", "-", "-"), "qalora": ("-", "-", "-", "-"),
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "hra": ("-", "-", "-", "-"), "miss": ("-", "-", "-", "-"), "c3a": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
     "fourierft": ("-", "-", "-", "-"), "waveft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
-    "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "psoft": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
+    "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "psoft": ("-", "-", "-", "-"), "gralora": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -89,6 +89,7 @@ def configs(mp, steps: int):
         "oft": (adapter(mp.OFTConfig(oft_block_size=8)), {}),
         "delora": (adapter(mp.DeLoRAConfig(rank=8)), {}),
         "psoft": (adapter(mp.PSOFTConfig(rank=32, psoft_alpha=32)), {}),
+        "gralora": (adapter(mp.GraLoRAConfig(rank=8, alpha=16)), {}),
         "boft": (adapter(mp.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2)), {}),
         "vblora": (adapter(mp.VBLoRAConfig(num_vectors=64, vector_length=16)), {}),
         "randlora": (adapter(mp.RandLoRAConfig(rank=8)), {}),

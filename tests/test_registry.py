@@ -52,6 +52,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "c3a": ("C3AConfig", "C3A", "layer", True, False),
     "delora": ("DeLoRAConfig", "DELORA", "layer", True, False),
     "psoft": ("PSOFTConfig", "PSOFT", "layer", True, False),
+    "gralora": ("GraLoRAConfig", "GRALORA", "layer", True, False),
     "vblora": ("VBLoRAConfig", "VBLORA", "layer", True, False),
     "randlora": ("RandLoRAConfig", "RANDLORA", "layer", True, False),
 }
