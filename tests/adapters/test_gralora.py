@@ -10,9 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import max_rel_err
+import minipeft as mp
 from minipeft.adapters.gralora import GraLoRAConfig
 from minipeft.errors import ConfigError
 from minipeft.safetensors_io import read_safetensors
+from one_layer import train_next
 from test_dora import SETTINGS, targets
 from test_hira import randomize  # every leaf of every layer ~ N(0, scale²)
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
@@ -134,6 +136,16 @@ def test_saved_keys_and_fields_are_peft_names(tmp_path):
     again = make_model()
     again.load_adapters(str(tmp_path))
     assert np.array_equal(again(IDS).numpy(), model(IDS).numpy())
+
+
+@pytest.mark.spec("GRALORA-2", "GRALORA-4")
+def test_model_train_moves_every_leaf_and_lowers_the_loss():
+    model = mp.load_model(mp.DEMO_MODEL)
+    model.apply_gralora(rank=8, alpha=16, gralora_k=2, hybrid_r=2, target_modules=("q_proj", "v_proj"))
+    before = {n: np.array(p.data) for n, p in model.net.named_trainable_parameters().items()}
+    h = train_next(model)
+    assert h["loss"][-1] < 0.8 * h["loss"][0]
+    assert all(not np.array_equal(p.data, before[n]) for n, p in model.net.named_trainable_parameters().items())
 
 
 # ---- against PEFT (test_peft_oracle.py's tiny random Llama / GPT-2, every trainable tensor moved) ----------------
