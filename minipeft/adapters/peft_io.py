@@ -68,12 +68,17 @@ def _bias_tensors(model, cfg) -> dict:
 
 
 def config_dict(model, cfg) -> dict:
-    d = {"peft_type": cfg.peft_type, "task_type": TASK_TYPES.get(model.config.model_type, "CAUSAL_LM"),
-         "base_model_name_or_path": model.name_or_path, "inference_mode": True,
+    return config_fields(cfg, model.config.model_type, model.name_or_path)
+
+
+def config_fields(cfg, model_type: str | None, name_or_path) -> dict:
+    """adapter_config.json of `cfg` on a model of `model_type` named `name_or_path` (PEFT-2)."""
+    d = {"peft_type": cfg.peft_type, "task_type": TASK_TYPES.get(model_type, "CAUSAL_LM"),
+         "base_model_name_or_path": name_or_path, "inference_mode": True,
          "target_modules": cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
          "layers_to_transform": _list_or_none(cfg.layers_to_transform), "layers_pattern": cfg.layers_pattern,
          "modules_to_save": list(cfg.modules_to_save) or None, "exclude_modules": list(cfg.exclude_modules) or None,
-         "fan_in_fan_out": model.config.model_type == "gpt2"}
+         "fan_in_fan_out": model_type == "gpt2"}
     d = {k: v for k, v in d.items() if k not in COMMON_FIELDS + ("fan_in_fan_out",) or k in cfg.PEFT_COMMON}
     if getattr(cfg, "is_prompt_learning", False):  # PEFT's PromptLearningConfig has no target fields
         d = {k: d[k] for k in ("peft_type", "task_type", "base_model_name_or_path", "inference_mode")}
@@ -101,9 +106,15 @@ def save_adapters(model, path: str, names=None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
         weights = {k: np.ascontiguousarray(backend.to_host(t.data), dtype=kept_dtype(t))
                    for k, t in adapter_tensors(model, name).items()}
-        with atomic_save_dir(folder) as tmp:
-            write_safetensors(os.path.join(tmp, WEIGHTS_NAME), weights, {"format": "pt"})
-            atomic_write_json(os.path.join(tmp, CONFIG_NAME), config_dict(model, model.peft_configs[name]))
+        write_adapter_folder(folder, weights, config_dict(model, model.peft_configs[name]))
+
+
+def write_adapter_folder(folder: str, weights: dict, config: dict) -> None:
+    """An adapter folder in PEFT's layout ({key: host array}, adapter_config.json's dict), written to a temporary
+    folder that is renamed into place (fileio.atomic_save_dir): a crash leaves no half adapter."""
+    with atomic_save_dir(folder) as tmp:
+        write_safetensors(os.path.join(tmp, WEIGHTS_NAME), weights, {"format": "pt"})
+        atomic_write_json(os.path.join(tmp, CONFIG_NAME), config)
 
 
 def read_adapter_config(folder: str):

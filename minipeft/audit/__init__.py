@@ -6,9 +6,10 @@ Model folders are read a tensor at a time (files.py), so an audit needs memory f
 """
 from .adapter import AdapterReport, LayerRow, Spectrum, audit_adapter, spectrum
 from .combine import CombineReport, LayerCheck, audit_combine
+from .convert import ConvertReport, ConvertRow, audit_convert
 from .diff import DiffReport, DiffSummary, LayerDiff, audit_diff
 from .files import Checkpoint, read_adapter
 from .merged import MergedReport, TensorCheck, audit_merged
 from .report import Finding, Report
 
-__all__ = ["audit_adapter", "AdapterReport", "LayerRow", "Spectrum", "spectrum", "audit_combine", "CombineReport", "LayerCheck", "audit_diff", "DiffReport", "DiffSummary", "LayerDiff", "audit_merged", "MergedReport", "TensorCheck", "Finding", "Report", "Checkpoint", "read_adapter"]
+__all__ = ["audit_adapter", "AdapterReport", "LayerRow", "Spectrum", "spectrum", "audit_combine", "CombineReport", "LayerCheck", "audit_convert", "ConvertReport", "ConvertRow", "audit_diff", "DiffReport", "DiffSummary", "LayerDiff", "audit_merged", "MergedReport", "TensorCheck", "Finding", "Report", "Checkpoint", "read_adapter"]

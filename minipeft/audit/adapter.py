@@ -14,6 +14,7 @@ missing, misshapen or hold NaN/Inf, and saved tensors the config does not explai
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import numpy as np
@@ -21,7 +22,9 @@ import numpy as np
 from ..adapters.inject import find_targets, leaf_names, linear_paths, unmatched_entries
 from ..adapters.lora import lora_scaling
 from ..errors import ConfigError, MiniPeftError
+from ..adapters.peft_io import PREFIX, write_adapter_folder
 from .files import Checkpoint, ImpliedBase, base_for, read_adapter
+from .intruders import intruders, reduce_layer
 from .layers import AdapterLayers
 from .report import Finding, Report, fmt, progress
 
@@ -69,6 +72,9 @@ class AdapterReport(Report):
     layers: list
     findings: list
     intruder_rule: str | None = None  # k and epsilon of AUDIT-19, with a base
+    reduced: str | None = None  # the folder --reduce-intruders wrote (AUDIT-20)
+    reduced_layers: list = dataclasses.field(default_factory=list)  # the layers whose factors it changed
+    reduced_rule: str | None = None  # mitigation lambda
 
     command = "audit adapter"
 
@@ -89,6 +95,9 @@ class AdapterReport(Report):
                        f"{fmt(row.rel_fro) if row.rel_fro is not None else '-':>9} "
                        f"{row.intruders if row.intruders is not None else '-':>4}  "
                        + " ".join(fmt(v) for v in sp.singular_values[:4]))
+        if self.reduced:
+            out.append(f"wrote {self.reduced}: intruders reduced in {len(self.reduced_layers)} layer(s) "
+                       f"({self.reduced_rule}), every other tensor copied")
         return out
 
 
@@ -126,6 +135,41 @@ def unmatched_targets(base: Checkpoint, adapter) -> list[Finding]:
 NOTHING = "the adapter changes nothing on this base"
 
 
+def pattern_findings(adapter, base: Checkpoint) -> list[Finding]:
+    """AUDIT-21: rank_pattern / alpha_pattern entries PEFT cannot reload as meant: a key that is not a valid regular
+    expression (PEFT's load raises), a rank that is not a positive integer (PEFT cannot build the layer), a key
+    that matches no adapted layer (PEFT ignores it without a word, so the rank or alpha it names applies nowhere)."""
+    cfg, out = adapter.cfg, []
+    patterns = {f: getattr(cfg, f, None) or {} for f in ("rank_pattern", "alpha_pattern")}
+    if not any(patterns.values()):
+        return out
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            paths = find_targets(base.skeleton(), cfg)
+    except (ConfigError, re.error):
+        paths = []
+    for field, pattern in patterns.items():
+        for key, value in pattern.items():
+            try:
+                rx = re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                out.append(Finding("pattern-invalid", adapter.config_path, None,
+                                   f"{field} key {key!r} is not a regular expression ({e}): PEFT raises re.error on "
+                                   "load. Escape it (re.escape) or write the module path plainly"))
+                continue
+            if field == "rank_pattern" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                out.append(Finding("pattern-invalid", adapter.config_path, None,
+                                   f"rank_pattern[{key!r}] = {value!r} is not a positive integer: PEFT cannot build "
+                                   "a layer of that rank. Write the rank the file's tensors have"))
+            if paths and not any(rx.match(p) for p in paths):
+                out.append(Finding("pattern-unmatched", adapter.config_path, None,
+                                   f"{field} key {key!r} matches no adapted layer (PEFT's rule: the whole path or a "
+                                   f"dotted suffix of it, e.g. {paths[0]!r}): PEFT ignores it silently, so the value "
+                                   f"{value!r} applies nowhere. Fix the key or drop the entry"))
+    return out
+
+
 def open_base(A, base: str | None) -> Checkpoint:
     """AUDIT-8: BASE (given, else the config's), or for a plain LoRA without one the base its file implies."""
     if base is not None:
@@ -148,16 +192,9 @@ def open_layers(adapter: str, base: str | None):
         return A, B, AdapterLayers(A, B)
 
 
-def intruders(W0, W, k: int, eps: float) -> int:
-    """AUDIT-19 (Shuttleworth et al. 2024, arXiv:2410.21228): how many of W's top k left singular vectors have
-    |cos| < eps with every left singular vector of W0 (both (out, in))."""
-    U0 = np.linalg.svd(W0, full_matrices=False)[0]  # (out, q)
-    U = np.linalg.svd(W, full_matrices=False)[0][:, :k]  # (out, k)
-    return int(np.sum(np.max(np.abs(U.T @ U0), axis=1) < eps))
-
-
 def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = True, intruder_k: int = 10,
-                  intruder_epsilon: float = 0.5) -> AdapterReport:
+                  intruder_epsilon: float = 0.5, reduce_intruders: str | None = None,
+                  mitigation_lambda: float = 0.75) -> AdapterReport:
     if isinstance(intruder_k, bool) or not isinstance(intruder_k, int) or intruder_k < 0:
         raise ConfigError(f"--intruder-k {intruder_k!r} must be an integer >= 0 (0: no intruder count)")
     if not 0 < intruder_epsilon <= 1:
@@ -165,13 +202,16 @@ def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = T
     A = read_adapter(adapter)
     B = open_base(A, base)
     real = not isinstance(B, ImpliedBase)
+    if reduce_intruders is not None:
+        check_reducible(A, real, intruder_k, mitigation_lambda)
     findings = unmatched_targets(B, A) if real else []
+    findings += pattern_findings(A, B)
     if any(NOTHING in f.message for f in findings):
         return AdapterReport(A.folder, B.folder, A.method.title, None, [], findings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layers = AdapterLayers(A, B)
-    cfg, rows = A.cfg, []
+    cfg, rows, reduced = A.cfg, [], {}
     count = real and intruder_k > 0
     lora = hasattr(cfg, "rank_alpha_for") and hasattr(cfg, "use_rslora")
     for path in progress(layers.paths, len(layers.paths), "audit adapter", show_progress, "layer"):
@@ -181,10 +221,13 @@ def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = T
         dW = layer.dW
         sp = spectrum(np.linalg.svd(dW, compute_uv=False))
         r, alpha = cfg.rank_alpha_for(path) if lora else (None, None)
+        scale = lora_scaling(alpha, r, cfg.use_rslora) if lora else None
         w0 = float(np.linalg.norm(layer.W0)) if real else 0.0
-        rows.append(LayerRow(path, tuple(dW.shape), r, alpha, lora_scaling(alpha, r, cfg.use_rslora) if lora else None,
-                             sp, sp.fro / w0 if w0 > 0 else None,
-                             intruders(layer.W0, layer.merged, intruder_k, intruder_epsilon) if count else None))
+        n = intruders(layer.W0, layer.merged, intruder_k, intruder_epsilon) if count else None
+        if reduce_intruders is not None and n:
+            new = reduce_layer(layer.W0, dW, scale, r, intruder_k, intruder_epsilon, mitigation_lambda)
+            reduced[path] = new[:2]
+        rows.append(LayerRow(path, tuple(dW.shape), r, alpha, scale, sp, sp.fro / w0 if w0 > 0 else None, n))
         del layer, dW
     findings += layers.problems
     findings += [Finding("unexplained-tensor", A.weights_path, k,
@@ -194,4 +237,44 @@ def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = T
     rule = ("alpha / sqrt(r) (use_rslora)" if cfg.use_rslora else "alpha / r") if lora else None
     shown = (f"of the top {intruder_k} left singular vectors of W0 + dW, those whose |cos| with every left singular "
              f"vector of W0 is below {intruder_epsilon:g} (Shuttleworth et al. 2024)") if count else None
-    return AdapterReport(A.folder, B.folder, A.method.title, rule, rows, findings, shown)
+    report = AdapterReport(A.folder, B.folder, A.method.title, rule, rows, findings, shown)
+    if reduce_intruders is not None and not findings:
+        write_reduced(A, reduced, reduce_intruders)
+        report.reduced, report.reduced_layers = reduce_intruders, sorted(reduced, key=list(layers.paths).index)
+        report.reduced_rule = f"lambda {mitigation_lambda:g}"
+    elif reduce_intruders is not None:
+        report.findings.append(Finding("not-written", reduce_intruders, None,
+                                       "--reduce-intruders wrote nothing: the adapter has the findings above; fix "
+                                       "them first"))
+    return report
+
+
+def check_reducible(A, real: bool, k: int, lam: float) -> None:
+    """AUDIT-20's preconditions: a plain LoRA (PEFT's reduce_intruder_dimension takes LoRA only), a real base,
+    k > 0 and lambda in [0, 1]."""
+    cfg = A.cfg
+    if A.method.name != "lora":
+        raise ConfigError(f"{A.config_path}: --reduce-intruders rewrites LoRA factors; this is a {A.method.title} "
+                          "adapter (PEFT's reduce_intruder_dimension takes LoRA only). Convert it first: "
+                          "minipeft audit convert ADAPTER --rank K OUT")
+    if getattr(cfg, "init", "default") not in ("default", "gaussian"):
+        raise ConfigError(f"{A.config_path}: init_lora_weights={cfg.init!r} rewrites W0 on load, so reduced factors "
+                          "would not fit the base they are loaded on; --reduce-intruders takes adapters whose base "
+                          "is W0 as stored")
+    if not real:
+        raise ConfigError("--reduce-intruders needs the base (W0's singular vectors): pass --base FOLDER")
+    if k <= 0:
+        raise ConfigError("--reduce-intruders needs --intruder-k > 0")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
+        raise ConfigError(f"--mitigation-lambda {lam!r} must lie in [0, 1] (the part of each intruder kept)")
+
+
+def write_reduced(A, reduced: dict, out: str) -> None:
+    """AUDIT-20: the adapter with each reduced layer's lora_A / lora_B replaced, every other tensor and the config
+    as they are (float32, written atomically)."""
+    weights = {k: np.asarray(v, dtype=v.dtype if np.issubdtype(v.dtype, np.integer) else np.float32)
+               for k, v in A.tensors.items()}
+    for path, (lora_A, lora_B) in reduced.items():
+        weights[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(lora_A, dtype=np.float32)
+        weights[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(lora_B, dtype=np.float32)
+    write_adapter_folder(out, weights, A.raw)

@@ -34,6 +34,11 @@ def add_audit_parser(sub, parents):
                    "singular vectors of W0 + dW (with a base; 0: not counted)")
     d.add_argument("--intruder-epsilon", type=float, default=0.5, help="a singular vector is an intruder when its "
                    "|cos| with every singular vector of W0 is below this")
+    d.add_argument("--reduce-intruders", metavar="OUT", default=None, help="write to OUT this LoRA with each "
+                   "layer's intruder dimensions scaled by --mitigation-lambda (PEFT's reduce_intruder_dimension; "
+                   "needs the base)")
+    d.add_argument("--mitigation-lambda", type=float, default=0.75, help="the part of each intruder dimension kept "
+                   "by --reduce-intruders")
     d.set_defaults(fn=cmd_adapter)
     f = command("diff", "how alike are adapters A and B? per layer: cosine of dW, principal angles between the "
                 "column and row spaces, norm ratio; a summary")
@@ -54,7 +59,28 @@ def add_audit_parser(sub, parents):
                    "plain LoRAs need none)")
     c.add_argument("--tol", type=float, default=1e-5, help="allowed relative Frobenius error")
     c.set_defaults(fn=cmd_combine)
+    v = command("convert", "write ADAPTER (any mergeable method) as a plain LoRA of rank K, each layer's dW by "
+                "truncated SVD (PEFT's convert_to_lora / save_as_lora), with each layer's relative error")
+    v.add_argument("adapter", help="adapter folder (PEFT's layout)")
+    v.add_argument("out", help="folder to write the LoRA to")
+    v.add_argument("--rank", required=True, type=rank_arg, help="an integer: the rank of every layer; a number in "
+                   "(0, 1) or 1.0: per layer the smallest rank whose singular values keep that share of ||dW||_F^2")
+    v.add_argument("--base", default=None, help="base model folder (default: the config's base_model_name_or_path; "
+                   "a plain LoRA needs none)")
+    v.set_defaults(fn=cmd_convert)
     return a
+
+
+def rank_arg(text: str):
+    """--rank: '8' is a rank, '0.9' or '1.0' an energy share (PEFT: an int is a rank, a float a threshold)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a rank (an integer) nor an energy share "
+                                             "(a number in (0, 1])") from None
 
 
 def show(report, args) -> int:
@@ -71,7 +97,8 @@ def cmd_merged(args):
 def cmd_adapter(args):
     from .adapter import audit_adapter
     return show(audit_adapter(args.adapter, args.base, show_progress=not args.no_progress, intruder_k=args.intruder_k,
-                              intruder_epsilon=args.intruder_epsilon), args)
+                              intruder_epsilon=args.intruder_epsilon, reduce_intruders=args.reduce_intruders,
+                              mitigation_lambda=args.mitigation_lambda), args)
 
 
 def cmd_diff(args):
@@ -83,3 +110,8 @@ def cmd_combine(args):
     from .combine import audit_combine
     return show(audit_combine(args.adapters, args.weights, args.combination, args.combined, args.base, args.density,
                               args.majority_sign_method, args.tol, show_progress=not args.no_progress), args)
+
+
+def cmd_convert(args):
+    from .convert import audit_convert
+    return show(audit_convert(args.adapter, args.rank, args.out, args.base, show_progress=not args.no_progress), args)
