@@ -231,16 +231,125 @@ def test_the_report_counts_intruders_per_layer(base, tmp_path, capsys):
     assert main(["audit", "adapter", str(tmp_path / "a"), "--base", base, "--intruder-epsilon", "2"]) == 2
 
 
+# ---- --reduce-intruders (AUDIT-20) and rank_pattern checks (AUDIT-21) ---------------------------------------------
+def planted_intruder(base, tmp_path, target_modules=("q_proj",)):
+    """A rank-1 LoRA whose q_proj of layer 0 adds one intruder dimension (100 sigma_1 along U0 1 / sqrt(out))."""
+    model = mp.load_model(base)
+    model.apply_lora(rank=2, alpha=2, target_modules=list(target_modules))
+    W0 = weights(base)[f"{Q}.weight"].astype(np.float64)
+    U0, S0, _ = np.linalg.svd(W0)
+    n = W0.shape[0]
+    delta = model.net.get_submodule(Q).adapters["default"]
+    A = np.random.default_rng(1).standard_normal((2, W0.shape[1])) * 0.01
+    A[0] = np.ones(W0.shape[1]) / math.sqrt(W0.shape[1])
+    B = np.zeros((n, 2))
+    B[:, 0] = 100 * S0[0] * U0 @ np.ones(n) / math.sqrt(n)
+    B[:, 1] = np.random.default_rng(2).standard_normal(n) * 0.01
+    delta.lora_A.weight.data, delta.lora_B.weight.data = A.astype(np.float32), B.astype(np.float32)
+    model.save_adapters(str(tmp_path / "a"))
+    return str(tmp_path / "a"), W0
+
+
+def layer_dW(folder, base, path=Q):
+    from minipeft.audit.adapter import open_layers
+    return open_layers(folder, base)[2].layer(path).dW
+
+
+@pytest.mark.spec("AUDIT-20")
+def test_reduce_intruders_scales_the_intruder_and_leaves_the_rest(base, tmp_path, capsys):
+    adapter, W0 = planted_intruder(base, tmp_path)
+    out = str(tmp_path / "reduced")
+    assert main(["audit", "adapter", adapter, "--base", base, "--reduce-intruders", out, "--mitigation-lambda", "0",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}: intruders reduced in 1 layer(s) (lambda 0)" in text
+    dW, new = layer_dW(adapter, base), layer_dW(out, base)
+    U, S, Vt = np.linalg.svd(W0 + dW, full_matrices=False)
+    j = int(np.argmax(np.max(np.abs(U.T @ np.linalg.svd(W0)[0]), axis=1) < 0.5))
+    expected = dW - S[j] * np.outer(U[:, j], Vt[j])  # lambda 0: the intruder's whole component removed
+    s = np.linalg.svd(expected, compute_uv=False)
+    assert np.linalg.norm(new - expected) <= np.sqrt(np.sum(s[2:] ** 2)) + 1e-4 * np.linalg.norm(dW)  # rank 2 fit
+    assert np.linalg.norm(new) < 1e-2 * np.linalg.norm(dW)
+    assert audit_adapter(out, base).layers[0].intruders == 0
+    src, got = (read_safetensors(os.path.join(f, "adapter_model.safetensors"))[0] for f in (adapter, out))
+    other = f"{PREFIX}model.layers.1.self_attn.q_proj.lora_A.weight"
+    assert sorted(src) == sorted(got) and np.array_equal(src[other], got[other])  # a layer without intruders: as is
+    assert read_json(os.path.join(out, "adapter_config.json"), "") == read_json(os.path.join(adapter,
+                                                                                             "adapter_config.json"), "")
+
+
+@pytest.mark.spec("AUDIT-20")
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2 ** 31), st.floats(0.0, 1.0))
+def test_the_reduced_factors_share_the_singular_values_and_lambda_one_changes_nothing(seed, lam):
+    from minipeft.audit.intruders import reduce_layer
+    rng = np.random.default_rng(seed)
+    n, r, s = 12, 2, 0.5
+    W0 = rng.standard_normal((n, n))
+    U0 = np.linalg.svd(W0)[0]
+    dW = 100 * np.outer(U0 @ np.ones(n) / math.sqrt(n), rng.standard_normal(n)) + 0.01 * rng.standard_normal((n, 1)) \
+        @ rng.standard_normal((1, n))
+    got = reduce_layer(W0, dW, s, r, 10, 0.5, lam)
+    assert got is not None and got[2] >= 1
+    A, B, _ = got
+    np.testing.assert_allclose(np.linalg.norm(A, axis=1), np.linalg.norm(B, axis=0), rtol=1e-9)  # sqrt(S) on both
+    if lam == 1.0:
+        np.testing.assert_allclose(s * B @ A, dW, atol=1e-9 * np.abs(dW).max())
+    assert reduce_layer(W0, np.zeros((n, n)), s, r, 10, 0.5, lam) is None  # no intruders: nothing to reduce
+
+
+@pytest.mark.spec("AUDIT-20")
+def test_reduce_intruders_refuses_what_it_cannot_do(base, tmp_path, capsys):
+    adapter, _ = planted_intruder(base, tmp_path)
+    out = str(tmp_path / "reduced")
+    for argv, said in ((["--mitigation-lambda", "1.5"], "must lie in [0, 1]"), (["--intruder-k", "0"], "--intruder-k > 0")):
+        assert main(["audit", "adapter", adapter, "--base", base, "--reduce-intruders", out, *argv]) == 2
+        assert said in capsys.readouterr().err and not os.path.exists(out)
+    edit(adapter, config=lambda c: c.update(base_model_name_or_path=str(tmp_path / "gone")))
+    assert main(["audit", "adapter", adapter, "--reduce-intruders", out]) == 2  # no base to read W0 from
+    assert "needs the base" in capsys.readouterr().err and not os.path.exists(out)
+    edit(adapter, config=lambda c: c.update(base_model_name_or_path=base))
+    loha, _ = written(base, tmp_path, "loha")
+    assert main(["audit", "adapter", loha, "--base", base, "--reduce-intruders", out]) == 2
+    assert "LoRA only" in capsys.readouterr().err and not os.path.exists(out)
+    edit(adapter, change=lambda t: t[f"{PREFIX}{Q}.lora_B.weight"].__setitem__((0, 0), np.nan))
+    r = audit_adapter(adapter, base, reduce_intruders=out)
+    assert {f.kind for f in r.findings} == {"adapter-nonfinite", "not-written"} and r.reduced is None
+    assert not os.path.exists(out)
+
+
+@pytest.mark.spec("AUDIT-21")
+def test_rank_pattern_entries_peft_cannot_reload_are_named(base, tmp_path):
+    model = mp.load_model(base)
+    model.apply_lora(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                     alpha_pattern={"v_proj": 4})
+    perturb(model)
+    model.save_adapters(str(tmp_path / "a"))
+    a = str(tmp_path / "a")
+    assert audit_adapter(a, base).findings == []  # a pattern that matches: clean
+    edit(a, config=lambda c: c["rank_pattern"].update({"k_proj": 3}))
+    f = only(audit_adapter(a, base), "pattern-unmatched")
+    assert "'k_proj' matches no adapted layer" in f.message and "applies nowhere" in f.message
+    edit(a, config=lambda c: c.update(rank_pattern={"v_proj": 2, "q_proj[": 3}))
+    f = only(audit_adapter(a, base), "pattern-invalid")
+    assert "'q_proj['" in f.message and "re.error" in f.message
+    edit(a, config=lambda c: c.update(rank_pattern={"v_proj": 2}, alpha_pattern={"layers\\.9\\.v_proj": 4}))
+    f = only(audit_adapter(a, base), "pattern-unmatched")
+    assert "alpha_pattern key" in f.message
+
+
 @pytest.mark.oracle
-@pytest.mark.spec("AUDIT-19")
-def test_intruder_counts_are_peft_reduce_intruder_dimension_counts(hf_base, tmp_path):
-    """PEFT's reduce_intruder_dimension logs each layer's count (top_k 10, epsilon 0.5): the same as ours."""
+@pytest.mark.spec("AUDIT-19", "AUDIT-20")
+def test_intruder_counts_and_reduced_factors_equal_peft_reduce_intruder_dimension(hf_base, tmp_path):
+    """PEFT's reduce_intruder_dimension logs each layer's count (top_k 10, epsilon 0.5): the same as ours; its new
+    adapter (saved) and --reduce-intruders give the same B A per layer and the same logits in PEFT."""
     pytest.importorskip("peft")
     import peft
     import torch
     import transformers
     from peft.tuners.lora.intruders import reduce_intruder_dimension
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    torch.manual_seed(0)
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -250,9 +359,32 @@ def test_intruder_counts_are_peft_reduce_intruder_dimension_counts(hf_base, tmp_
     pm.save_pretrained(str(tmp_path / "a"))
     logged = []
     reduce_intruder_dimension(pm, logging_sink=logged.append)
-    theirs = {line.split(": ")[0].replace("base_model.model.", ""):
-              0 if "No intruders" in line else int(line.rsplit(" ", 1)[1]) for line in logged if ": " in line}
-    r = audit_adapter(str(tmp_path / "a"), hf_base)
-    ours = {x.path: x.intruders for x in r.layers}
-    print(f"\n  intruders per layer: {ours}")
-    assert ours == theirs and sum(ours.values()) > 0
+    pm.save_pretrained(str(tmp_path / "peft"), selected_adapters=["intruder_reduced"])
+    theirs_dir = str(tmp_path / "peft" / "intruder_reduced")
+    theirs_count = {line.split(": ")[0].replace("base_model.model.", ""):
+                    0 if "No intruders" in line else int(line.rsplit(" ", 1)[1]) for line in logged if ": " in line}
+    r = audit_adapter(str(tmp_path / "a"), hf_base, reduce_intruders=str(tmp_path / "ours"))
+    ours_count = {x.path: x.intruders for x in r.layers}
+    print(f"\n  intruders per layer: {ours_count}")
+    assert ours_count == theirs_count and sum(ours_count.values()) > 0
+    assert ours_count == {x.path: x.intruders for x in audit_adapter(str(tmp_path / "a"), hf_base).layers}
+    assert r.status == 0 and r.reduced_layers == [p for p, n in ours_count.items() if n]
+    theirs, ours = (read_safetensors(os.path.join(f, "adapter_model.safetensors"))[0]
+                    for f in (theirs_dir, str(tmp_path / "ours")))
+    assert sorted(theirs) == sorted(ours)
+    worst = 0.0
+    for path in r.reduced_layers:
+        key = f"{PREFIX}{path}"
+        prod = [t[f"{key}.lora_B.weight"].astype(np.float64) @ t[f"{key}.lora_A.weight"].astype(np.float64)
+                for t in (theirs, ours)]
+        worst = max(worst, float(np.max(np.abs(prod[0] - prod[1])) / np.max(np.abs(prod[0]))))
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4]])
+    out = []
+    with torch.no_grad():
+        for folder in (theirs_dir, str(tmp_path / "ours")):
+            hf = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+            out.append(peft.PeftModel.from_pretrained(hf, folder)(ids).logits.numpy())
+    err = float(np.max(np.abs(out[0] - out[1])))
+    print(f"\n  reduce intruders: {len(r.reduced_layers)} of {len(r.layers)} layers reduced, B A vs PEFT's rel "
+          f"{worst:.2e}, PEFT logits of both {err:.2e}")
+    assert worst < 1e-5 and err < 1e-5

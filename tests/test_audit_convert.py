@@ -222,12 +222,14 @@ def test_peft_save_as_lora_gives_the_same_lora(case, rank, hf_base, tmp_path):
         s = np.linalg.svd(dW, compute_uv=False)
         fit = {n: np.linalg.norm(dW - P) / np.linalg.norm(dW) for n, P in prod.items()}
         worst_fit = max(worst_fit, abs(fit["ours"] - fit["theirs"]))  # both the optimum, sqrt(tail share)
-        if row.rank < s.size and s[row.rank - 1] - s[row.rank] < 1e-4 * s[0]:
-            tied.append(row.path)  # s_k = s_k+1: the best rank-k fit is not unique (C3A's circulant pairs)
+        if row.rank < s.size and s[row.rank - 1] - s[row.rank] < 1e-2 * s[0]:
+            # s_k ~ s_k+1: the best rank-k fit is not unique (C3A's circulant pairs) or, by Davis-Kahan, not fixed to
+            # 1e-5 by a float32 SVD (subspace error ~ 1e-7 s_1 / gap): only the fit error is compared
+            tied.append(row.path)
             continue
         worst = max(worst, float(np.max(np.abs(prod["theirs"] - prod["ours"])) / np.max(np.abs(prod["theirs"]))))
     line = (f"\n  {case} rank {rank}: B A vs PEFT's rel {worst:.2e}, fit error vs PEFT's {worst_fit:.1e}, "
-            f"ranks {sorted({x.rank for x in r.layers})}, {len(tied)} of {len(r.layers)} layers with s_k = s_k+1")
+            f"ranks {sorted({x.rank for x in r.layers})}, {len(tied)} of {len(r.layers)} layers with s_k - s_k+1 < s_1 / 100")
     assert worst < 1e-5 and worst_fit < 1e-5
     if not tied:  # the same LoRA: PEFT gives both the same logits
         ids = torch.tensor(IDS)

@@ -206,7 +206,7 @@ def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = T
         check_reducible(A, real, intruder_k, mitigation_lambda)
     findings = unmatched_targets(B, A) if real else []
     findings += pattern_findings(A, B)
-    if any(NOTHING in f.message for f in findings):
+    if any(NOTHING in f.message or f.kind == "pattern-invalid" for f in findings):  # no layers to build
         return AdapterReport(A.folder, B.folder, A.method.title, None, [], findings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -223,10 +223,12 @@ def audit_adapter(adapter: str, base: str | None = None, show_progress: bool = T
         r, alpha = cfg.rank_alpha_for(path) if lora else (None, None)
         scale = lora_scaling(alpha, r, cfg.use_rslora) if lora else None
         w0 = float(np.linalg.norm(layer.W0)) if real else 0.0
-        n = intruders(layer.W0, layer.merged, intruder_k, intruder_epsilon) if count else None
-        if reduce_intruders is not None and n:
+        n = intruders(layer.W0, layer.merged, intruder_k, intruder_epsilon) if count and not reduce_intruders else None
+        if reduce_intruders is not None:  # (count is True: check_reducible)
             new = reduce_layer(layer.W0, dW, scale, r, intruder_k, intruder_epsilon, mitigation_lambda)
-            reduced[path] = new[:2]
+            n = 0 if new is None else new[2]
+            if new is not None:
+                reduced[path] = new[:2]
         rows.append(LayerRow(path, tuple(dW.shape), r, alpha, scale, sp, sp.fro / w0 if w0 > 0 else None, n))
         del layer, dW
     findings += layers.problems
