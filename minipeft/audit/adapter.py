@@ -100,6 +100,12 @@ class AdapterReport(Report):
                        f"({self.reduced_rule}), every other tensor copied")
         return out
 
+    def heat(self):
+        return "||dW||_F", {row.path: row.spectrum.fro for row in self.layers}
+
+    def spectra(self) -> dict:
+        return {row.path: row.spectrum.singular_values for row in self.layers}
+
 
 def needs_base(adapter) -> str | None:
     """Why dW of this adapter depends on W0 or on base tensors (so BASE is needed), or None: a plain LoRA or

@@ -14,6 +14,8 @@ def add_audit_parser(sub, parents):
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--json", action="store_true", help="print the report as JSON")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    out.add_argument("--html", metavar="FILE", default=None, help="also write the report as one self-contained HTML "
+                     "file, with plots when matplotlib is installed")
 
     def command(name, help):
         return commands.add_parser(name, help=help, parents=[*parents, out],
@@ -85,6 +87,9 @@ def rank_arg(text: str):
 
 def show(report, args) -> int:
     print(report.to_json() if args.json else report.text())
+    if args.html:
+        from .html import write_html
+        write_html(report, args.html)
     return report.status
 
 

@@ -71,6 +71,9 @@ class CombineReport(Report):
                 f"{fmt(c.error):>9} {fmt(c.optimum):>9} {fmt(c.exact_gap):>9}" for c in self.layers]
         return out
 
+    def heat(self):
+        return "error against the definition", {c.path: c.error for c in self.layers}
+
 
 def outcomes(ts, ws, k, merge):
     """(2^n, *shape): merge's value for every keep/drop outcome of the n sources' entries (DARE's masks)."""

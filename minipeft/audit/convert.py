@@ -61,6 +61,9 @@ class ConvertReport(Report):
                        "layer, so the scale is 1)")
         return out
 
+    def heat(self):
+        return "relative error of the LoRA", {r.path: r.rel_error for r in self.layers}
+
 
 def check_rank(rank) -> None:
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):

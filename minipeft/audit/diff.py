@@ -68,6 +68,9 @@ class DiffReport(Report):
                    f"{fmt(s.norm_ratio)}, column-space overlap {fmt(s.column_overlap)} (1 same, 0 orthogonal)")
         return out
 
+    def heat(self):
+        return "cosine of dW_A and dW_B", {d.path: d.cosine for d in self.layers}
+
 
 def basis(dW):
     """(U (out, r), V (in, r), ||dW||_F) at dW's numerical rank r (AUDIT-11)."""

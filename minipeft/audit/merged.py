@@ -61,6 +61,10 @@ class MergedReport(Report):
         out += [f"  BAD {t.name:<48} {t.dtype:<5} |M-BASE| {fmt(t.changed):>9}" for t in bad]
         return out
 
+    def heat(self):
+        return "max |M - E| of the weight", {t.name[:-len(".weight")]: t.max_abs for t in self.tensors
+                                             if t.touched and t.name.endswith(".weight")}
+
 
 BLOCK = 1 << 20  # values compared at a time, so a large untouched tensor (an embedding) is never copied whole
 

@@ -53,6 +53,10 @@ class Report:
     def lines(self) -> list[str]:
         raise NotImplementedError
 
+    def heat(self):
+        """(quantity, {layer path: value}) for the --html heat map (AUDIT-25), or None."""
+        return None
+
 
 def _plain(v):
     """JSON-safe: a NaN or infinity becomes null (JSON has neither), tuples lists."""
