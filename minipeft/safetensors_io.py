@@ -235,6 +235,21 @@ class TensorFile:
         a = np.memmap(self.path, dtype=dt, mode="r", offset=self.start + info.begin, shape=info.shape)
         return float32_from_bf16_bits(np.asarray(a)) if info.dtype == "BF16" else _checked(self.path, key, info, a)
 
+    def read_flat(self, key: str, start: int, count: int) -> np.ndarray:
+        """Values start .. start + count - 1 of the tensor in C order (fewer at its end), read from the file into an
+        array of their own (BF16 as float32): a reader that goes through a large tensor this way holds one range,
+        where a mapping would keep every page it touched resident."""
+        info = self.infos[key]
+        dt = np.dtype(DTYPES[info.dtype])
+        n = (info.end - info.begin) // dt.itemsize
+        start, count = min(max(start, 0), n), max(0, min(count, n - start))
+        with open(self.path, "rb") as f:
+            f.seek(self.start + info.begin + start * dt.itemsize)
+            a = np.fromfile(f, dtype=dt, count=count)
+        if a.size != count:
+            raise _bad(self.path, key, "file shrank while being read")
+        return float32_from_bf16_bits(a) if info.dtype == "BF16" else a
+
 
 def _read_bytes(f, path, key, start, info: TensorInfo) -> np.ndarray:
     buf = np.empty(info.end - info.begin, np.uint8)  # a validated size, within the file

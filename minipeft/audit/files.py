@@ -76,6 +76,11 @@ class Checkpoint:
         """The tensor as stored, mapped (no copy; BF16 as a float32 copy)."""
         return self.files[key].get(key)
 
+    def block(self, key, start: int, count: int) -> np.ndarray:
+        """Values start .. start + count - 1 of the tensor (C order) as float64, read from the file (not mapped:
+        AUDIT-7, so going through an embedding keeps one block resident, not the tensor)."""
+        return np.asarray(self.files[key].read_flat(key, start, count), dtype=np.float64)
+
     def nbytes(self) -> int:
         return sum(i.end - i.begin for f in set(self.files.values()) for i in f.infos.values())
 

@@ -107,7 +107,7 @@ def audit_merged(base: str, adapter: str, merged: str, tol: float = 1e-5, show_p
             E = A.tensors[layers.replaced[key]]
             dW, touched = E - B.read(key), True
         else:
-            E, dW, touched = B.view(key), 0.0, False  # mapped: compare() reads it a block at a time
+            E, dW, touched = None, 0.0, False  # E = BASE's tensor: compare() reads it a block at a time
         check, finding = compare(key, E, dW, touched, B, M, tol)
         dtypes.add((B.dtype(key), M.dtype(key)))
         checks.append(check)
@@ -116,21 +116,33 @@ def audit_merged(base: str, adapter: str, merged: str, tol: float = 1e-5, show_p
     return MergedReport(B.folder, A.folder, M.folder, A.method.title, tol, rule_text(tol, dtypes), checks, findings)
 
 
+def reader(x, C, key):
+    """block(start): BLOCK values from `start` (C order, float64) of the computed array x, or with x None of C's
+    tensor `key`, read from its file (AUDIT-7: never mapped whole)."""
+    if x is None:
+        return lambda start: C.block(key, start, BLOCK)
+    flat = np.reshape(x, -1)
+    return lambda start: np.asarray(flat[start:start + BLOCK], dtype=np.float64)
+
+
 def compare(key, E, dW, touched, B, M, tol):
-    """(TensorCheck, Finding or None) of MERGED's tensor `key` against E, BLOCK values at a time (E, MERGED's and
-    BASE's tensors as mapped or computed; each block in float64)."""
-    Mv = M.view(key)
-    if Mv.shape != np.shape(E):
+    """(TensorCheck, Finding or None) of MERGED's tensor `key` against E (None: BASE's tensor, the expected value of
+    a tensor the adapter does not touch), BLOCK values at a time, each block in float64."""
+    shape = tuple(B.info(key).shape) if E is None else tuple(np.shape(E))
+    if tuple(M.info(key).shape) != shape:
         return TensorCheck(key, M.dtype(key), touched, float("nan"), float("nan"), float("nan"), False), \
-            Finding("shape", M.where(key), key, f"shape {Mv.shape} in MERGED, {np.shape(E)} in BASE; {FIX_MERGE}")
+            Finding("shape", M.where(key), key, f"shape {tuple(M.info(key).shape)} in MERGED, {shape} in BASE; "
+                    f"{FIX_MERGE}")
     eps = max(EPSILON.get(B.dtype(key), 0.0), EPSILON.get(M.dtype(key), 0.0))
-    W = B.view(key) if touched else E
+    m_of, e_of = reader(None, M, key), reader(E, B, key)
+    w_of = reader(None, B, key) if touched else e_of
     dW_max = float(np.max(np.abs(dW), initial=0.0))
-    flat = [np.reshape(a, -1) for a in (Mv, E, W)]
+    size = int(np.prod(shape))
     worst = scale = moved = 0.0
     n_bad, first, finite = 0, None, True
-    for start in range(0, flat[0].size, BLOCK):
-        m, e, w = (np.asarray(a[start:start + BLOCK], dtype=np.float64) for a in flat)
+    for start in range(0, size, BLOCK):
+        m, e = m_of(start), e_of(start)
+        w = w_of(start) if touched else e
         err = np.abs(m - e)
         bad = ~(err <= allowance(e, w, dW_max, tol, eps))  # a NaN is bad
         worst, scale = max(worst, float(np.max(err))), max(scale, float(np.max(np.abs(e))))
@@ -142,9 +154,9 @@ def compare(key, E, dW, touched, B, M, tol):
     check = TensorCheck(key, M.dtype(key), touched, worst, worst / max(scale, 1e-30), moved, n_bad == 0)
     if check.ok:
         return check, None
-    at = tuple(int(i) for i in np.unravel_index(first, np.shape(E)))
-    where = (f"{n_bad} of {flat[0].size} values outside the allowance (first at {at}: MERGED {float(Mv[at]):.6g}, "
-             f"expected {float(E[at]):.6g})")
+    at = tuple(int(i) for i in np.unravel_index(first, shape))
+    where = (f"{n_bad} of {size} values outside the allowance (first at {at}: MERGED {float(m_of(first)[0]):.6g}, "
+             f"expected {float(e_of(first)[0]):.6g})")
     if not finite:
         return check, Finding("nonfinite", M.where(key), key, f"MERGED holds NaN/Inf; {where}. {FIX_MERGE}")
     if not touched:
@@ -154,8 +166,7 @@ def compare(key, E, dW, touched, B, M, tol):
                               "base, or with another adapter merged as well?")
     return check, Finding("wrong-merge", M.where(key), key,
                           f"max |M - E| = {worst:.3g} (relative {check.max_rel:.3g}); {where}"
-                          f"{diagnosis(np.asarray(Mv, dtype=np.float64) - np.asarray(W, dtype=np.float64), dW)}. "
-                          f"{FIX_MERGE}")
+                          f"{diagnosis(M.read(key) - B.read(key), dW)}. {FIX_MERGE}")
 
 
 def diagnosis(moved, dW) -> str:
