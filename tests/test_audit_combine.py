@@ -24,17 +24,19 @@ NOTES = {"dare_linear": ["random-masks"], "dare_ties": ["random-masks"], "dare_l
          "dare_ties_svd": ["unverifiable"]}
 
 
-def combined_by_minipeft(base, tmp_path, combination, weights=WEIGHTS, rank=(4, 4)):
-    """(source folders, combined folder): two LoRA sources (the first rsLoRA) on q/v, every factor moved, and
-    their combination by merge_adapters, saved."""
+def combined_by_minipeft(base, tmp_path, combination, weights=WEIGHTS, rank=(4, 4), first=None, **merge):
+    """(source folders, combined folder): two LoRA sources (the first rsLoRA, with `first`'s options too) on q/v,
+    every factor moved, and their combination by merge_adapters(**merge), saved."""
     model = mp.load_model(base)
     for i, r in enumerate(rank):
-        model.apply_lora(rank=r, alpha=8, target_modules=["q_proj", "v_proj"], name=f"s{i}", use_rslora=i == 0)
+        model.apply_lora(rank=r, alpha=8, target_modules=["q_proj", "v_proj"], name=f"s{i}", use_rslora=i == 0,
+                         **(first or {} if i == 0 else {}))
     rng = np.random.default_rng(0)
     for name, p in model.net.named_parameters():
-        if ".lora_" in name:
+        if ".lora_" in name or p.requires_grad:
             p.data = (p.data + rng.standard_normal(p.shape) * 0.2).astype(np.float32)
-    model.merge_adapters({"s0": weights[0], "s1": weights[1]}, name="mix", combination=combination, density=0.5)
+    model.merge_adapters({"s0": weights[0], "s1": weights[1]}, name="mix", combination=combination, density=0.5,
+                         **merge)
     model.save_adapters(str(tmp_path / "out"))
     return [str(tmp_path / "out" / "s0"), str(tmp_path / "out" / "s1")], str(tmp_path / "out" / "mix")
 
@@ -107,14 +109,14 @@ def test_bad_input_exits_2(base, tmp_path, capsys):
     assert main([*args, "--weights", "0.7", "0.4", "--type", "ties", "--density", "0.5"]) == 0
 
 
-def combined_by_peft(hf_base, tmp_path, combination, use_rslora, weights=WEIGHTS):
+def combined_by_peft(hf_base, tmp_path, combination, use_rslora, weights=WEIGHTS, lora_bias=False, **merge):
     """(source folders, combined folder) of PEFT: two LoRA sources r = 4 (use_rslora as given), every factor moved,
     add_weighted_adapter(..., combination) as "mix", saved by save_pretrained."""
     import peft
     import torch
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
-    cfg = dict(r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=["q_proj", "v_proj"])
+    cfg = dict(r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=["q_proj", "v_proj"], lora_bias=lora_bias)
     pm = peft.get_peft_model(hf, peft.LoraConfig(**cfg))
     pm.add_adapter("other", peft.LoraConfig(**cfg))
     g = torch.Generator().manual_seed(1)
@@ -122,7 +124,7 @@ def combined_by_peft(hf_base, tmp_path, combination, use_rslora, weights=WEIGHTS
         for n, p in pm.named_parameters():
             if "lora_" in n:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    kw = {"density": 0.5} if combination in PRUNED else {}
+    kw = {"density": 0.5, **merge} if combination in PRUNED else merge
     pm.add_weighted_adapter(["default", "other"], weights, "mix", combination_type=combination, **kw)
     pm.save_pretrained(str(tmp_path / "peft"))
     return [str(tmp_path / "peft"), str(tmp_path / "peft" / "other")], str(tmp_path / "peft" / "mix")
@@ -163,3 +165,69 @@ def test_a_factorwise_type_of_unequal_ranks_is_bad_input(base, tmp_path, capsys)
     args = ["audit", "combine", "--adapters", *sources, "--weights", "0.7", "0.4", "--combined", mix]
     assert main([*args, "--type", "linear"]) == 2
     assert "needs equal ranks" in capsys.readouterr().err
+
+
+@pytest.mark.spec("AUDIT-26")
+@pytest.mark.parametrize("combination", ["cat", "linear", "svd"])
+def test_lora_b_biases_combine_as_the_weighted_sum(combination, base, tmp_path):
+    sources, mix = combined_by_minipeft(base, tmp_path, combination, first={"lora_bias": True})
+    r = audit(sources, mix, combination)
+    assert r.status == 0 and [f.kind for f in r.findings] == [], [f.line() for f in r.findings]
+    key = f"{PREFIX}model.layers.1.self_attn.q_proj.lora_B.bias"
+    edit(mix, lambda t: t[key].__setitem__(0, t[key][0] + 1e-2))
+    [f] = audit(sources, mix, combination).findings
+    assert f.kind == "wrong-bias" and f.tensor == key and "sum_i w_i s_i b_i" in f.message
+
+
+@pytest.mark.spec("AUDIT-26")
+def test_a_modules_to_save_copy_must_be_the_sources(base, tmp_path):
+    sources, mix = combined_by_minipeft(base, tmp_path, "cat", first={"modules_to_save": ["lm_head"]})
+    r = audit(sources, mix, "cat")
+    assert r.status == 0 and r.findings == [], [f.line() for f in r.findings]
+    key = f"{PREFIX}lm_head.weight"
+    edit(mix, lambda t: t[key].__setitem__((0, 0), t[key][0, 0] + 1.0))
+    [f] = audit(sources, mix, "cat").findings
+    assert f.kind == "copy-differs" and f.tensor == key and sources[0] in f.message
+    edit(mix, lambda t: t.pop(key))
+    kinds = [f.kind for f in audit(sources, mix, "cat").findings]
+    assert kinds == ["copy-missing"], kinds
+
+
+@pytest.mark.spec("AUDIT-16", "AUDIT-26")
+def test_an_svd_clamp_is_checked_against_the_clipped_factors(base, tmp_path, capsys):
+    sources, mix = combined_by_minipeft(base, tmp_path, "svd", svd_clamp=0.9)
+    r = audit(sources, mix, "svd", svd_clamp=0.9)
+    assert r.status == 0 and r.findings == [] and max(c.error for c in r.layers) < 1e-6, [f.line() for f in r.findings]
+    r = audit(sources, mix, "svd")  # judged without the clamp: farther from D than the optimum
+    assert r.status == 1 and {f.kind for f in r.findings} == {"wrong-combination"}
+    r = audit(sources, mix, "svd", svd_clamp=0.5)
+    assert r.status == 1
+    args = ["audit", "combine", "--adapters", *sources, "--weights", "0.7", "0.4", "--combined", mix, "--svd-clamp"]
+    assert main([*args, "0.9", "--type", "svd", "--no-progress"]) == 0
+    assert main([*args, "0.9", "--type", "cat"]) == 2 and "*svd types only" in capsys.readouterr().err
+    assert main([*args, "1.5", "--type", "svd"]) == 2
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("AUDIT-16", "AUDIT-26")
+@pytest.mark.parametrize("combination", ["svd", "ties_svd"])
+def test_peft_svd_clamp_passes(combination, hf_base, tmp_path):
+    pytest.importorskip("peft")
+    sources, mix = combined_by_peft(hf_base, tmp_path, combination, use_rslora=False, svd_clamp=0.9)
+    r = audit(sources, mix, combination, base=hf_base, svd_clamp=0.9)
+    assert r.status == 0 and r.findings == [], [f.line() for f in r.findings]
+    worst = max(c.error for c in r.layers)
+    print(f"\n  PEFT {combination} with svd_clamp 0.9: worst error against the clipped factors {worst:.2e}")
+    assert worst < 1e-5
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("AUDIT-26")
+def test_peft_leaves_lora_b_biases_out_and_it_is_flagged(hf_base, tmp_path):
+    """PEFT 0.21.2's add_weighted_adapter combines lora_B weights only: C's lora_B bias stays at its zero init."""
+    pytest.importorskip("peft")
+    sources, mix = combined_by_peft(hf_base, tmp_path, "cat", use_rslora=False, lora_bias=True)
+    r = audit(sources, mix, "cat", base=hf_base)
+    assert r.status == 1 and [f.kind for f in r.findings] == ["wrong-bias"] * 4, [f.line() for f in r.findings]
+    assert all("relative error 1 >" in f.message for f in r.findings)
+    assert all(c.ok for c in r.layers)  # the weights are combined right

@@ -60,6 +60,8 @@ def add_audit_parser(sub, parents):
     c.add_argument("--base", default=None, help="base model folder (default: each config's base_model_name_or_path; "
                    "plain LoRAs need none)")
     c.add_argument("--tol", type=float, default=1e-5, help="allowed relative Frobenius error")
+    c.add_argument("--svd-clamp", type=float, default=None, help="the *svd types' clamp quantile it was combined with "
+                   "(merge_adapters' svd_clamp, PEFT's add_weighted_adapter svd_clamp)")
     c.set_defaults(fn=cmd_combine)
     v = command("convert", "write ADAPTER (any mergeable method) as a plain LoRA of rank K, each layer's dW by "
                 "truncated SVD (PEFT's convert_to_lora / save_as_lora), with each layer's relative error")
@@ -114,7 +116,8 @@ def cmd_diff(args):
 def cmd_combine(args):
     from .combine import audit_combine
     return show(audit_combine(args.adapters, args.weights, args.combination, args.combined, args.base, args.density,
-                              args.majority_sign_method, args.tol, show_progress=not args.no_progress), args)
+                              args.majority_sign_method, args.tol, show_progress=not args.no_progress,
+                              svd_clamp=args.svd_clamp), args)
 
 
 def cmd_convert(args):

@@ -87,7 +87,19 @@ def unmatched(stored, candidates, tol) -> int:
     return int(np.sum(~np.any(near, axis=0)))
 
 
-def check_layer(combination, deltas, ws, dWs, C, k: definition.Knobs, tol):
+def clamped_fit(D, r, clamp, B_C):
+    """AUDIT-16 with --svd-clamp q: the rank-r factors of D (B = U_r S_r, A = V_r^T) with the signs of C's own
+    B_C columns (the SVD leaves each pair's sign free, and the q-quantile of the signed entries depends on it),
+    then clipped to [-x, x], x the q-quantile of B's and A's entries together (linear interpolation); B A."""
+    U, S, Vh = np.linalg.svd(D, full_matrices=False)
+    B, A = U[:, :r] * S[:r], Vh[:r]
+    signs = np.where(np.sum(B * B_C, axis=0) < 0, -1.0, 1.0)  # (r,)
+    B, A = B * signs, A * signs[:, None]
+    x = definition.quantile(np.concatenate([B.ravel(), A.ravel()]), clamp)
+    return np.clip(B, -x, x) @ np.clip(A, -x, x)
+
+
+def check_layer(combination, deltas, ws, dWs, C, k: definition.Knobs, tol, clamp=None):
     """(error, optimum, exact_gap, ok, E or None) of C's layer (its delta and dW) against the definition."""
     dW_C, d_C = C.dW, C.delta
     if combination in definition.MERGES:  # factor-wise
@@ -105,6 +117,9 @@ def check_layer(combination, deltas, ws, dWs, C, k: definition.Knobs, tol):
         D = merge(dWs, ws, k)
         U, S, Vh = np.linalg.svd(D, full_matrices=False)
         r = d_C.lora_A.weight.shape[0]
+        if clamp is not None:  # no optimum to compare with: the clipped factors of D are the definition
+            E = clamped_fit(D, r, clamp, np.asarray(d_C.lora_B.weight.data, dtype=np.float64))
+            return rel(dW_C, E), None, None, rel(dW_C, E) <= tol, E
         norm, opt = float(np.linalg.norm(D)), float(np.sqrt(np.sum(S[r:] ** 2)))
         excess = (float(np.linalg.norm(dW_C - D)) - opt) / max(norm, 1e-30)
         return excess, opt / max(norm, 1e-30), None, excess <= tol, (U[:, :r] * S[:r]) @ Vh[:r]
@@ -143,9 +158,61 @@ def scale_finding(C, cfg, scales: dict, found: dict) -> Finding:
                    "expected scale is 1. Set lora_alpha = r, or combine again")
 
 
+def bias_finding(F_C, C, deltas, ws, tol):
+    """AUDIT-26: with sources that train a lora_B bias, C's s_C b_C must be sum_i w_i s_i b_i (every type)."""
+    parts = [w * d.s * np.asarray(d.lora_B.bias.data, dtype=np.float64) for d, w in zip(deltas, ws)
+             if getattr(d.lora_B, "bias", None) is not None]
+    if not parts:
+        return None
+    E = sum(parts)
+    b = getattr(C.delta.lora_B, "bias", None)
+    got = C.delta.s * np.asarray(b.data, dtype=np.float64) if b is not None else np.zeros_like(E)
+    err = rel(got, E)
+    if err <= tol:
+        return None
+    return Finding("wrong-bias", F_C.weights_path, f"base_model.model.{C.path}.lora_B.bias",
+                   f"relative error {err:.3g} > tol {tol:g} against sum_i w_i s_i b_i of the sources' lora_B biases"
+                   f"{' (the combined adapter has no lora_B bias)' if b is None else ''}: its outputs are off by "
+                   "that bias. Combine again with minipeft's merge_adapters, which sums them")
+
+
+def copy_findings(opened, F_C, L_C, tol) -> list[Finding]:
+    """AUDIT-26: every base tensor a source replaces (a modules_to_save copy, a trained bias) must be in C as that
+    source's tensor (all sources that replace it agreeing); C replacing one no source does is combined-extra."""
+    out = []
+    keys = sorted({k for _, _, L in opened for k in L.replaced} | set(L_C.replaced), key=natural)
+    for key in keys:
+        have = [(F, F.tensors[L.replaced[key]]) for F, _, L in opened if key in L.replaced]
+        if not have:
+            out.append(Finding("combined-extra", F_C.weights_path, L_C.replaced[key], "no source replaces this base "
+                               "tensor, but the combined adapter does: was it combined from other sources?"))
+            continue
+        if any(not np.array_equal(t, have[0][1]) for _, t in have[1:]):
+            out.append(Finding("ambiguous-copy", F_C.weights_path, key, f"{len(have)} sources hold different copies "
+                               "of this tensor, so no one combination of them is defined (minipeft and PEFT refuse "
+                               "such sources)", breaks=False))
+            continue
+        if key not in L_C.replaced:
+            out.append(Finding("copy-missing", F_C.weights_path, key, f"{have[0][0].folder} trains this tensor "
+                               "(modules_to_save or a bias), but the combined adapter lacks it, so the model falls "
+                               "back to the base's. Combine again, keeping modules_to_save"))
+            continue
+        got = F_C.tensors[L_C.replaced[key]]
+        if got.shape != have[0][1].shape or rel(got, have[0][1]) > tol:
+            out.append(Finding("copy-differs", F_C.weights_path, L_C.replaced[key], f"differs from "
+                               f"{have[0][0].folder}'s copy (relative error "
+                               f"{rel(got, have[0][1]) if got.shape == have[0][1].shape else float('nan'):.3g}); the "
+                               "combined adapter should carry the source's trained copy unchanged"))
+    return out
+
+
 def audit_combine(adapters, weights, combination: str, combined: str, base=None, density=None,
-                  majority_sign_method: str = "total", tol: float = 1e-5, show_progress: bool = True) -> CombineReport:
+                  majority_sign_method: str = "total", tol: float = 1e-5, show_progress: bool = True,
+                  svd_clamp: float | None = None) -> CombineReport:
     k = check_args(adapters, weights, combination, density, majority_sign_method)
+    if svd_clamp is not None and (not combination.endswith("svd") or not 0 <= svd_clamp <= 1):
+        raise ConfigError(f"--svd-clamp {svd_clamp!r} is a quantile in [0, 1] and applies to the *svd types only "
+                          f"(--type {combination!r})")
     opened = [open_layers(a, base) for a in adapters]
     F_C, _, L_C = open_layers(combined, base)
     for F, _, _ in [*opened, (F_C, None, None)]:
@@ -170,7 +237,9 @@ def audit_combine(adapters, weights, combination: str, combined: str, base=None,
         s_C = lora_scaling(alpha, r, F_C.cfg.use_rslora)
         ws = [w for _, w in parts]
         err, opt, gap, ok, E = check_layer(combination, [p.delta for p, _ in parts], ws, [p.dW for p, _ in parts], C,
-                                           k, tol)
+                                           k, tol, svd_clamp)
+        wrong_bias = bias_finding(F_C, C, [p.delta for p, _ in parts], ws, tol)
+        findings += [wrong_bias] if wrong_bias else []
         c = None if E is None or ok else multiple(C.dW, E)  # dW_C = c E
         if abs(s_C - 1) > 1e-12 and (E is None or c is not None and abs(c - s_C) <= 1e-3 * s_C):
             wrong_scale[path], scales[r], ok = s_C, s_C, False  # C's scale explains it (or is all that is checkable)
@@ -184,6 +253,7 @@ def audit_combine(adapters, weights, combination: str, combined: str, base=None,
         del parts, C
     if wrong_scale:
         findings.append(scale_finding(F_C, F_C.cfg, scales, wrong_scale))
+    findings += copy_findings(opened, F_C, L_C, tol)
     findings += [f for _, _, L in opened for f in L.problems] + L_C.problems
     if combination in ("dare_linear_svd", "dare_ties_svd"):
         findings.append(Finding("unverifiable", F_C.weights_path, None, f"{combination!r} draws random masks of the "
