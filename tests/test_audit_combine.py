@@ -117,6 +117,7 @@ def combined_by_peft(hf_base, tmp_path, combination, use_rslora, weights=WEIGHTS
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
     cfg = dict(r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=["q_proj", "v_proj"], lora_bias=lora_bias)
+    torch.manual_seed(0)  # PEFT's init draws from the global generator: the same sources every run
     pm = peft.get_peft_model(hf, peft.LoraConfig(**cfg))
     pm.add_adapter("other", peft.LoraConfig(**cfg))
     g = torch.Generator().manual_seed(1)
