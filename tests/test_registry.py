@@ -56,6 +56,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "vblora": ("VBLoRAConfig", "VBLORA", "layer", True, False),
     "randlora": ("RandLoRAConfig", "RANDLORA", "layer", True, False),
     "supertuning": ("SuperTuningConfig", "SUPERTUNING", "layer", True, False),
+    "tinylora": ("TinyLoRAConfig", "TINYLORA", "layer", True, False),
 }
 
 

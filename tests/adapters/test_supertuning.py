@@ -200,7 +200,8 @@ CASES = {"super": ("llama", dict(sparsity=0.9, target_modules=["q_proj", "v_proj
 
 
 def ours(name):  # PEFT's base_model.model.<path>.<leaf>.default[.weight] -> <path>.adapters.default.<leaf>[.weight]
-    return re.sub(r"^(.+)\.(supertuning_\w+)\.default", r"\1.adapters.default.\2", name.removeprefix("base_model.model."))
+    name = name.removeprefix("base_model.model.")
+    return re.sub(r"^(.+)\.(supertuning_\w+)\.default", r"\1.adapters.default.\2", name)
 
 
 @pytest.mark.oracle
