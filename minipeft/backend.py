@@ -387,6 +387,46 @@ class RNG:
 TORCH_RANDPERM_SMALL = (2**32 - 1) // 20  # below this n torch.randperm takes the shuffle rebuilt here
 
 
+def torch_mt19937_outputs(seed: int, k: int) -> np.ndarray:
+    """The first k 32-bit outputs (uint64 array, host) of torch.Generator().manual_seed(seed) on the CPU: MT19937
+    seeded with the seed's low 32 bits (init_genrand, as NumPy's legacy RandomState)."""
+    key, pos = np.random.RandomState(seed & 0xFFFFFFFF).get_state()[1:3]
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+    return bits.random_raw(k).astype(np.uint64)
+
+
+def torch_normal(shape, std: float, seed: int) -> np.ndarray:
+    """torch.normal(0, std, size=shape, generator=torch.Generator().manual_seed(seed)) on the CPU, float32, host,
+    without torch (spec/tinylora.md TINYLORA-3). n = prod(shape) >= 16: n uniforms f = (out & (2^24 - 1)) / 2^24,
+    each block of 16 made normal by Box-Muller (z_j = sqrt(-2 log(1 - f_j)) cos(2 pi f_{j+8}) and sin for z_{j+8},
+    j < 8), a last partial block redrawn as 16 fresh uniforms over the final 16 places (torch's normal_fill; its
+    AVX2 log and sincos round to within a few float32 ulps of these); n < 16: one double normal per entry, u1, u2
+    from two 64-bit draws (hi << 32 | lo) & (2^53 - 1) / 2^53, z = sqrt(-2 log1p(-u2)) cos(2 pi u1), then the
+    cached sin(...) for the next entry (normal_distribution<double>)."""
+    n = int(np.prod(shape))
+
+    def box_muller(f):  # (blocks, 16) uniforms -> normals
+        radius, theta = np.sqrt(-2.0 * np.log(1.0 - f[:, :8])), 2.0 * np.pi * f[:, 8:]
+        return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)], axis=1)
+
+    if n >= 16:
+        u = torch_mt19937_outputs(seed, n + (16 if n % 16 else 0))
+        f = (u & np.uint64(2**24 - 1)).astype(np.float64) * 2.0**-24  # exact float32 uniforms in [0, 1)
+        out = np.empty(n)
+        whole = n - n % 16
+        out[:whole] = box_muller(f[:whole].reshape(-1, 16)).reshape(-1)
+        if n % 16:
+            out[n - 16:] = box_muller(f[n:].reshape(1, 16))[0]
+        return (out * std).reshape(shape).astype(np.float32)
+    u = torch_mt19937_outputs(seed, 4 * ((n + 1) // 2)).reshape(-1, 2, 2)  # (pairs, (u1, u2), (hi, lo))
+    bits = (u[..., 0] << np.uint64(32) | u[..., 1]) & np.uint64(2**53 - 1)
+    u1, u2 = (bits.astype(np.float64) * 2.0**-53).T
+    r, theta = np.sqrt(-2.0 * np.log1p(-u2)), 2.0 * np.pi * u1
+    z = np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1).reshape(-1)[:n]
+    return (z * std).reshape(shape).astype(np.float32)
+
+
 def torch_randperm_prefix(n: int, k: int, seed: int) -> np.ndarray:
     """The first k entries of torch.randperm(n, generator=torch.Generator().manual_seed(seed)) on the
     CPU, without torch (int64, host). torch's CPU generator is MT19937 seeded with the low 32 bits of
@@ -397,10 +437,7 @@ def torch_randperm_prefix(n: int, k: int, seed: int) -> np.ndarray:
     if not 0 <= k <= n < TORCH_RANDPERM_SMALL:
         raise BackendError(f"torch_randperm_prefix: need 0 <= k <= n < {TORCH_RANDPERM_SMALL} (got k={k}, n={n}); "
                            "above that torch.randperm uses another shuffle")
-    key, pos = np.random.RandomState(seed & 0xFFFFFFFF).get_state()[1:3]
-    bits = np.random.MT19937()
-    bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
-    u = bits.random_raw(k)  # (k,) the generator's 32-bit outputs
+    u = torch_mt19937_outputs(seed, k)  # (k,)
     moved, out = {}, np.empty(k, dtype=np.int64)
     for i in range(k):
         j = i + int(u[i]) % (n - i)

@@ -191,6 +191,15 @@ def check_peft_case(lib, base, case, config_class: str, ours: type, tmp_path, la
     assert type(model.peft_configs["default"]) is ours and model.parameter_counts()[0] == trained
 
 
+def check_init_and_count(lib, base, case, config_class: str, ours: type, label):
+    """report_init_is_base for case = (base kind, PEFT kwargs), minipeft reading the same kwargs through
+    ours.from_peft; and the trainable count equals PEFT's."""
+    kind, kw = case
+    hf, model, _ = report_init_is_base(lib, base(kind), config_class, kw,
+                                       ours.from_peft(dict(peft_type=ours.peft_type, **kw)), label)
+    assert model.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
+
+
 def report(label, err):
     print(f"\n  {label}: max rel err {err:.2e}")
     assert err < TOL, f"{label}: {err:.3e} >= {TOL}"
@@ -460,6 +469,7 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
 
 
 LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "delora", "psoft"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
+LINEAR_ONLY |= {"supertuning"}
 
 
 @pytest.mark.spec("PEFT-3")

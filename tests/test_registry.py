@@ -55,6 +55,8 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "gralora": ("GraLoRAConfig", "GRALORA", "layer", True, False),
     "vblora": ("VBLoRAConfig", "VBLORA", "layer", True, False),
     "randlora": ("RandLoRAConfig", "RANDLORA", "layer", True, False),
+    "supertuning": ("SuperTuningConfig", "SUPERTUNING", "layer", True, False),
+    "tinylora": ("TinyLoRAConfig", "TINYLORA", "layer", True, False),
 }
 
 

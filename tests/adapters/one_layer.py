@@ -48,6 +48,15 @@ def train_next(model, lr=1e-2):
     return model.train(data, mp.TrainingConfig(learning_rate=lr, batch_size=4, epochs=8, progress=False))
 
 
+def check_train_moves_every_leaf(model, lr=1e-2):
+    """train_next (at lr) lowers the loss by a fifth and moves every trainable tensor of the model."""
+    import numpy as np
+    before = {n: np.array(p.data) for n, p in model.net.named_trainable_parameters().items()}
+    h = train_next(model, lr)
+    assert h["loss"][-1] < 0.8 * h["loss"][0]
+    assert all(not np.array_equal(p.data, before[n]) for n, p in model.net.named_trainable_parameters().items())
+
+
 def saved_and_reloaded(model, tmp_path, make_model, ids):
     """Save model's default adapter to tmp_path, load it onto make_model(), check the logits on ids agree
     (1e-6); (the saved adapter_config.json as a dict, {saved key: shape})."""
