@@ -470,6 +470,7 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
 
 LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "delora", "psoft"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
 LINEAR_ONLY |= {"glora"}
+LINEAR_ONLY |= {"osf"}
 
 
 @pytest.mark.spec("PEFT-3")
