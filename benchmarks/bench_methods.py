@@ -45,6 +45,8 @@ SEED = {
     "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "psoft": ("-", "-", "-", "-"), "gralora": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
     "supertuning": ("-", "-", "-", "-"),
     "tinylora": ("-", "-", "-", "-"),
+    "glora": ("-", "-", "-", "-"),
+    "osf": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -97,6 +99,8 @@ def configs(mp, steps: int):
         "randlora": (adapter(mp.RandLoRAConfig(rank=8)), {}),
         "supertuning": (adapter(mp.SuperTuningConfig()), {}),
         "tinylora": (adapter(mp.TinyLoRAConfig()), {}),
+        "glora": (adapter(mp.GLoRAConfig()), {}),
+        "osf": (adapter(mp.OSFConfig()), {}),
     }
 
 

@@ -14,6 +14,8 @@ from .adapters.psoft import PSOFTConfig
 from .adapters.gralora import GraLoRAConfig
 from .adapters.supertuning import SuperTuningConfig
 from .adapters.tinylora import TinyLoRAConfig
+from .adapters.glora import GLoRAConfig
+from .adapters.osf import OSFConfig
 from .adapters.fourierft import FourierFTConfig
 from .adapters.waveft import WaveFTConfig
 from .adapters.ia3 import IA3Config
@@ -63,5 +65,7 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig", "HiRAConfig", "HRAConfig", "BEFTConfig", "FourierFTConfig", "WaveFTConfig", "SHiRAConfig", "RoadConfig", "MiSSConfig", "C3AConfig", "DeLoRAConfig", "PSOFTConfig", "BOFTConfig", "VBLoRAConfig", "RandLoRAConfig", "GraLoRAConfig",
            "SuperTuningConfig",
            "TinyLoRAConfig",
+           "GLoRAConfig",
+           "OSFConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

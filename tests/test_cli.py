@@ -22,6 +22,8 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "vblora": "VBLORA", "randlora": "RANDLORA",
              "supertuning": "SUPERTUNING",
              "tinylora": "TINYLORA",
+             "glora": "GLORA",
+             "osf": "OSF",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

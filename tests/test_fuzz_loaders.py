@@ -25,7 +25,7 @@ from minipeft.model import Model
 from minipeft.models import model_class
 from minipeft.models.config import FIELD_NAMES, LIMITS, read_config
 from minipeft.safetensors_io import write_safetensors
-from tests.helpers import TINY_LLAMA, data_for, tiny_llama
+from tests.helpers import TINY_LLAMA, data_for, max_rel_err, tiny_llama
 
 OUTCOMES = collections.Counter()  # (test, outcome) -> cases
 def fuzz(n):
@@ -202,6 +202,8 @@ def valid_configs():
             mp.RandLoRAConfig(rank=4),
             mp.SuperTuningConfig(sparsity=0.9, rank=2),
             mp.TinyLoRAConfig(u=4, weight_tying=0.5),
+            mp.GLoRAConfig(rank=2),
+            mp.OSFConfig(effective_rank=4),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made
@@ -263,6 +265,11 @@ def load_and_judge(test, model, before, folder, strict):
     loaded, _ = read_safetensors(weights_path)
     mine = peft_io.adapter_tensors(model, "default")
     for key in set(mine) & set(loaded):
+        if key == "prompt_embeddings" and any(k.startswith("prompt_encoder.") for k in loaded):
+            # the loaded encoder's output, recomputed: the file's within check_loaded's 1e-5 (a float16 encoder
+            # weight rounds it), not bit for bit
+            assert max_rel_err(mine[key].numpy(), loaded[key].astype(np.float32)) <= 1e-5, key
+            continue
         assert np.array_equal(mine[key].numpy(), loaded[key].astype(np.float32)), key
     assert sorted(report["missing"]) == sorted(set(mine) - set(loaded))
     assert sorted(report["unexpected"]) == sorted(set(loaded) - set(mine))

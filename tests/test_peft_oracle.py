@@ -137,6 +137,15 @@ def report_init_is_base(lib, folder, config_class: str, kw: dict, our_config, la
     return hf, model, want
 
 
+def check_init_is_base_and_count(lib, base, case, config_class: str, ours: type, label):
+    """report_init_is_base for case = (base kind, PEFT kwargs), read here through ours.from_peft; then minipeft's
+    trainable count equals PEFT's."""
+    kind, kw = case
+    hf, model, _ = report_init_is_base(lib, base(kind), config_class, kw,
+                                       ours.from_peft(dict(peft_type=ours.peft_type, **kw)), label)
+    assert model.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
+
+
 def report_merge_and_unload(lib, pm, folder, tmp_path, case):
     """PEFT's merge_and_unload of pm against minipeft's of pm's saved adapter on the base at folder:
     logits, and every weight both state dicts hold."""
@@ -189,15 +198,6 @@ def check_peft_case(lib, base, case, config_class: str, ours: type, tmp_path, la
     model = minipeft.load_model(base(case[0]))
     model.load_adapters(str(tmp_path / "peft"))
     assert type(model.peft_configs["default"]) is ours and model.parameter_counts()[0] == trained
-
-
-def check_init_and_count(lib, base, case, config_class: str, ours: type, label):
-    """report_init_is_base for case = (base kind, PEFT kwargs), minipeft reading the same kwargs through
-    ours.from_peft; and the trainable count equals PEFT's."""
-    kind, kw = case
-    hf, model, _ = report_init_is_base(lib, base(kind), config_class, kw,
-                                       ours.from_peft(dict(peft_type=ours.peft_type, **kw)), label)
-    assert model.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
 
 
 def report(label, err):
@@ -470,6 +470,8 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
 
 LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "delora", "psoft"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
 LINEAR_ONLY |= {"supertuning"}
+LINEAR_ONLY |= {"glora"}
+LINEAR_ONLY |= {"osf"}
 
 
 @pytest.mark.spec("PEFT-3")

@@ -57,6 +57,8 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "randlora": ("RandLoRAConfig", "RANDLORA", "layer", True, False),
     "supertuning": ("SuperTuningConfig", "SUPERTUNING", "layer", True, False),
     "tinylora": ("TinyLoRAConfig", "TINYLORA", "layer", True, False),
+    "glora": ("GLoRAConfig", "GLORA", "layer", True, False),
+    "osf": ("OSFConfig", "OSF", "layer", True, False),
 }
 
 

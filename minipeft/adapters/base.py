@@ -282,6 +282,14 @@ class Delta(Module):
         base.weight.data = base.weight.data - orient(self.delta_weight(), base)
 
 
+def put_back(base, kept) -> None:
+    """Unmerge of a method whose merge_into kept (W, b) as they were (None: nothing merged): restores them bit for bit."""
+    if kept is not None:
+        base.weight.data, b = kept
+        if b is not None:
+            base.bias.data = b
+
+
 def orient(dW, base):
     """dW (out, in) in the base weight's storage layout ((in, out) for GPT-2's Conv1D)."""
     return backend.xp_of(dW).matrix_transpose(dW) if base.fan_in_fan_out else dW

@@ -29,7 +29,7 @@ from ..autograd.function import Function
 from ..autograd.tensor import Tensor
 from ..errors import ConfigError
 from ..nn.layers import Linear
-from .base import AdapterConfig, Delta, check, trainable
+from .base import AdapterConfig, Delta, check, put_back, trainable
 from .registry import register
 
 VARIANTS = {"road_1": 1, "road_2": 2, "road_4": 4}  # variant -> numbers of θ (and of α) per 2 outputs
@@ -167,11 +167,8 @@ class RoadLinear(Delta):
             base.bias.data = self.rotate(base.bias.data)
 
     def unmerge_from(self, base):
-        if self.kept is not None:
-            base.weight.data, bias = self.kept
-            if bias is not None:
-                base.bias.data = bias
-            self.kept = None
+        put_back(base, self.kept)
+        self.kept = None
 
 
 register("road", RoadConfig, RoadLinear,

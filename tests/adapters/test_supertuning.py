@@ -20,7 +20,7 @@ from test_dora import SETTINGS, targets
 from test_hira import randomize  # every leaf of every layer ~ N(0, scale²)
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
 from test_peft_oracle import IDS as IDS_PEFT
-from test_peft_oracle import (base, check_init_and_count, check_peft_case, hf_model, lib,  # noqa: F401
+from test_peft_oracle import (base, check_init_is_base_and_count, check_peft_case, hf_model, lib,  # noqa: F401
                               minipeft_saved_in_peft, perturbed_peft_model, report, report_gradients_from_peft)
 
 
@@ -259,7 +259,7 @@ def test_training_step_gradients_agree(lib, base, tmp_path):
 @pytest.mark.spec("SUPERTUNING-4", "SUPERTUNING-6")
 @pytest.mark.parametrize("case", ["super", "no_indices"])
 def test_peft_default_init_is_the_base_and_counts_agree(lib, base, case):
-    check_init_and_count(lib, base, CASES[case], "SupertuningConfig", SuperTuningConfig, f"SuperTuning {case}")
+    check_init_is_base_and_count(lib, base, CASES[case], "SupertuningConfig", SuperTuningConfig, f"SuperTuning {case}")
 
 
 @pytest.mark.oracle

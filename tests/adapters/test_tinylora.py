@@ -16,7 +16,7 @@ from minipeft.errors import ConfigError
 from one_layer import check_on_the_backend, check_train_moves_every_leaf, saved_and_reloaded
 from test_dora import SETTINGS, targets
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
-from test_peft_oracle import (base, check_init_and_count, check_peft_case, lib,  # noqa: F401
+from test_peft_oracle import (base, check_init_is_base_and_count, check_peft_case, lib,  # noqa: F401
                               perturbed_peft_model, report, report_gradients_from_peft)
 
 
@@ -268,4 +268,4 @@ def test_training_step_gradients_agree(lib, base, tmp_path):
 @pytest.mark.spec("TINYLORA-6", "TINYLORA-7")
 @pytest.mark.parametrize("case", ["plain", "tied"])
 def test_peft_default_init_is_the_base_and_counts_agree(lib, base, case):
-    check_init_and_count(lib, base, CASES[case], "TinyLoraConfig", TinyLoRAConfig, f"TinyLoRA {case}")
+    check_init_is_base_and_count(lib, base, CASES[case], "TinyLoraConfig", TinyLoRAConfig, f"TinyLoRA {case}")
