@@ -259,7 +259,12 @@ def load_and_judge(test, model, before, folder, strict):
     from minipeft.safetensors_io import read_safetensors
     loaded, _ = read_safetensors(weights_path)
     mine = peft_io.adapter_tensors(model, "default")
-    for key in set(mine) & set(loaded):
+    derived = any(k.startswith("prompt_encoder.") for k in loaded)  # P-tuning's prompt_embeddings is the encoder's
+    for key in set(mine) & set(loaded):  # output, held to the file's within check_loaded's 1e-5 (PTUNING-5)
+        if derived and key == "prompt_embeddings":
+            ref = loaded[key].astype(np.float32)
+            assert np.max(np.abs(mine[key].numpy() - ref)) <= 1e-5 * max(np.max(np.abs(ref)), 1e-30), key
+            continue
         assert np.array_equal(mine[key].numpy(), loaded[key].astype(np.float32)), key
     assert sorted(report["missing"]) == sorted(set(mine) - set(loaded))
     assert sorted(report["unexpected"]) == sorted(set(loaded) - set(mine))
