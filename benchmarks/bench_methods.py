@@ -44,6 +44,7 @@ SEED = {
     "fourierft": ("-", "-", "-", "-"), "waveft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
     "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "psoft": ("-", "-", "-", "-"), "gralora": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
+    "deft": ("-", "-", "-", "-"),
 }
 
 
@@ -93,6 +94,7 @@ def configs(mp, steps: int):
         "boft": (adapter(mp.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2)), {}),
         "vblora": (adapter(mp.VBLoRAConfig(num_vectors=64, vector_length=16)), {}),
         "randlora": (adapter(mp.RandLoRAConfig(rank=8)), {}),
+        "deft": (adapter(mp.DEFTConfig(rank=8, alpha=16)), {}),
     }
 
 

@@ -40,6 +40,7 @@ from .adapters.tiedlora import TiedLoRAConfig
 from .adapters.registry import Method, methods
 from .adapters.registry import register as register_method
 from .adapters.vera import VeRAConfig
+from .adapters.deft import DEFTConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -60,4 +61,6 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig", "MoRAConfig", "MultiLoRAConfig", "QALoRAConfig",
            "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig", "HiRAConfig", "HRAConfig", "BEFTConfig", "FourierFTConfig", "WaveFTConfig", "SHiRAConfig", "RoadConfig", "MiSSConfig", "C3AConfig", "DeLoRAConfig", "PSOFTConfig", "BOFTConfig", "VBLoRAConfig", "RandLoRAConfig", "GraLoRAConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
-           "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]
+           "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError",
+           "DEFTConfig",
+           ]

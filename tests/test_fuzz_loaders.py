@@ -199,7 +199,9 @@ def valid_configs():
             mp.FourierFTConfig(n_frequency=16), mp.WaveFTConfig(n_frequency=16, wavelet_family="db2"), mp.SHiRAConfig(rank=1), mp.OFTConfig(oft_block_size=4), mp.RoadConfig(variant="road_4", group_size=8), mp.MiSSConfig(rank=3), mp.C3AConfig(block_size=8), mp.DeLoRAConfig(rank=2), mp.PSOFTConfig(rank=2), mp.GraLoRAConfig(rank=4, hybrid_r=2), mp.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2),
             mp.MultiLoRAConfig(rank=2, num_loras=2), mp.QALoRAConfig(rank=2, bits=2, group_size=16),
             mp.VBLoRAConfig(num_vectors=8, vector_length=8),
-            mp.RandLoRAConfig(rank=4)]
+            mp.RandLoRAConfig(rank=4),
+            mp.DEFTConfig(rank=3, decomposition_method="qr"),
+            ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made
 

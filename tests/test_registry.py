@@ -55,6 +55,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "gralora": ("GraLoRAConfig", "GRALORA", "layer", True, False),
     "vblora": ("VBLoRAConfig", "VBLORA", "layer", True, False),
     "randlora": ("RandLoRAConfig", "RANDLORA", "layer", True, False),
+    "deft": ("DEFTConfig", "DEFT", "layer", True, False),
 }
 
 
