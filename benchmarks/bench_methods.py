@@ -45,6 +45,7 @@ SEED = {
     "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "psoft": ("-", "-", "-", "-"), "gralora": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
     "deft": ("-", "-", "-", "-"),
+    "unilora": ("-", "-", "-", "-"),
 }
 
 
@@ -95,6 +96,7 @@ def configs(mp, steps: int):
         "vblora": (adapter(mp.VBLoRAConfig(num_vectors=64, vector_length=16)), {}),
         "randlora": (adapter(mp.RandLoRAConfig(rank=8)), {}),
         "deft": (adapter(mp.DEFTConfig(rank=8, alpha=16)), {}),
+        "unilora": (adapter(mp.UniLoRAConfig()), {}),
     }
 
 

@@ -41,6 +41,7 @@ from .adapters.registry import Method, methods
 from .adapters.registry import register as register_method
 from .adapters.vera import VeRAConfig
 from .adapters.deft import DEFTConfig
+from .adapters.unilora import UniLoRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -63,4 +64,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError",
            "DEFTConfig",
+           "UniLoRAConfig",
            ]

@@ -21,6 +21,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "fourierft": "FOURIERFT", "waveft": "WAVEFT", "shira": "SHIRA", "oft": "OFT", "road": "ROAD", "miss": "MISS", "c3a": "C3A", "delora": "DELORA", "psoft": "PSOFT", "gralora": "GRALORA", "boft": "BOFT",
              "vblora": "VBLORA", "randlora": "RANDLORA",
              "deft": "DEFT",
+             "unilora": "UNILORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

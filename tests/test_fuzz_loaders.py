@@ -201,6 +201,7 @@ def valid_configs():
             mp.VBLoRAConfig(num_vectors=8, vector_length=8),
             mp.RandLoRAConfig(rank=4),
             mp.DEFTConfig(rank=3, decomposition_method="qr"),
+            mp.UniLoRAConfig(rank=2, theta_d_length=64, save_indices=True),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

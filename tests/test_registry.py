@@ -56,6 +56,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "vblora": ("VBLoRAConfig", "VBLORA", "layer", True, False),
     "randlora": ("RandLoRAConfig", "RANDLORA", "layer", True, False),
     "deft": ("DEFTConfig", "DEFT", "layer", True, False),
+    "unilora": ("UniLoRAConfig", "UNILORA", "layer", True, False),
 }
 
 
