@@ -62,6 +62,7 @@ class UniLoRAConfig(AdapterConfig):
                    "dropout": "unilora_dropout", "init_theta_d_bound": "init_theta_d_bound", "init": "init_weights",
                    "save_indices": "save_indices", "bias": "bias"}
     PEFT_VALUES = {"init": {"default": True, "random": False}}
+    FILE_ROWS, FILE_WIDTHS = ("theta_d_length",), ("rank",)  # IO-7: the file holds theta (d,), whatever r is
     # PEFT's UniLoraConfig has no exclude_modules
     PEFT_COMMON = ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "fan_in_fan_out")
 

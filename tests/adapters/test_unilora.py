@@ -159,6 +159,21 @@ def test_a_saved_map_is_read_from_the_file_and_checked(tmp_path):
         make_model().load_adapters(str(tmp_path))
 
 
+@pytest.mark.spec("UNILORA-7")
+def test_the_size_guard_reads_d_from_the_file_not_r(tmp_path):
+    model = make_model()
+    model.apply_unilora(rank=8, theta_d_length=4, target_modules=("q_proj",))  # r > d: a file of 4 numbers
+    model.save_adapters(str(tmp_path))
+    again = make_model()
+    again.load_adapters(str(tmp_path))
+    assert np.array_equal(again(IDS).numpy(), model(IDS).numpy())
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    for field, value in (("theta_d_length", 5), ("r", 70_000)):  # d beyond theta's length; an absurd r
+        (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, **{field: value})))
+        with pytest.raises(CheckpointError, match="refused before allocating"):
+            make_model().load_adapters(str(tmp_path))
+
+
 @pytest.mark.spec("UNILORA-3", "UNILORA-6")
 def test_model_train_moves_theta_and_lowers_the_loss():
     model = mp.load_model(mp.DEMO_MODEL)
