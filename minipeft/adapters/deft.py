@@ -164,7 +164,7 @@ class DEFTLinear(Delta):
 
 
 register("deft", DEFTConfig, DEFTLinear,
-         paper="DEFT: Decompositional Efficient Fine-Tuning for Text-to-Image Models, Kumar, Anwer, Khan, Khan, Laptev, "
-               "Cholakkal, NeurIPS 2025, arXiv:2509.22793",
-         summary="DEFT, W' = (I - P_proj) W0 + s Q_P R: a rank-r subspace of W0 removed (P_proj = P relu(P)^T or Q Q^T) "
-                 "and new content injected into it; P (out, r), R (r, in) trained (spec/deft.md).")
+         paper="DEFT: Decompositional Efficient Fine-Tuning for Text-to-Image Models, Kumar, Anwer, Khan, Khan, "
+               "Laptev, Cholakkal, NeurIPS 2025, arXiv:2509.22793",
+         summary="DEFT, W' = (I - P_proj) W0 + s Q_P R: a rank-r subspace of W0 removed (P_proj = P relu(P)^T or "
+                 "Q Q^T) and new content injected into it; P (out, r), R (r, in) trained (spec/deft.md).")

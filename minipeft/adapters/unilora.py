@@ -57,7 +57,8 @@ class UniLoRAConfig(AdapterConfig):
     bias: str = "none"  # "none" | "all" | "unilora_only"
 
     peft_type = "UNILORA"
-    INIT_MOVES_OUTPUT = "PEFT's init draws theta from U(-0.02, 0.02), and every A and B entry reads it: dW != 0 (UNILORA-4)"
+    INIT_MOVES_OUTPUT = "PEFT's init draws theta from U(-0.02, 0.02), and every A and B entry reads it: dW != 0 " \
+                        "(UNILORA-4)"
     PEFT_FIELDS = {"rank": "r", "theta_d_length": "theta_d_length", "proj_seed": "proj_seed",
                    "dropout": "unilora_dropout", "init_theta_d_bound": "init_theta_d_bound", "init": "init_weights",
                    "save_indices": "save_indices", "bias": "bias"}

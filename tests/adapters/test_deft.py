@@ -193,6 +193,8 @@ CASES = {"relu": ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "down_p
                               target_modules=["q_proj", "k_proj", "up_proj"])),
          "capped": ("llama", dict(r=40, alpha=8, init_weights=False, init_scale=3.0, target_modules=["k_proj"])),
          "para": ("llama", dict(r=3, para=True, decomposition_method="qr", target_modules=["o_proj", "gate_proj"])),
+         "select": ("llama", dict(r=2, target_modules=["q_proj", "o_proj", "up_proj"], exclude_modules=["o_proj"],
+                                  layers_to_transform=[1], layers_pattern="layers", deft_dropout=0.1)),
          "gpt2": ("gpt2", dict(r=4, alpha=4, target_modules=["c_attn", "c_fc"])),
          "gpt2_qr": ("gpt2", dict(r=2, decomposition_method="qr", target_modules=["c_proj"]))}
 

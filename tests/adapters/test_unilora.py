@@ -130,7 +130,8 @@ def test_saved_keys_and_fields_are_peft_names(tmp_path, save_indices):
     want = {"base_model.unilora_theta_d": ((50,), np.float32)}
     if save_indices:
         want.update({f"base_model.model.model.layers.{i}.self_attn.v_proj.{leaf}": (s, dt) for i in (0, 1)
-                     for leaf, s, dt in (("unilora_indices_A", (2, 32), np.int64), ("unilora_indices_B", (16, 2), np.int64),
+                     for leaf, s, dt in (("unilora_indices_A", (2, 32), np.int64),
+                                         ("unilora_indices_B", (16, 2), np.int64),
                                          ("unilora_scales_A", (2, 32), np.float32),
                                          ("unilora_scales_B", (16, 2), np.float32))})
     assert {k: (v.shape, v.dtype) for k, v in keys.items()} == want
@@ -190,13 +191,16 @@ CASES = {"default": ("llama", dict(r=4, target_modules=["q_proj", "v_proj"])),
          "indices": ("llama", dict(r=3, theta_d_length=97, save_indices=True, bias="unilora_only",
                                    target_modules=["k_proj", "o_proj", "up_proj", "down_proj"])),
          "random": ("llama", dict(r=8, theta_d_length=5000, init_weights=False, target_modules=["gate_proj"])),
+         "select": ("llama", dict(r=2, theta_d_length=64, target_modules=["q_proj", "k_proj", "up_proj"],
+                                  layers_to_transform=[1], layers_pattern="layers", unilora_dropout=0.1)),
          "gpt2": ("gpt2", dict(r=4, theta_d_length=300, target_modules=["c_attn", "c_proj", "c_fc"]))}
 
 
 def ours(name):  # PEFT names the shared theta under the first adapted layer, as minipeft's parameter walk does:
     # base_model.model.<first>.unilora_theta_d.default -> <first>.adapters.default.unilora_theta_d; a trained bias
     # base_model.model.<path>.base_layer.bias -> <path>.base_layer.bias
-    return re.sub(r"\.unilora_theta_d\.default$", ".adapters.default.unilora_theta_d", name.removeprefix("base_model.model."))
+    name = name.removeprefix("base_model.model.")
+    return re.sub(r"\.unilora_theta_d\.default$", ".adapters.default.unilora_theta_d", name)
 
 
 @pytest.mark.oracle
