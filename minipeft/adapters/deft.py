@@ -63,7 +63,8 @@ class DEFTConfig(AdapterConfig):
         check(self.rank > 0, "rank", self.rank, "must be a positive integer")
         check(self.decomposition_method in METHODS, "decomposition_method", self.decomposition_method,
               f"use one of {', '.join(METHODS)} (relu: P relu(P)^T; qr: Q Q^T with Q = qr(P))")
-        check(self.init_scale > 0, "init_scale", self.init_scale, "must be > 0 (the std of R is 0.02 init_scale)")
+        check(self.init_scale >= 0 or self.init == "default", "init_scale", self.init_scale,
+              "must be >= 0 under init='random' (the std of R is 0.02 init_scale)")
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         check(self.init in INITS, "init", self.init, f"use one of {', '.join(INITS)} (PEFT: True, False)")
         check(self.bias in ("none", "all", "deft_only"), "bias", self.bias, "use 'none', 'all' or 'deft_only'")

@@ -118,7 +118,7 @@ def test_count_is_capped_rank_times_m_plus_n():
 @pytest.mark.spec("DEFT-6")
 @pytest.mark.parametrize("kwargs, field", [
     (dict(rank=0), "rank"), (dict(decomposition_method="svd"), "decomposition_method"),
-    (dict(init_scale=0), "init_scale"), (dict(dropout=1.0), "dropout"), (dict(init="pissa"), "init"),
+    (dict(init_scale=-1.0, init="random"), "init_scale"), (dict(dropout=1.0), "dropout"), (dict(init="pissa"), "init"),
     (dict(bias="lora_only"), "bias"), (dict(alpha="8"), "alpha"), (dict(para=1), "para")])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
