@@ -48,6 +48,8 @@ SEED = {
     "glora": ("-", "-", "-", "-"),
     "osf": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
+    "deft": ("-", "-", "-", "-"),
+    "unilora": ("-", "-", "-", "-"),
 }
 
 
@@ -101,6 +103,8 @@ def configs(mp, steps: int):
         "tinylora": (adapter(mp.TinyLoRAConfig()), {}),
         "glora": (adapter(mp.GLoRAConfig()), {}),
         "osf": (adapter(mp.OSFConfig()), {}),
+        "deft": (adapter(mp.DEFTConfig(rank=8, alpha=16)), {}),
+        "unilora": (adapter(mp.UniLoRAConfig()), {}),
     }
 
 

@@ -44,6 +44,8 @@ from .adapters.tiedlora import TiedLoRAConfig
 from .adapters.registry import Method, methods
 from .adapters.registry import register as register_method
 from .adapters.vera import VeRAConfig
+from .adapters.deft import DEFTConfig
+from .adapters.unilora import UniLoRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -68,4 +70,7 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "GLoRAConfig",
            "OSFConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
-           "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]
+           "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError",
+           "DEFTConfig",
+           "UniLoRAConfig",
+           ]

@@ -24,6 +24,8 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "tinylora": "TINYLORA",
              "glora": "GLORA",
              "osf": "OSF",
+             "deft": "DEFT",
+             "unilora": "UNILORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

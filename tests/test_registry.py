@@ -59,6 +59,8 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "tinylora": ("TinyLoRAConfig", "TINYLORA", "layer", True, False),
     "glora": ("GLoRAConfig", "GLORA", "layer", True, False),
     "osf": ("OSFConfig", "OSF", "layer", True, False),
+    "deft": ("DEFTConfig", "DEFT", "layer", True, False),
+    "unilora": ("UniLoRAConfig", "UNILORA", "layer", True, False),
 }
 
 

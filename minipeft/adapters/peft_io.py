@@ -211,7 +211,8 @@ def deltas_with(model, name: str, hook: str) -> list:
 
 
 # IO-7: sizes a stranger's adapter_config.json sets, checked before anything is allocated. A rank or a
-# number of virtual tokens n makes at least n values of the file; an encoder's width is not saved by PEFT
+# number of virtual tokens n makes at least n values of the file; an encoder's width is not saved by PEFT. A config
+# whose file is not that big (UniLoRA's: theta alone, whatever r) names its own FILE_ROWS and FILE_WIDTHS
 ROW_FIELDS, WIDTH_FIELDS, MAX_WIDTH = ("rank", "initial_rank", "target_rank", "num_virtual_tokens", "num_vectors",
                                       "vector_length", "num_basis_a", "num_basis_b"), \
     ("encoder_hidden_size", "projection_dim"), 65_536
@@ -220,10 +221,11 @@ ROW_FIELDS, WIDTH_FIELDS, MAX_WIDTH = ("rank", "initial_rank", "target_rank", "n
 def check_sizes(cfg, loaded: dict, where: str) -> None:
     held = sum(int(np.prod(a.shape)) for a in loaded.values())
     patterns = getattr(cfg, "rank_pattern", None) or {}
-    sizes = [(f, getattr(cfg, f), held, "the weights file holds") for f in ROW_FIELDS if hasattr(cfg, f)]
+    rows, widths = getattr(cfg, "FILE_ROWS", ROW_FIELDS), WIDTH_FIELDS + getattr(cfg, "FILE_WIDTHS", ())
+    sizes = [(f, getattr(cfg, f), held, "the weights file holds") for f in rows if hasattr(cfg, f)]
     sizes += [(f"rank_pattern[{k!r}]", v, held, "the weights file holds") for k, v in patterns.items()
               if isinstance(v, int) and not isinstance(v, bool)]  # AdaLoRA's are lists of booleans
-    sizes += [(f, getattr(cfg, f), MAX_WIDTH, "minipeft allows") for f in WIDTH_FIELDS if hasattr(cfg, f)]
+    sizes += [(f, getattr(cfg, f), MAX_WIDTH, "minipeft allows") for f in widths if hasattr(cfg, f)]
     for field, v, limit, what in sizes:
         if isinstance(v, int) and v > limit:
             raise CheckpointError(f"{where}: field {field}={v} is larger than the {limit:,} values {what}; "

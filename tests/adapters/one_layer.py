@@ -110,3 +110,14 @@ def check_on_the_backend(create, delta_np, trained: str, seed: int = 0):
     assert_close(backend.to_host(y.data), ref, 1e-5, label="forward")
     layer.merge("default")
     assert_close(backend.to_host(layer(Tensor(backend.asarray(x))).data), ref, 1e-5, label="merged forward")
+
+
+def check_refuses_a_4bit_base(method: str):
+    """apply_<method> on q_proj of the carried model loaded in 4 bits is a ConfigError naming the layer and saying a
+    float Linear is needed (a method that reads or projects W0 itself)."""
+    import pytest
+    import minipeft as mp
+    from minipeft.errors import ConfigError
+    model = mp.load_model(mp.DEMO_MODEL, quantization=mp.QuantizationConfig(compute_dtype="float32"))
+    with pytest.raises(ConfigError, match=r"target_modules \(for .*q_proj\).*float Linear"):
+        getattr(model, f"apply_{method}")(target_modules=("q_proj",))

@@ -18,8 +18,8 @@ from one_layer import train_next
 from test_dora import SETTINGS, targets
 from test_hira import randomize  # every leaf of every layer ~ N(0, scale²)
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
-from test_peft_oracle import (base, check_peft_case, lib,  # noqa: F401
-                              perturbed_peft_model, report_gradients_from_peft, report_init_is_base)
+from test_peft_oracle import (base, check_peft_case, check_peft_init_and_count, lib,  # noqa: F401
+                              perturbed_peft_model, report_gradients_from_peft)
 
 
 def update_np(d):
@@ -181,7 +181,4 @@ def test_training_step_gradients_agree(lib, base, tmp_path, case):
 @pytest.mark.spec("GRALORA-4", "GRALORA-6")
 @pytest.mark.parametrize("case", ["plain", "hybrid"])
 def test_peft_default_init_is_the_base_and_counts_agree(lib, base, case):
-    kind, kw = CASES[case]
-    hf, model, _ = report_init_is_base(lib, base(kind), "GraloraConfig", kw,
-                                       GraLoRAConfig.from_peft(dict(peft_type="GRALORA", **kw)), f"GraLoRA {case}")
-    assert model.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    check_peft_init_and_count(lib, base, CASES[case], "GraloraConfig", GraLoRAConfig, f"GraLoRA {case}")
