@@ -25,7 +25,7 @@ from minipeft.model import Model
 from minipeft.models import model_class
 from minipeft.models.config import FIELD_NAMES, LIMITS, read_config
 from minipeft.safetensors_io import write_safetensors
-from tests.helpers import TINY_LLAMA, data_for, max_rel_err, tiny_llama
+from tests.helpers import TINY_LLAMA, data_for, tiny_llama
 
 OUTCOMES = collections.Counter()  # (test, outcome) -> cases
 def fuzz(n):
@@ -266,11 +266,6 @@ def load_and_judge(test, model, before, folder, strict):
     from minipeft.safetensors_io import read_safetensors
     loaded, _ = read_safetensors(weights_path)
     mine = peft_io.adapter_tensors(model, "default")
-    for key in set(mine) & set(loaded):
-        if key == "prompt_embeddings" and any(k.startswith("prompt_encoder.") for k in loaded):
-            # the loaded encoder's output, recomputed: the file's within check_loaded's 1e-5 (a float16 encoder
-            # weight rounds it), not bit for bit
-            assert max_rel_err(mine[key].numpy(), loaded[key].astype(np.float32)) <= 1e-5, key
     derived = any(k.startswith("prompt_encoder.") for k in loaded)  # P-tuning's prompt_embeddings is the encoder's
     for key in set(mine) & set(loaded):  # output, held to the file's within check_loaded's 1e-5 (PTUNING-5)
         if derived and key == "prompt_embeddings":

@@ -200,15 +200,6 @@ def check_peft_case(lib, base, case, config_class: str, ours: type, tmp_path, la
     assert type(model.peft_configs["default"]) is ours and model.parameter_counts()[0] == trained
 
 
-def check_peft_init_and_count(lib, base, case, config_class: str, ours: type, label):
-    """report_init_is_base for case = (base kind, PEFT kwargs), the same kwargs read here through ours.from_peft;
-    then minipeft's trainable count equals PEFT's."""
-    kind, kw = case
-    hf, model, _ = report_init_is_base(lib, base(kind), config_class, kw,
-                                       ours.from_peft(dict(peft_type=ours.peft_type, **kw)), label)
-    assert model.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
-
-
 def report(label, err):
     print(f"\n  {label}: max rel err {err:.2e}")
     assert err < TOL, f"{label}: {err:.3e} >= {TOL}"

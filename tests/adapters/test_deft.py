@@ -18,7 +18,7 @@ from one_layer import check_refuses_a_4bit_base, train_next
 from test_dora import SETTINGS, targets
 from test_hira import randomize  # every leaf of every layer ~ N(0, scale²)
 from test_lora import IDS, check_forward_merge_unmerge, layers, make_model, snapshot
-from test_peft_oracle import (base, check_peft_case, check_peft_init_and_count, lib,  # noqa: F401
+from test_peft_oracle import (base, check_peft_case, check_init_is_base_and_count, lib,  # noqa: F401
                               perturbed_peft_model, report_gradients_from_peft)
 
 
@@ -224,4 +224,4 @@ def test_training_step_gradients_agree(lib, base, tmp_path, case):
 @pytest.mark.spec("DEFT-4", "DEFT-6")
 @pytest.mark.parametrize("case", ["relu", "qr"])
 def test_peft_default_init_is_the_base_and_counts_agree(lib, base, case):
-    check_peft_init_and_count(lib, base, CASES[case], "DeftConfig", DEFTConfig, f"DEFT {case}")
+    check_init_is_base_and_count(lib, base, CASES[case], "DeftConfig", DEFTConfig, f"DEFT {case}")
