@@ -43,6 +43,7 @@ SEED = {
     "eva": ("-", "-", "-", "-"), "hira": ("-", "-", "-", "-"), "hra": ("-", "-", "-", "-"), "miss": ("-", "-", "-", "-"), "c3a": ("-", "-", "-", "-"), "beft": ("-", "-", "-", "-"),
     "fourierft": ("-", "-", "-", "-"), "waveft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
     "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "psoft": ("-", "-", "-", "-"), "gralora": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
+    "ln_tuning": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -93,6 +94,7 @@ def configs(mp, steps: int):
         "boft": (adapter(mp.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2)), {}),
         "vblora": (adapter(mp.VBLoRAConfig(num_vectors=64, vector_length=16)), {}),
         "randlora": (adapter(mp.RandLoRAConfig(rank=8)), {}),
+        "ln_tuning": (adapter(mp.LNTuningConfig()), {}),
     }
 
 

@@ -12,6 +12,7 @@ from .adapters.hra import HRAConfig
 from .adapters.delora import DeLoRAConfig
 from .adapters.psoft import PSOFTConfig
 from .adapters.gralora import GraLoRAConfig
+from .adapters.ln_tuning import LNTuningConfig
 from .adapters.fourierft import FourierFTConfig
 from .adapters.waveft import WaveFTConfig
 from .adapters.ia3 import IA3Config
@@ -59,5 +60,6 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "OFTConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig", "MoRAConfig", "MultiLoRAConfig", "QALoRAConfig",
            "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig", "HiRAConfig", "HRAConfig", "BEFTConfig", "FourierFTConfig", "WaveFTConfig", "SHiRAConfig", "RoadConfig", "MiSSConfig", "C3AConfig", "DeLoRAConfig", "PSOFTConfig", "BOFTConfig", "VBLoRAConfig", "RandLoRAConfig", "GraLoRAConfig",
+           "LNTuningConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError"]

@@ -19,7 +19,9 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "dvora": "MINIPEFT_DVORA", "mora": "MINIPEFT_MORA",
              "multilora": "MINIPEFT_MULTILORA", "qalora": "MINIPEFT_QALORA", "hira": "HIRA", "hra": "HRA", "beft": "BEFT",
              "fourierft": "FOURIERFT", "waveft": "WAVEFT", "shira": "SHIRA", "oft": "OFT", "road": "ROAD", "miss": "MISS", "c3a": "C3A", "delora": "DELORA", "psoft": "PSOFT", "gralora": "GRALORA", "boft": "BOFT",
-             "vblora": "VBLORA", "randlora": "RANDLORA"}
+             "vblora": "VBLORA", "randlora": "RANDLORA",
+             "ln_tuning": "LN_TUNING",
+             }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
 RELOADED = {"qlora": METHODS["lora"], "ptuning_v2": METHODS["prefix_tuning"]}

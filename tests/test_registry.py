@@ -55,6 +55,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "gralora": ("GraLoRAConfig", "GRALORA", "layer", True, False),
     "vblora": ("VBLoRAConfig", "VBLORA", "layer", True, False),
     "randlora": ("RandLoRAConfig", "RANDLORA", "layer", True, False),
+    "ln_tuning": ("LNTuningConfig", "LN_TUNING", "layer", True, False),  # targets norms (LN_TUNING-5)
 }
 
 

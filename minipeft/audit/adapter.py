@@ -22,7 +22,7 @@ from ..adapters.inject import find_targets, leaf_names, linear_paths, unmatched_
 from ..adapters.lora import lora_scaling
 from ..errors import ConfigError, MiniPeftError
 from .files import Checkpoint, ImpliedBase, base_for, read_adapter
-from .layers import AdapterLayers
+from .layers import AdapterLayers, check_auditable
 from .report import Finding, Report, fmt, progress
 
 SHOWN = 64  # singular values kept per row (the statistics use them all)
@@ -128,6 +128,7 @@ NOTHING = "the adapter changes nothing on this base"
 
 def open_base(A, base: str | None) -> Checkpoint:
     """AUDIT-8: BASE (given, else the config's), or for a plain LoRA without one the base its file implies."""
+    check_auditable(A)  # a method with no dW (prompt learning, LN tuning) is refused before any base is read
     if base is not None:
         return base_for(A, base)
     try:
