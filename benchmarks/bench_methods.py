@@ -44,6 +44,7 @@ SEED = {
     "fourierft": ("-", "-", "-", "-"), "waveft": ("-", "-", "-", "-"), "shira": ("-", "-", "-", "-"),
     "oft": ("-", "-", "-", "-"), "delora": ("-", "-", "-", "-"), "psoft": ("-", "-", "-", "-"), "gralora": ("-", "-", "-", "-"), "boft": ("-", "-", "-", "-"), "vblora": ("-", "-", "-", "-"), "randlora": ("-", "-", "-", "-"),
     "ln_tuning": ("-", "-", "-", "-"),
+    "trainable_tokens": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
 }
 
@@ -95,6 +96,7 @@ def configs(mp, steps: int):
         "vblora": (adapter(mp.VBLoRAConfig(num_vectors=64, vector_length=16)), {}),
         "randlora": (adapter(mp.RandLoRAConfig(rank=8)), {}),
         "ln_tuning": (adapter(mp.LNTuningConfig()), {}),
+        "trainable_tokens": (adapter(mp.TrainableTokensConfig(token_indices=list(range(16)))), {}),
     }
 
 

@@ -201,6 +201,7 @@ def valid_configs():
             mp.VBLoRAConfig(num_vectors=8, vector_length=8),
             mp.RandLoRAConfig(rank=4),
             mp.LNTuningConfig(),
+            mp.TrainableTokensConfig(token_indices=[3, 5]),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

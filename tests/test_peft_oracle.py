@@ -460,7 +460,9 @@ def test_combined_adapter_reloads_in_peft(lib, base, two_adapters, tmp_path):
 
 
 LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "delora", "psoft"}  # the PEFT tuners that refuse GPT-2's Conv1D, as minipeft does
-OWN_TARGETS = {"ln_tuning": {"llama": ("input_layernorm", "norm"), "gpt2": ("ln_1", "ln_f")}}  # methods that target no linear layer
+OWN_TARGETS = {"ln_tuning": {"llama": ("input_layernorm", "norm"), "gpt2": ("ln_1", "ln_f")},  # methods that target no linear layer
+               "trainable_tokens": {"llama": ("embed_tokens",), "gpt2": ("wte",)},
+               }
 
 
 @pytest.mark.spec("PEFT-3")

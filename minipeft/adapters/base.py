@@ -113,6 +113,11 @@ class AdapterConfig(metaclass=ConfigType):
     def validate(self):
         """Range checks of the method's own fields; raise ConfigError naming the field."""
 
+    def tied_targets(self, net, found: list) -> list:
+        """Paths adapted with the matched ones `found` because they share a weight with them (TrainableTokens'
+        tied lm_head); none for most methods."""
+        return []
+
     def trainable_count(self, layers: dict, mc) -> int:
         """The spec's count of the numbers this adapter trains (METHOD-5), for its targeted layers
         {path: (in, out)} on a model of config mc; base biases a `bias` mode unfreezes and

@@ -61,7 +61,8 @@ def default_targets(cfg, model_type: str):
     if model_type not in cfg.DEFAULT_TARGETS:
         raise ConfigError(f"{type(cfg).__name__} has no default target_modules for model_type {model_type!r} (PEFT's "
                           f"mapping covers {', '.join(sorted(cfg.DEFAULT_TARGETS))}); pass target_modules=[...]")
-    return dataclasses.replace(cfg, target_modules=tuple(cfg.DEFAULT_TARGETS[model_type]))
+    named = cfg.DEFAULT_TARGETS[model_type]  # a list, or PEFT's saved string (a full-match regex)
+    return dataclasses.replace(cfg, target_modules=named if isinstance(named, str) else tuple(named))
 
 
 def find_targets(net, cfg) -> list[str]:
@@ -89,7 +90,7 @@ def find_targets(net, cfg) -> list[str]:
                     f"target_modules=[{cfg.target_modules!r}]")
         raise ConfigError(f"target_modules={cfg.target_modules!r}{narrowed} matches no {kind_of(types)} layer of this "
                           f"model; its {kind_of(types)} layers are named: {leaf_names(paths)}{hint}")
-    return found
+    return found + cfg.tied_targets(net, found)
 
 
 def leaf_names(paths) -> str:

@@ -43,6 +43,7 @@ class Conv1D(Linear):
 
 class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str = "float32"):
+        self.in_features, self.out_features = num_embeddings, embedding_dim  # as PEFT's _get_in_out_features
         self.weight = _param((num_embeddings, embedding_dim), dtype)
 
     def forward(self, ids):

@@ -219,3 +219,24 @@ def test_model_train_lowers_the_loss_and_moves_every_copy():
     moved = {n for n, p in model.net.named_parameters() if not np.array_equal(p.numpy(), before[n])}
     assert moved == {n for n, p in model.net.named_parameters() if p.requires_grad} and moved
     assert all(".ln_tuning_layers." in n for n in moved)
+
+
+@pytest.mark.spec("LN_TUNING-1")
+def test_a_mixed_batch_gives_each_row_its_adapter_s_copy():
+    model = make_model()
+    model.apply_ln_tuning()
+    model.apply_ln_tuning(name="other")
+    randomize(model)
+    for _, layer in layers(model, "other"):
+        for _, p in layer.adapters["other"].named_parameters():
+            p.data = (p.data * 0.5).astype(np.float32)
+    alone = {}
+    for n in ("default", "other"):
+        model.set_active_adapter(n)
+        alone[n] = model(IDS).numpy()
+    with model.disable_adapters():
+        alone["__base__"] = model(IDS).numpy()
+    names = ["other", "__base__"]
+    mixed = model(IDS, adapter_names=names).numpy()
+    for b, n in enumerate(names):
+        np.testing.assert_allclose(mixed[b], alone[n][b], rtol=1e-5, atol=1e-6)
