@@ -47,6 +47,8 @@ SEED = {
     "tinylora": ("-", "-", "-", "-"),
     "glora": ("-", "-", "-", "-"),
     "osf": ("-", "-", "-", "-"),
+    "ln_tuning": ("-", "-", "-", "-"),
+    "trainable_tokens": ("-", "-", "-", "-"),
     "full": ("100%", "-", "-", "-"),
     "deft": ("-", "-", "-", "-"),
     "unilora": ("-", "-", "-", "-"),
@@ -105,6 +107,8 @@ def configs(mp, steps: int):
         "osf": (adapter(mp.OSFConfig()), {}),
         "deft": (adapter(mp.DEFTConfig(rank=8, alpha=16)), {}),
         "unilora": (adapter(mp.UniLoRAConfig()), {}),
+        "ln_tuning": (adapter(mp.LNTuningConfig()), {}),
+        "trainable_tokens": (adapter(mp.TrainableTokensConfig(token_indices=list(range(16)))), {}),
     }
 
 

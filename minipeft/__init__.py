@@ -16,6 +16,8 @@ from .adapters.supertuning import SuperTuningConfig
 from .adapters.tinylora import TinyLoRAConfig
 from .adapters.glora import GLoRAConfig
 from .adapters.osf import OSFConfig
+from .adapters.ln_tuning import LNTuningConfig
+from .adapters.trainable_tokens import TrainableTokensConfig
 from .adapters.fourierft import FourierFTConfig
 from .adapters.waveft import WaveFTConfig
 from .adapters.ia3 import IA3Config
@@ -69,6 +71,8 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "TinyLoRAConfig",
            "GLoRAConfig",
            "OSFConfig",
+           "LNTuningConfig",
+           "TrainableTokensConfig",
            "methods", "Method", "register_method", "TrainingHook", "optimizers", "procedures",
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError",
            "DEFTConfig",

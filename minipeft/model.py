@@ -98,6 +98,7 @@ class Model:
             raise ConfigError(f"an adapter named {name!r} exists already; pick another name or delete_adapter() it")
         if getattr(cfg, "is_prompt_learning", False):  # virtual tokens or prefixes: no layer to wrap
             return prompt_learning.attach(self, cfg, name, init_weights, layer_class(cfg))
+        cfg = inject.default_targets(cfg, self.config.model_type)  # PEFT's per-model default where it has one
         bases = {}
         for path in inject.find_targets(self.net, cfg):
             m = self.net.get_submodule(path)

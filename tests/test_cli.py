@@ -11,7 +11,9 @@ from minipeft.cli import main
 # fields a method needs beyond its defaults to run a 2-step job on the carried model
 EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"],
          "c3a": ["--set", "block_size=16"],  # C3A: 256 does not divide 96
-         "vblora": ["--set", "vector_length=16", "--set", "num_vectors=32"]}
+         "vblora": ["--set", "vector_length=16", "--set", "num_vectors=32"],
+         "trainable_tokens": ["--set", "token_indices=[3, 5, 7]"],  # no default: which tokens is the user's choice
+         }
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
              "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "loraxs": "MINIPEFT_LORAXS", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA",
@@ -26,6 +28,8 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "osf": "OSF",
              "deft": "DEFT",
              "unilora": "UNILORA",
+             "ln_tuning": "LN_TUNING",
+             "trainable_tokens": "TRAINABLE_TOKENS",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

@@ -23,7 +23,9 @@ SMALL = {"fourierft": dict(n_frequency=256), "waveft": dict(n_frequency=256), "s
          "road": dict(group_size=8),  # the tiny llama's v_proj (32 x 16 = 512); RoAd's group_size 64 > its 16 outputs
          "miss": dict(rank=5), "c3a": dict(block_size=8),  # MiSS's r = 64 > the tiny llama's 32 inputs; 5 leaves a padded shard
          "vblora": dict(num_vectors=16, vector_length=16),  # VB-LoRA's L = 256 exceeds every tiny width
-         "psoft": dict(rank=4)}  # PSOFT's r = 32 > the tiny v_proj's 16 outputs
+         "psoft": dict(rank=4),  # PSOFT's r = 32 > the tiny v_proj's 16 outputs
+         "trainable_tokens": dict(token_indices=[1, 5, 7]),  # no default (PEFT's is an empty list)
+         }
 
 
 def fresh(method, seed=0):

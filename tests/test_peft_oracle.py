@@ -472,6 +472,9 @@ LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "de
 LINEAR_ONLY |= {"supertuning"}
 LINEAR_ONLY |= {"glora"}
 LINEAR_ONLY |= {"osf"}
+OWN_TARGETS = {"ln_tuning": {"llama": ("input_layernorm", "norm"), "gpt2": ("ln_1", "ln_f")},  # methods that target no linear layer
+               "trainable_tokens": {"llama": ("embed_tokens",), "gpt2": ("wte",)},
+               }
 
 
 @pytest.mark.spec("PEFT-3")
@@ -491,7 +494,7 @@ def test_every_saved_config_key_is_a_field_of_peft_s_config_class(lib, base, tmp
         extra = {"feedforward_modules": targets[-1:]} if "feedforward_modules" in cfg_cls.__dataclass_fields__ else {}
         extra.update({"total_step": 10} if "total_step" in cfg_cls.__dataclass_fields__ else {})  # PEFT's AdaLoRA needs it
         extra.update(SMALL.get(name, {}))  # sizes that fit the tiny models (FourierFT, SHiRA, RoAd)
-        model.apply_adapter(cfg_cls(target_modules=targets, **extra), **data_for(cfg_cls))
+        model.apply_adapter(cfg_cls(target_modules=OWN_TARGETS.get(name, {}).get(kind, targets), **extra), **data_for(cfg_cls))
         folder = tmp_path / cfg_cls.__name__
         model.save_adapters(str(folder))
         saved = json.loads((folder / "adapter_config.json").read_text())

@@ -61,6 +61,8 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "osf": ("OSFConfig", "OSF", "layer", True, False),
     "deft": ("DEFTConfig", "DEFT", "layer", True, False),
     "unilora": ("UniLoRAConfig", "UNILORA", "layer", True, False),
+    "ln_tuning": ("LNTuningConfig", "LN_TUNING", "layer", True, False),  # targets norms (LN_TUNING-5)
+    "trainable_tokens": ("TrainableTokensConfig", "TRAINABLE_TOKENS", "layer", True, False),  # embedding rows
 }
 
 
@@ -82,7 +84,8 @@ def test_methods_lists_the_built_in_ones_with_their_flags():
            if m.is_adapter and m.config.__module__.startswith("minipeft.")}  # optimisers: test_optimizers.py
     assert got == BUILT_IN
     for m in mp.methods():
-        assert "arXiv" in m.paper or "openreview" in m.paper or m.config.__module__ == "custom_method", m.name  # a paper with no arXiv id: its OpenReview id
+        assert "arXiv" in m.paper or "openreview" in m.paper or m.config.__module__ == "custom_method" or \
+            m.paper.startswith("no paper: PEFT's own method"), m.name  # a paper with no arXiv id: its OpenReview id
         assert m.summary and (not m.is_adapter or registry.METHODS[m.name] is m.config)
         assert os.path.isfile(os.path.join(os.path.dirname(EXAMPLES), "spec", f"{m.name}.md")) or \
             m.config.__module__ == "custom_method", m.name

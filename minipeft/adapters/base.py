@@ -83,6 +83,10 @@ class AdapterConfig(metaclass=ConfigType):
     # the common keys PEFT's config class for this method has (PEFT warns on and ignores others): a common
     # field missing here must stay unset, since PEFT would read the saved adapter without it
     PEFT_COMMON: typing.ClassVar[tuple] = COMMON_FIELDS + ("fan_in_fan_out",)
+    # the module types target_modules matches among (None: Linear and Linear4bit; LN tuning: its norms), and
+    # {model_type: names} that target_modules=None stands for (PEFT's per-model mapping; empty: None is refused)
+    TARGET_TYPES: typing.ClassVar[tuple | None] = None
+    DEFAULT_TARGETS: typing.ClassVar[dict] = {}
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -92,7 +96,8 @@ class AdapterConfig(metaclass=ConfigType):
                 else tuple(self.modules_to_save)
         if self.modules_to_save is None:
             self.modules_to_save = ()
-        if not isinstance(self.target_modules, (tuple, str)) or (
+        by_model = self.target_modules is None and self.DEFAULT_TARGETS  # None: the default for the model type
+        if not by_model and not isinstance(self.target_modules, (tuple, str)) or (
                 isinstance(self.target_modules, tuple) and not all(isinstance(t, str) for t in self.target_modules)):
             raise ConfigError(f"target_modules must be a list of module names, a regex or 'all-linear', "
                               f"got {self.target_modules!r}")
@@ -107,6 +112,11 @@ class AdapterConfig(metaclass=ConfigType):
 
     def validate(self):
         """Range checks of the method's own fields; raise ConfigError naming the field."""
+
+    def tied_targets(self, net, found: list) -> list:
+        """Paths adapted with the matched ones `found` because they share a weight with them (TrainableTokens'
+        tied lm_head); none for most methods."""
+        return []
 
     def trainable_count(self, layers: dict, mc) -> int:
         """The spec's count of the numbers this adapter trains (METHOD-5), for its targeted layers

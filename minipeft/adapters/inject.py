@@ -7,12 +7,15 @@ target_modules:
     an error that suggests the list form (LORA-13);
   - "all-linear": every Linear/Conv1D/Linear4bit except the output head (lm_head).
 A 4-bit Linear4bit (quant/linear4bit.py) counts as a linear layer and is wrapped like one (QLORA-5).
+A method whose config names other module types (TARGET_TYPES: LN tuning's norms) matches among those instead,
+and one with DEFAULT_TARGETS takes target_modules=None as PEFT's default for the model type (default_targets).
 layers_to_transform keeps only layers whose index (the number after "layers."/"h."/"layer.")
 is listed; exclude_modules removes matches by the same rules.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 
@@ -24,6 +27,7 @@ from .base import AdaptedLayer
 from .modules_to_save import TrainedCopy, trained_copies
 
 OUTPUT_HEADS = ("lm_head",)
+LINEAR = (Linear, Linear4bit)  # what a method targets unless its config says otherwise (AdapterConfig.TARGET_TYPES)
 
 
 def _name_matches(path: str, entries) -> bool:
@@ -38,19 +42,37 @@ def _layer_index(path: str, pattern: str | None):
     return int(m.group(1)) if m else None
 
 
-def linear_paths(net) -> list[str]:
-    """Paths of every Linear or Linear4bit (or already adapted one) in the model."""
-    return [p for p, m in net.named_modules() if isinstance(m, (Linear, Linear4bit, AdaptedLayer)) and
-            ".base_layer" not in p and ".adapters." not in p and ".modules_to_save" not in p]
+def linear_paths(net, types=LINEAR) -> list[str]:
+    """Paths of every module of `types` (Linear or Linear4bit), an adapted one by its base layer, in the model."""
+    return [p for p, m in net.named_modules() if isinstance(m.base_layer if isinstance(m, AdaptedLayer) else m, types)
+            and ".base_layer" not in p and ".adapters." not in p and ".modules_to_save" not in p]
+
+
+def kind_of(types) -> str:
+    """The word for a target kind in messages: "linear", or the type names ("LayerNorm or RMSNorm")."""
+    return "linear" if types == LINEAR else " or ".join(t.__name__ for t in types)
+
+
+def default_targets(cfg, model_type: str):
+    """cfg with target_modules=None replaced by its method's DEFAULT_TARGETS for model_type (PEFT's mapping,
+    which PEFT then saves); cfg itself when it names its targets."""
+    if cfg.target_modules is not None:
+        return cfg
+    if model_type not in cfg.DEFAULT_TARGETS:
+        raise ConfigError(f"{type(cfg).__name__} has no default target_modules for model_type {model_type!r} (PEFT's "
+                          f"mapping covers {', '.join(sorted(cfg.DEFAULT_TARGETS))}); pass target_modules=[...]")
+    named = cfg.DEFAULT_TARGETS[model_type]  # a list, or PEFT's saved string (a full-match regex)
+    return dataclasses.replace(cfg, target_modules=named if isinstance(named, str) else tuple(named))
 
 
 def find_targets(net, cfg) -> list[str]:
-    paths = linear_paths(net)
+    types = cfg.TARGET_TYPES or LINEAR
+    paths = linear_paths(net, types)
     if cfg.target_modules == "all-linear":
         found = [p for p in paths if p.split(".")[-1] not in OUTPUT_HEADS]
     else:
         found = [p for p in paths if _name_matches(p, cfg.target_modules)]
-        warn_unmatched(paths, cfg.target_modules)
+        warn_unmatched(paths, cfg.target_modules, kind_of(types))
     if cfg.exclude_modules:
         found = [p for p in found if not _name_matches(p, cfg.exclude_modules)]
     if cfg.layers_to_transform is not None:
@@ -66,9 +88,9 @@ def find_targets(net, cfg) -> list[str]:
             hint = (f". A string is a regular expression that must match the whole module path (PEFT's rule, "
                     f"e.g. {named[0]!r}); to target layers by name pass a list: "
                     f"target_modules=[{cfg.target_modules!r}]")
-        raise ConfigError(f"target_modules={cfg.target_modules!r}{narrowed} matches no linear layer of this model; "
-                          f"its linear layers are named: {leaf_names(paths)}{hint}")
-    return found
+        raise ConfigError(f"target_modules={cfg.target_modules!r}{narrowed} matches no {kind_of(types)} layer of this "
+                          f"model; its {kind_of(types)} layers are named: {leaf_names(paths)}{hint}")
+    return found + cfg.tied_targets(net, found)
 
 
 def leaf_names(paths) -> str:
@@ -83,13 +105,13 @@ def unmatched_entries(paths, entries) -> list:
     return [e for e in entries if not any(_name_matches(p, [e]) for p in paths)]
 
 
-def warn_unmatched(paths, entries) -> None:
+def warn_unmatched(paths, entries, kind: str = "linear") -> None:
     """LORA-13: list entries that match no linear layer anywhere are named in a warning (PEFT 0.21 accepts a
     list as long as one entry matches, so a PEFT config keeps loading)."""
     unmatched = unmatched_entries(paths, entries)
     if unmatched and len(unmatched) < len(entries):
-        warnings.warn(f"target_modules entries {unmatched} match no linear layer of this model and are ignored; "
-                      f"its linear layers are named: {leaf_names(paths)}", stacklevel=4)
+        warnings.warn(f"target_modules entries {unmatched} match no {kind} layer of this model and are ignored; "
+                      f"its {kind} layers are named: {leaf_names(paths)}", stacklevel=4)
 
 
 def wrap(net, path: str) -> AdaptedLayer:

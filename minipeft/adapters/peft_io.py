@@ -189,7 +189,8 @@ def load_adapter_folder(model, path: str, name: str, strict: bool) -> dict:
     try:
         model.apply_adapter(cfg, name, init_weights=False)
     except ConfigError as e:
-        raise CheckpointError(f"{path}: this adapter does not fit the model: {e}") from e
+        raise CheckpointError(f"{path}: this adapter does not fit the model: {e} (read as peft_type "
+                              f"{cfg.peft_type!r}, {type(cfg).__name__})") from e
     try:
         fit_to_file(model, name, loaded)  # a PEFT prompt file has no encoder tensors
         for path, check_shapes in deltas_with(model, name, "check_shapes"):  # a delta explains a misfit (BOFT-9)

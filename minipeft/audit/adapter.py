@@ -25,7 +25,7 @@ from ..errors import ConfigError, MiniPeftError
 from ..adapters.peft_io import PREFIX, write_adapter_folder
 from .files import Checkpoint, ImpliedBase, base_for, read_adapter
 from .intruders import intruders, reduce_layer
-from .layers import AdapterLayers
+from .layers import AdapterLayers, check_auditable
 from .report import Finding, Report, fmt, progress
 
 SHOWN = 64  # singular values kept per row (the statistics use them all)
@@ -178,6 +178,7 @@ def pattern_findings(adapter, base: Checkpoint) -> list[Finding]:
 
 def open_base(A, base: str | None) -> Checkpoint:
     """AUDIT-8: BASE (given, else the config's), or for a plain LoRA without one the base its file implies."""
+    check_auditable(A)  # a method with no dW (prompt learning, LN tuning) is refused before any base is read
     if base is not None:
         return base_for(A, base)
     try:

@@ -19,7 +19,7 @@ import numpy as np
 from .. import backend
 from ..adapters import peft_io
 from ..adapters.base import Delta
-from ..adapters.inject import find_targets
+from ..adapters.inject import find_targets, kind_of
 from ..adapters.registry import layer_class
 from ..autograd import Tensor, no_grad
 from ..errors import ConfigError
@@ -51,6 +51,17 @@ class Layer:
         return self.merged - self.W0  # (out, in)
 
 
+def check_auditable(adapter: AdapterFile) -> None:
+    """Only a method that changes weight matrices has a dW to audit (not prompt learning, not LN tuning's norms)."""
+    cfg = adapter.cfg
+    if not adapter.method.mergeable or getattr(cfg, "is_prompt_learning", False):
+        raise ConfigError(f"{adapter.folder}: {adapter.method.title} is not a mergeable method (it changes no "
+                          "weight), so it has no dW to audit")
+    if cfg.TARGET_TYPES:
+        raise ConfigError(f"{adapter.folder}: {adapter.method.title} changes {kind_of(cfg.TARGET_TYPES)} layers, "
+                          f"not weight matrices, so it has no dW to audit")
+
+
 def _stub(like, W0, b0):
     """A float Linear of like's class holding float64 copies of W0 (storage layout) and b0."""
     layer = type(like).__new__(type(like))
@@ -67,9 +78,7 @@ class AdapterLayers:
 
     def __init__(self, adapter: AdapterFile, base: Checkpoint):
         cfg = adapter.cfg
-        if not adapter.method.mergeable or getattr(cfg, "is_prompt_learning", False):
-            raise ConfigError(f"{adapter.folder}: {adapter.method.title} is not a mergeable method (it changes no "
-                              "weight), so it has no dW to audit")
+        check_auditable(adapter)
         self.adapter, self.base, self.cfg = adapter, base, cfg
         self.net = base.skeleton()
         self.cls = layer_class(cfg)

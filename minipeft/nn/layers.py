@@ -43,6 +43,7 @@ class Conv1D(Linear):
 
 class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str = "float32"):
+        self.in_features, self.out_features = num_embeddings, embedding_dim  # as PEFT's _get_in_out_features
         self.weight = _param((num_embeddings, embedding_dim), dtype)
 
     def forward(self, ids):
@@ -52,6 +53,7 @@ class Embedding(Module):
 class RMSNorm(Module):
     def __init__(self, dim: int, eps: float = 1e-6, dtype: str = "float32"):
         self.eps = eps
+        self.in_features = self.out_features = dim  # as PEFT's _get_in_out_features reads a norm (LN tuning)
         self.weight = _param((dim,), dtype, 1.0)
 
     def forward(self, x):
@@ -61,6 +63,7 @@ class RMSNorm(Module):
 class LayerNorm(Module):
     def __init__(self, dim: int, eps: float = 1e-5, dtype: str = "float32"):
         self.eps = eps
+        self.in_features = self.out_features = dim  # as PEFT's _get_in_out_features reads a norm (LN tuning)
         self.weight = _param((dim,), dtype, 1.0)
         self.bias = _param((dim,), dtype, 0.0)
 
