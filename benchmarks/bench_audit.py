@@ -70,6 +70,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="0.5b", choices=SIZES)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--commands", nargs="+", default=["merged", "adapter"], choices=["merged", "adapter"])
     ap.add_argument("--json", default=None, help="also write the table here")
     ap.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -85,7 +86,7 @@ def main():
           f"adapter {sizes['adapter']:.1f} MB (float32 safetensors)")
     print(f"{'command':16} {'seconds':>8} {'peak RSS MB':>12} {'RSS / model':>12} {'status':>6}")
     rows = []
-    for command in ("merged", "adapter"):
+    for command in args.commands:
         out = subprocess.run([sys.executable, __file__, "--child", command, base, folder], capture_output=True,
                              text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
