@@ -206,6 +206,13 @@ class Model:
         add_weighted_adapter(self, weights, name, combination, **kwargs)
         return self
 
+    def save_as_lora(self, path: str, rank, name: str = "default", show_progress: bool = True) -> list:
+        """Adapter `name` (any mergeable method) written to `path` as a plain PEFT LoRA of `rank` (an integer, or a
+        share of ||dW||_F^2 in (0, 1]) by truncated SVD of each layer's dW, PEFT's save_as_lora; returns each layer's
+        rank and relative error (AUDIT-22..24)."""
+        from .adapters.to_lora import save_as_lora
+        return save_as_lora(self, path, rank, name, show_progress)
+
     def save_adapters(self, path: str, names=None) -> None:
         if getattr(self, "base_changed_by", None):  # RELORA-5, DELTALORA-4, CHAINLORA-4
             warnings.warn(f"{self.base_changed_by} changed the base weights W while training: the adapter saved "

@@ -243,3 +243,44 @@ def test_peft_save_as_lora_gives_the_same_lora(case, rank, hf_base, tmp_path):
         assert logit_err < 1e-5
     print(line)
     assert case == "c3a" or not tied
+
+
+# ---- the same on a model in memory: Model.save_as_lora ------------------------------------------------------------
+@pytest.mark.spec("AUDIT-22", "AUDIT-23", "AUDIT-24")
+@pytest.mark.parametrize("name", ["loha", "vera", "dora", "oft"])
+def test_model_save_as_lora_equals_the_folder_conversion(name, base, tmp_path):
+    adapter, _ = written(base, tmp_path, name)
+    model = mp.load_model(base)
+    model.load_adapters(adapter)
+    rows = model.save_as_lora(str(tmp_path / "mem"), 3, show_progress=False)
+    r = audit_convert(adapter, 3, str(tmp_path / "file"), show_progress=False)
+    assert [(x.path, x.rank) for x in rows] == [(x.path, x.rank) for x in r.layers]
+    np.testing.assert_allclose([x.rel_error for x in rows], [x.rel_error for x in r.layers], rtol=1e-4)
+    mem, file = tensors(str(tmp_path / "mem")), tensors(str(tmp_path / "file"))
+    assert sorted(mem) == sorted(file)
+    for row in rows:
+        key = f"{PREFIX}{row.path}"
+        prod = [t[f"{key}.lora_B.weight"].astype(np.float64) @ t[f"{key}.lora_A.weight"].astype(np.float64)
+                for t in (mem, file)]
+        np.testing.assert_allclose(prod[0], prod[1], atol=1e-5 * np.abs(prod[1]).max())
+    assert json.load(open(tmp_path / "mem" / "adapter_config.json")) == \
+        json.load(open(tmp_path / "file" / "adapter_config.json"))
+    full = mp.load_model(base)
+    full.load_adapters(adapter)
+    full.save_as_lora(str(tmp_path / "full"), 1.0, show_progress=False)
+    got = mp.load_model(base)
+    got.load_adapters(str(tmp_path / "full"))
+    assert float(np.max(np.abs(logits(got) - logits(full)))) < 1e-5 * max(1.0, float(np.max(np.abs(logits(full)))))
+
+
+@pytest.mark.spec("AUDIT-22")
+def test_model_save_as_lora_refuses_what_it_cannot_convert(base, tmp_path):
+    model = mp.load_model(base)
+    model.apply_lora(rank=2, bias="all")
+    with pytest.raises(ConfigError, match="trains biases"):
+        model.save_as_lora(str(tmp_path / "x"), 2)
+    with pytest.raises(ConfigError, match="no adapter named 'other'"):
+        model.save_as_lora(str(tmp_path / "x"), 2, name="other")
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        model.save_as_lora(str(tmp_path / "x"), 2.5)
+    assert not os.path.exists(tmp_path / "x")

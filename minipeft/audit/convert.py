@@ -136,15 +136,19 @@ def audit_convert(adapter: str, rank, out: str, base: str | None = None, show_pr
 
 
 def lora_config(A, B, ranks: dict) -> dict:
-    """AUDIT-24: adapter_config.json of the converted LoRA: the layers by full path, r = lora_alpha = the most common
-    k, the other layers' k in rank_pattern = alpha_pattern (escaped full paths); modules_to_save and the base as the
-    source's."""
+    """AUDIT-24: adapter_config.json of the LoRA converted from adapter file A on base B."""
+    model_type = B.config.get("model_type") or ("gpt2" if A.raw.get("fan_in_fan_out") else None)
+    d = lora_fields(ranks, getattr(A.cfg, "modules_to_save", ()), model_type, A.raw.get("base_model_name_or_path"))
+    d["task_type"] = A.raw.get("task_type", d["task_type"])
+    return d
+
+
+def lora_fields(ranks: dict, modules_to_save, model_type, name_or_path) -> dict:
+    """AUDIT-24: a LoRA's adapter_config.json for {layer path: k}: the layers by full path, r = lora_alpha = the
+    most common k, the other layers' k in rank_pattern = alpha_pattern (escaped full paths), modules_to_save."""
     counts = collections.Counter(ranks.values())
     r = max(counts, key=lambda v: (counts[v], v))
     pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
     cfg = LoRAConfig(rank=r, alpha=r, target_modules=tuple(ranks), rank_pattern=pattern, alpha_pattern=dict(pattern),
-                     modules_to_save=tuple(getattr(A.cfg, "modules_to_save", ()) or ()))
-    model_type = B.config.get("model_type") or ("gpt2" if A.raw.get("fan_in_fan_out") else None)
-    d = config_fields(cfg, model_type, A.raw.get("base_model_name_or_path"))
-    d["task_type"] = A.raw.get("task_type", d["task_type"])
-    return d
+                     modules_to_save=tuple(modules_to_save or ()))
+    return config_fields(cfg, model_type, name_or_path)
