@@ -63,8 +63,10 @@ def cmd_eval(args):
 
 def cmd_inspect(args):
     """Each adapter folder under args.folder: its method by its own name (METHOD-9: DoRA, not PEFT's LORA), rank,
-    targets, and the numbers it trains: with --model, loaded on that base and counted by parameter_counts, the
-    line `train` prints."""
+    targets, and the numbers it trains: loaded on its base (--model, else the config's base_model_name_or_path when
+    that is a folder here) and counted by parameter_counts, the line `train` prints. Without a base the file alone
+    cannot tell trained tensors from saved frozen ones (VeRA's projections, RandLoRA's bases, SuperTuning's
+    positions), so only the numbers saved are printed."""
     from .adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_folder, read_adapter_config
     from .adapters.registry import method_of
     from .fileio import read_json
@@ -77,20 +79,19 @@ def cmd_inspect(args):
         adapter = read_adapter_config(folder)
         flags = "".join(f", {k}" if v is True else f", {k}={v}" for k, v in adapter.PEFT_FLAGS.items() if v)
         header, _ = read_header(os.path.join(folder, WEIGHTS_NAME))
-        counted = f"trained parameters: {sum(_numel(i.shape) for k, i in header.items() if not _shared_key(k)):,}"
-        if args.model:
-            model = _model(args)
+        counted = (f"numbers saved: {sum(_numel(i.shape) for i in header.values()):,} (which of them train needs the "
+                   "base: pass --model BASE)")
+        base = args.model or (cfg.get("base_model_name_or_path") if os.path.isdir(
+            str(cfg.get("base_model_name_or_path") or "")) else None)
+        if base:
+            from .model import load_model
+            model = load_model(base)
             load_adapter_folder(model, folder, "default", strict=True)  # this folder's alone, not its sub-folders'
             n, total = model.parameter_counts()
             counted = f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.3f}%)"
         print(f"{folder}\n  method: {method_of(adapter).title} (PEFT: {cfg.get('peft_type')}{flags})  rank: "
               f"{cfg.get('r', '-')}  alpha: {cfg.get('lora_alpha', '-')}\n  targets: {cfg.get('target_modules')}\n"
               f"  tensors: {len(header)}  {counted}")
-
-
-def _shared_key(key: str) -> bool:
-    """A frozen tensor the layers share (VeRA's base_model.vera_A), not a trained one."""
-    return key.startswith("base_model.") and not key.startswith("base_model.model.")
 
 
 def cmd_memory(args):
@@ -180,7 +181,8 @@ def build_parser():
     e.set_defaults(fn=cmd_eval)
     i = command("inspect", "list the adapters in a folder: method, rank, targets, parameters")
     i.add_argument("folder")
-    i.add_argument("--model", default=None, help="base model, to print the adapters' share of its parameters")
+    i.add_argument("--model", default=None, help="base model, to count the trainable parameters and their share "
+                   "(default: the config's base_model_name_or_path when that folder exists)")
     i.set_defaults(fn=cmd_inspect)
     add_audit_parser(sub, parents=[common])
     me = command("memory", "estimate the memory of one training step (spec/memory.md), in GB")

@@ -78,9 +78,13 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     if method != "adalora":  # AdaLoRA saves the triplets its allocation kept, fewer than train counted at step 0
         assert shown.rstrip().endswith(train_line)  # METHOD-9: train's count and share, not a share of the base
     assert "of the base's" not in shown
-    if method in ("lora", "dora", "ia3", "loha", "lokr"):  # the file holds exactly the trainable tensors
-        assert main(["inspect", str(out)]) == 0
-        assert f"trained parameters: {model.parameter_counts()[0]:,}" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0  # the base from base_model_name_or_path: the same count
+    assert capsys.readouterr().out == shown
+    for cfg in out.rglob("adapter_config.json"):  # the adapter and its training checkpoints' copies
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": str(tmp_path / "gone")}))
+    assert main(["inspect", str(out)]) == 0  # no base: the numbers saved, never a guess at the trained ones
+    shown = capsys.readouterr().out
+    assert "numbers saved: " in shown and "pass --model BASE" in shown and "trainable parameters" not in shown
 
 
 def test_fields_flags_and_set_reach_the_config(data, tmp_path):
