@@ -36,8 +36,9 @@ import tempfile
 from minipeft.fileio import atomic_write, atomic_write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TARGETS = {"step-tiny-lora": 1.0, "step-small-lora": 1.0, "step-medium-lora": 1.0, "quantize": 1.0, "dequantize": 1.0,
-           "quantize +dq": 1.0, "dequantize +dq": 1.0, "memory-small-lora": 1.0, "memory-medium-lora": 1.0}
+# every step-, threads- and curve- row has the target 1.0 (below); these are the other rows that have one
+TARGETS = {"quantize": 1.0, "dequantize": 1.0, "quantize +dq": 1.0, "dequantize +dq": 1.0, "memory-small-lora": 1.0,
+           "memory-medium-lora": 1.0}
 FASTER_IS_HIGHER = ("generate",)
 
 
