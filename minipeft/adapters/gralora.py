@@ -27,8 +27,6 @@ import dataclasses
 
 from .. import backend
 from ..autograd import functional as F
-from ..autograd.function import no_grad
-from ..autograd.tensor import Tensor
 from ..nn.layers import Linear
 from .base import AdapterConfig, Delta, check, fan_in_uniform, trainable
 from .registry import register
@@ -122,16 +120,16 @@ class GraLoRALinear(Delta):
             out = out + self.gralora_B_general(self.gralora_A_general(h))
         return y + out * self.sc
 
-    def delta_weight(self):  # GRALORA-1: dW (out, in), the forward applied to the rows of I_n
-        with no_grad():
-            A = Tensor(self.gralora_A.data)
-            xp = backend.xp_of(A.data)
-            eye = Tensor(xp.eye(A.shape[0] * A.shape[1], dtype=A.data.dtype))
-            dW = self.blocks(eye, A, Tensor(self.gralora_B.data)).data  # (n, m): row i is dW[:, i]
-            dW = xp.matrix_transpose(dW)
-            if hasattr(self, "gralora_A_general"):
-                dW = dW + xp.matmul(self.gralora_B_general.weight.data, self.gralora_A_general.weight.data)
-            return dW * self.sc
+    def delta_weight(self):  # GRALORA-1: dW (out, in), block (j, c) = B_j[c]^T A_c[:, j]^T (out/k, in/k)
+        A, B = self.gralora_A.data, self.gralora_B.data  # (k, n/k, r), (k, r, m/k)
+        xp = backend.xp_of(A)
+        k, s, nk, mk = self.k, self.s, A.shape[1], B.shape[2]
+        At = xp.permute_dims(xp.reshape(A, (k, nk, k, s)), (2, 0, 3, 1))  # (j, c, s, n/k): A_c[:, j]^T
+        Bt = xp.permute_dims(xp.reshape(B, (k, k, s, mk)), (0, 1, 3, 2))  # (j, c, m/k, s): B_j[c]^T
+        dW = xp.reshape(xp.permute_dims(xp.matmul(Bt, At), (0, 2, 1, 3)), (k * mk, k * nk))  # (j, m/k, c, n/k)
+        if hasattr(self, "gralora_A_general"):
+            dW = dW + xp.matmul(self.gralora_B_general.weight.data, self.gralora_A_general.weight.data)
+        return dW * self.sc
 
 
 register("gralora", GraLoRAConfig, GraLoRALinear,
