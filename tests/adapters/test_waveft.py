@@ -288,6 +288,8 @@ ORACLE = {"db2_pattern": ("llama", dict(n_frequency=64, scaling=5.0, wavelet_fam
           "gpt2_coif3_proportional": ("gpt2", dict(n_frequency=40, scaling=4.0, wavelet_family="coif3",
                                                    proportional_parameters=True, fan_in_fan_out=True,
                                                    target_modules=["c_attn", "c_proj", "c_fc"]))}
+# PEFT's own gpt2 default (mlp.c_proj), fan_in_fan_out left False: PEFT warns and forces it True on Conv1D
+ORACLE["gpt2_default_targets"] = ("gpt2", dict(n_frequency=60, scaling=4.0, wavelet_family="sym3"))
 # every family PEFT runs, on the same layers (three shapes: q 32 x 32, v 16 x 32, down 32 x 64)
 ORACLE.update({family: ("llama", dict(n_frequency=120, scaling=2.0, wavelet_family=family,
                                       target_modules=["q_proj", "v_proj", "down_proj"])) for family in REC_LO})
