@@ -72,12 +72,14 @@ class FourierFTConfig(AdapterConfig):
         return sum(self.n_frequency_for(p) for p in layers)
 
 
-def seeded_positions(base, cfg, path: str, method: str):
+def seeded_positions(base, cfg, path: str, method: str, n_f: int | None = None):
     """FOURIERFT-1 (WAVEFT-1 too): the first n_f entries of torch.randperm(out * in) seeded with random_loc_seed,
-    flat p_k = u_k in + v_k, after the checks both methods share (a float Linear base, n_f <= in * out)."""
+    flat p_k = u_k in + v_k, after the checks both methods share (a float Linear base, n_f <= in * out).
+    n_f None: cfg.n_frequency_for(path)."""
     check(isinstance(base, Linear), f"target_modules (for {path})", type(base).__name__,
           f"{method} needs a float Linear (or gpt2 Conv1D) base")
-    n, m, n_f = base.in_features, base.out_features, cfg.n_frequency_for(path)
+    n, m = base.in_features, base.out_features
+    n_f = cfg.n_frequency_for(path) if n_f is None else n_f
     check(n_f <= n * m, "n_frequency", n_f, f"must be <= in * out = {n * m} of {path} ({n} -> {m}); lower it "
           f"or set n_frequency_pattern for that layer")
     check(n * m < backend.TORCH_RANDPERM_SMALL, f"target_modules (for {path})", (n, m),

@@ -20,10 +20,12 @@ Init (WAVEFT-5): init_weights=True (PEFT's default): c = 0; False: c ~ N(0, 0.01
 Merge (WAVEFT-6): W <- W0 + dW (dW^T for the gpt2 Conv1D layout, PEFT's fan_in_fan_out); unmerge subtracts it.
 Gradients (WAVEFT-7): dL/dc = s (R^T G C)[positions in M], G = dL/d(dW) (the op CoefficientsToWeight).
 Serialization (WAVEFT-8): peft_type "WAVEFT"; key <layer>.waveft_spectrum (n_f,).
-Errors (WAVEFT-9): a wavelet_family other than db1..db10, sym2; proportional_parameters=True; FourierFT's.
+Errors (WAVEFT-9): a wavelet_family other than db1..db10, sym2..sym10, coif1..coif4 (coif5: broken in PEFT);
+    proportional_parameters not a bool; FourierFT's.
+Budget (WAVEFT-10): proportional_parameters=True: n_f = max(1, round(in out / sum_T in out * n_frequency * T)).
 PEFT parity: peft/tuners/waveft/layer.py WaveFTLayer.update_layer, get_delta_weight; waverec2d.py waverec2d.
-Deviations: of PEFT's db1-db10, sym2-sym10, coif1-coif5 only db1-db10 and sym2 (db2's filter) are here;
-    proportional_parameters is refused; c ~ N(0, 0.01^2) is drawn from minipeft's RNG, not torch's.
+Deviations: PEFT's coif4 table (not a coiflet) is kept as it is, for parity; coif5 is refused;
+    c ~ N(0, 0.01^2) is drawn from minipeft's RNG, not torch's.
 """
 from __future__ import annotations
 
@@ -34,36 +36,84 @@ import numpy as np
 
 from .. import backend
 from ..autograd.function import Function
+from ..nn.layers import Linear
 from .base import check, trainable
 from .fourierft import FourierFTConfig, FourierFTLinear, seeded_positions
 from .registry import register
 
-def daubechies(N: int) -> tuple:
-    """WAVEFT-3: db<N>'s reconstruction low-pass filter (length 2N), Daubechies' extremal-phase construction:
-    lo ∝ (1 + z)^N Q(z), Q's roots the ones inside the unit circle of z^(N-1) P((2 - z - 1/z) / 4),
-    P(y) = sum_{k<N} C(N-1+k, k) y^k; scaled to sum sqrt(2). Host NumPy, once at import (constants)."""
+def daubechies(N: int, outside: str = "") -> tuple:
+    """WAVEFT-3: a length-2N orthonormal low-pass filter with N vanishing moments, Daubechies' construction:
+    lo ∝ (1 + z)^N Q(z), Q(z) Q(1/z) = z^(N-1) P((2 - z - 1/z) / 4), P(y) = sum_{k<N} C(N-1+k, k) y^k; scaled
+    to sum sqrt(2). Q takes one root of each reciprocal pair: the roots inside the unit circle with Im >= 0,
+    ordered by angle, form groups (a real root, or a conjugate pair); group i is taken outside (1/z) where
+    outside[i] == "1", else inside. outside "" (all inside): db<N>, extremal phase. Host NumPy, at import."""
     poly, y_k, y = np.zeros(2 * N - 1), np.ones(1), np.array([-0.25, 0.5, -0.25])  # y_k: z^k y^k
     for k in range(N):
         poly[N - 1 - k:N + k] += math.comb(N - 1 + k, k) * y_k
         y_k = np.convolve(y_k, y)
-    roots = np.roots(poly) if N > 1 else np.zeros(0)
-    lo = np.real(np.convolve(np.poly(roots[np.abs(roots) < 1]), [math.comb(N, i) for i in range(N + 1)]))
+    groups = sorted((z for z in (np.roots(poly) if N > 1 else ()) if abs(z) < 1 and z.imag >= -1e-12),
+                    key=lambda z: (np.angle(z), abs(z)))
+    roots = []
+    for i, z in enumerate(groups):
+        z = 1 / z if outside[i:i + 1] == "1" else z
+        roots += [z.real] if abs(z.imag) < 1e-9 else [z, np.conj(z)]
+    lo = np.real(np.convolve(np.poly(roots), [math.comb(N, i) for i in range(N + 1)]))
     return tuple(float(v) for v in lo * math.sqrt(2) / lo.sum())
 
 
+# Symlets: Daubechies' filters of the same |Q|^2, another root choice (the near-linear-phase one of
+# PyWavelets / PEFT; no simple phase criterion picks all nine, so the choice is recorded per N and
+# tests/adapters/test_waveft.py checks each filter against PEFT's to 1e-10).
+SYMLET_OUTSIDE = {2: "0", 3: "0", 4: "01", 5: "10", 6: "101", 7: "100", 8: "0101", 9: "0110", 10: "10101"}
+# Coiflets coif1..coif3: the length-6K filters with sum sqrt(2), sum_k h_k h_(k+2m) = delta_m, scaling moments
+# sum_k (k - 2K)^j h_k = 0 (j = 1..2K-1) and wavelet moments sum_k (-1)^k (k - 2K)^j h_k = 0 (j = 0..2K-1):
+# the solution that Levenberg-Marquardt reaches from h = sqrt(2) delta_(2K) (the test re-solves it and checks
+# these numbers and PEFT's). coif4 is PEFT's table as it is: it is not a coiflet (its taps sum to 1.4485, not
+# sqrt(2), and it is not orthonormal), kept for parity with PEFT's folders (WAVEFT-3, deviations).
+COIFLETS = {
+    "coif1": (
+        -0.07273261951252646, 0.33789766245748176, 0.8525720202116005, 0.3848648468648578,
+        -0.07273261951252646, -0.015655728135791993,
+    ),
+    "coif2": (
+        0.01638733646320364, -0.04146493678687178, -0.0673725547237256, 0.38611006682276283,
+        0.8127236354494135, 0.41700518442323903, -0.07648859907828076, -0.059434418646431064,
+        0.02368017194684776, 0.005611434819368828, -0.001823208870911029, -0.0007205494455203461,
+    ),
+    "coif3": (
+        -0.003793512864447644, 0.007782596425789666, 0.023452696142416303, -0.06577191128215813,
+        -0.06112339000360421, 0.4051769024107983, 0.7937772226264986, 0.4284834763752059,
+        -0.07179982161892719, -0.08230192710475823, 0.03455502757278084, 0.01588054486310201,
+        -0.009007976136434087, -0.0025745176880534746, 0.0011175187707719689, 0.00046621695981598904,
+        -7.098330250692245e-05, -3.459977319441197e-05,
+    ),
+    "coif4": (
+        0.000892313902537003, -0.001629492425226786, -0.007346167936268051, 0.016066782559655206,
+        0.026792362270697267, -0.07314290441258073, -0.04877076756791383, 0.42747788393337943,
+        0.7842491699914577, 0.4354613422154989, -0.0615536584279808, -0.09176542029839818,
+        0.02811565972369683, 0.024945239305530328, -0.010417174666056649, -0.0032702731315608483,
+        0.0020166775120449105, 0.0006600112966963782, -0.00017960623150243602, -0.0001598819866911797,
+        4.3110389559021745e-05, 1.791447688858775e-05, -2.2414246658720156e-06, -1.5895026298510706e-06,
+    ),
+}
+
 REC_LO = {f"db{N}": daubechies(N) for N in range(1, 11)}
-REC_LO["sym2"] = REC_LO["db2"]  # PyWavelets' sym2 is db2's filter (the other symlets are not here)
+REC_LO.update({f"sym{N}": daubechies(N, outside) for N, outside in SYMLET_OUTSIDE.items()})
+REC_LO.update(COIFLETS)
+# PEFT's WAVELET_REDUCTIONS: the grid padding, len(lo) - 2 for every family here (PEFT's coif5, 48 taps against a
+# padding of 28, fails in PEFT's own forward and is refused).
+REFUSED = {"coif5": "PEFT 0.21.2's coif5 table has 48 taps against its padding of 28, and its forward fails"}
 
 
 @dataclasses.dataclass
 class WaveFTConfig(FourierFTConfig):
     n_frequency: int = 2592  # trained wavelet coefficients per layer
     scaling: float = 25.0
-    wavelet_family: str = "db1"  # db1 (Haar) .. db10, sym2
+    wavelet_family: str = "db1"  # db1 (Haar) .. db10, sym2 .. sym10, coif1 .. coif4
     use_idwt: bool = True  # False: dW = s S, the coefficients used as a sparse weight
     random_loc_seed: int = 777
     init_weights: bool = True  # True: c = 0 (PEFT's default); False: c ~ N(0, 0.01^2)
-    proportional_parameters: bool = False  # PEFT's experimental per-layer budget; refused here
+    proportional_parameters: bool = False  # True: n_f proportional to in * out, n_frequency on average (WAVEFT-10)
     bias: str = "none"  # "none" | "all" | "waveft_only"
 
     peft_type = "WAVEFT"
@@ -74,10 +124,20 @@ class WaveFTConfig(FourierFTConfig):
 
     def validate(self):
         super().validate()
-        check(self.wavelet_family in REC_LO, "wavelet_family", self.wavelet_family,
-              f"supported here: {', '.join(REC_LO)} (PEFT's sym3-sym10 and coif1-coif5 are not in minipeft)")
-        check(self.proportional_parameters is False, "proportional_parameters", self.proportional_parameters,
-              "is not supported by minipeft; set n_frequency_pattern per layer instead")
+        check(self.wavelet_family not in REFUSED, "wavelet_family", self.wavelet_family,
+              f"is not supported: {REFUSED.get(self.wavelet_family)}; use coif4 or another family")
+        check(self.wavelet_family in REC_LO, "wavelet_family", self.wavelet_family, f"supported: {', '.join(REC_LO)}")
+        check(isinstance(self.proportional_parameters, bool), "proportional_parameters",
+              self.proportional_parameters, "must be True or False")
+
+    def n_frequency_all(self, shapes: dict) -> dict:
+        """WAVEFT-10: n_f of each targeted layer {path: (in, out)}: n_frequency_for(path), or under
+        proportional_parameters PEFT's share max(1, round(in out / sum(in out) * n_frequency * layers))
+        (Python's round, ties to even), n_frequency_pattern then unused (as PEFT)."""
+        if not self.proportional_parameters:
+            return {p: self.n_frequency_for(p) for p in shapes}
+        total, budget = sum(n * m for n, m in shapes.values()), self.n_frequency * len(shapes)
+        return {p: max(1, round((n * m) / total * budget)) for p, (n, m) in shapes.items()}
 
 
 def padded(n: int, L: int) -> int:
@@ -154,9 +214,15 @@ class WaveFTLinear(FourierFTLinear):  # FourierFT's adapt and delta_weight (WAVE
         self.waveft_spectrum = trainable(backend.xp().zeros((len(p),), dtype=backend.dtype("float32")))
 
     @classmethod
-    def create(cls, base, cfg: WaveFTConfig, path: str, rng, init_weights: bool = True):
-        delta = cls(base.in_features, base.out_features, seeded_positions(base, cfg, path, "WaveFT"), cfg.scaling,
-                    cfg.wavelet_family, cfg.use_idwt)
+    def create_all(cls, bases: dict, cfg: WaveFTConfig, rng, init_weights: bool = True):
+        n_f = cfg.n_frequency_all({p: (b.in_features, b.out_features) for p, b in bases.items()
+                                   if isinstance(b, Linear)})  # WAVEFT-10; the others: seeded_positions refuses
+        return {p: cls.create(b, cfg, p, rng, init_weights, n_f.get(p)) for p, b in bases.items()}, {}
+
+    @classmethod
+    def create(cls, base, cfg: WaveFTConfig, path: str, rng, init_weights: bool = True, n_f: int | None = None):
+        delta = cls(base.in_features, base.out_features, seeded_positions(base, cfg, path, "WaveFT", n_f),
+                    cfg.scaling, cfg.wavelet_family, cfg.use_idwt)
         if init_weights and not cfg.init_weights:  # WAVEFT-5
             delta.waveft_spectrum.data = rng.normal(delta.waveft_spectrum.shape, std=0.01)
         return delta

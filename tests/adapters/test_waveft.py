@@ -17,7 +17,7 @@ from helpers import assert_close
 from one_layer import check_on_the_backend, probe_backward, random_base, train_next
 from minipeft import backend
 from minipeft.adapters.base import AdaptedLayer
-from minipeft.adapters.waveft import REC_LO, WaveFTConfig, WaveFTLinear
+from minipeft.adapters.waveft import REC_LO, REFUSED, WaveFTConfig, WaveFTLinear
 from minipeft.autograd import Tensor
 from minipeft.errors import ConfigError
 from minipeft.safetensors_io import read_safetensors
@@ -151,11 +151,12 @@ def test_merge_unmerge(n_f, tm, family):
 @pytest.mark.parametrize("family", sorted(REC_LO))
 def test_one_coefficient_is_an_outer_product_of_filters(family):
     """A lone cA coefficient at grid (i, j) gives s lo(x)lo placed at (2i, 2j) - (L - 2) - crop: the filter
-    taps themselves; and the filters are orthonormal under even shifts with sum lo = sqrt(2)."""
+    taps themselves; and the filters are orthonormal under even shifts with sum lo = sqrt(2) (all but PEFT's
+    coif4 table, which is neither: test_coif1_to_coif3_are_the_coiflets_from_their_definition)."""
     lo = np.asarray(REC_LO[family])
-    assert abs(np.sum(lo) - np.sqrt(2)) < 1e-12
-    for j in range(len(lo) // 2):  # orthonormal under even shifts: sum_k lo_k lo_{k+2j} = [j = 0]
+    for j in range(len(lo) // 2 if family != "coif4" else 0):  # sum_k lo_k lo_{k+2j} = [j = 0]
         assert abs(np.dot(lo[:len(lo) - 2 * j], lo[2 * j:]) - (j == 0)) < 1e-10
+    assert abs(np.sum(lo) - np.sqrt(2)) < 1e-12 or family == "coif4"
     out, n_in, L = 12, 9, len(lo)
     P, Q = out + L - 2, n_in + L - 2 + 1  # 9 + L - 2 is odd: PEFT pads one more
     u, v = 1, 1  # weight position (1, 1): grid (i, j) below, in cA for every family here
@@ -250,9 +251,10 @@ def test_save_load_keys_and_config(tmp_path):
 # ---- WAVEFT-9 ---------------------------------------------------------------------------------------------------
 @pytest.mark.spec("WAVEFT-9")
 @pytest.mark.parametrize("kw, match", [
-    (dict(wavelet_family="coif1"), "wavelet_family='coif1'.*db1, db2, db3.*db10, sym2"),
-    (dict(wavelet_family="haar"), "wavelet_family='haar'.*db1, db2, db3.*db10, sym2"),
-    (dict(proportional_parameters=True), "proportional_parameters"),
+    (dict(wavelet_family="db11"), "wavelet_family='db11'.*db1, db2, db3.*db10, sym2, .*sym10, coif1, .*coif4"),
+    (dict(wavelet_family="haar"), "wavelet_family='haar'.*db1, db2"),
+    (dict(wavelet_family="coif5"), "wavelet_family='coif5'.*48 taps.*use coif4"),
+    (dict(proportional_parameters="yes"), "proportional_parameters"),
     (dict(n_frequency=0), "n_frequency"), (dict(n_frequency=2.5), "n_frequency"),
     (dict(n_frequency_pattern={"q_proj": 0}), "n_frequency_pattern"), (dict(random_loc_seed=-1), "random_loc_seed"),
     (dict(bias="fourier_only"), "bias.*waveft_only")])
@@ -270,53 +272,110 @@ def test_n_frequency_above_in_times_out_names_the_layer():
 
 
 # ---- against PEFT (test_peft_oracle.py's tiny random Llama and GPT-2, every waveft_spectrum entry moved) ----------
-ORACLE = {"db1": ("llama", dict(n_frequency=200, target_modules=["q_proj", "v_proj", "down_proj"])),
-          "db2_pattern": ("llama", dict(n_frequency=64, scaling=5.0, wavelet_family="db2", random_loc_seed=3,
+ORACLE = {"db2_pattern": ("llama", dict(n_frequency=64, scaling=5.0, wavelet_family="db2", random_loc_seed=3,
                                         target_modules=["q_proj", "v_proj", "up_proj"],
                                         n_frequency_pattern={"v_proj": 32, r"layers\.1\.mlp\.up_proj": 2048})),
           "sym2_random": ("llama", dict(n_frequency=100, scaling=3.0, wavelet_family="sym2", init_weights=False,
                                         bias="waveft_only", target_modules=["q_proj", "k_proj"])),
-          "db4": ("llama", dict(n_frequency=300, scaling=2.0, wavelet_family="db4", target_modules=["v_proj", "up_proj"])),
-          "db10": ("llama", dict(n_frequency=120, scaling=2.0, wavelet_family="db10", target_modules=["q_proj", "down_proj"])),
           "sparse": ("llama", dict(n_frequency=150, scaling=2.0, use_idwt=False, target_modules=["q_proj", "o_proj"])),
+          "proportional": ("llama", dict(n_frequency=90, scaling=2.0, wavelet_family="sym5",
+                                         proportional_parameters=True,
+                                         target_modules=["q_proj", "k_proj", "up_proj", "down_proj"],
+                                         n_frequency_pattern={"k_proj": 7})),  # the pattern: unused, as in PEFT
           "gpt2_db1": ("gpt2", dict(n_frequency=80, scaling=4.0, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
           "gpt2_db2": ("gpt2", dict(n_frequency=50, scaling=4.0, wavelet_family="db2", target_modules=["c_attn", "c_proj"],
-                                    fan_in_fan_out=True))}
+                                    fan_in_fan_out=True)),
+          "gpt2_coif3_proportional": ("gpt2", dict(n_frequency=40, scaling=4.0, wavelet_family="coif3",
+                                                   proportional_parameters=True, fan_in_fan_out=True,
+                                                   target_modules=["c_attn", "c_proj", "c_fc"]))}
+# PEFT's own gpt2 default (mlp.c_proj), fan_in_fan_out left False: PEFT warns and forces it True on Conv1D
+ORACLE["gpt2_default_targets"] = ("gpt2", dict(n_frequency=60, scaling=4.0, wavelet_family="sym3"))
+# every family PEFT runs, on the same layers (three shapes: q 32 x 32, v 16 x 32, down 32 x 64)
+ORACLE.update({family: ("llama", dict(n_frequency=120, scaling=2.0, wavelet_family=family,
+                                      target_modules=["q_proj", "v_proj", "down_proj"])) for family in REC_LO})
 
 
 @pytest.mark.oracle
-@pytest.mark.spec("WAVEFT-1", "WAVEFT-2", "WAVEFT-3", "WAVEFT-4", "WAVEFT-6", "WAVEFT-7", "WAVEFT-8")
-@pytest.mark.parametrize("case", list(ORACLE))
+@pytest.mark.spec("WAVEFT-1", "WAVEFT-2", "WAVEFT-3", "WAVEFT-4", "WAVEFT-6", "WAVEFT-7", "WAVEFT-8", "WAVEFT-10")
+@pytest.mark.parametrize("case", list(ORACLE))  # each family of REC_LO is a case
 def test_peft_and_minipeft_agree_both_ways_and_on_merge(lib, base, case, tmp_path):
     pm = perturbed_peft_model(lib, base, ORACLE[case], "WaveFTConfig").eval()
     count = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     assert all(p.abs().min() > 0 for n, p in pm.named_parameters() if "waveft_spectrum" in n)  # every entry moved
-    check_both_ways_and_merged(lib, pm, base(ORACLE[case][0]), tmp_path, f"WaveFT {case}")
+    indices = {name.removeprefix("base_model.model."): m.waveft_indices["default"].numpy()
+               for name, m in pm.named_modules() if "default" in getattr(m, "waveft_indices", {})}
+    check_both_ways_and_merged(lib, pm, base(ORACLE[case][0]), tmp_path, f"WaveFT {case}")  # pm is unloaded after
     model = mp.load_model(base(ORACLE[case][0]))
     model.load_adapters(str(tmp_path / "peft"))
     assert type(model.peft_configs["default"]) is WaveFTConfig
     assert model.parameter_counts()[0] == count
-    for name, m in pm.named_modules():  # PEFT's (2, n_f) indices = the seeded positions here
-        if "default" in getattr(m, "waveft_indices", {}):
-            d = model.net.get_submodule(name.removeprefix("base_model.model.")).adapters["default"]
-            out, n_in = d.shape
-            assert np.array_equal(m.waveft_indices["default"].numpy(),
-                                  np.stack(positions(out, n_in, len(d.waveft_spectrum.data),
-                                                     model.peft_configs["default"].random_loc_seed)))
+    assert indices and len(indices) == len(layers(model, "default"))
+    for name, theirs in indices.items():  # PEFT's (2, n_f) indices = the seeded positions here
+        d = model.net.get_submodule(name).adapters["default"]
+        out, n_in = d.shape
+        assert np.array_equal(theirs, np.stack(positions(out, n_in, len(d.waveft_spectrum.data),
+                                                         model.peft_configs["default"].random_loc_seed)))
+    if ORACLE[case][1].get("proportional_parameters"):  # WAVEFT-10: shares of several sizes, not n_frequency each
+        assert len({len(t[0]) for t in indices.values()}) > 1
 
 
 @pytest.mark.oracle
 @pytest.mark.spec("WAVEFT-3")
 def test_filters_are_peft_s(lib):
-    """Daubechies' construction here gives PEFT's (PyWavelets') reconstruction filters for db1..db10 and sym2."""
-    from peft.tuners.waveft.wavelet import Wavelet
+    """Daubechies' construction gives PEFT's (PyWavelets') reconstruction filters db1..db10, with the recorded root
+    choices its sym2..sym10; the coiflet table is PEFT's; coif5 (broken in PEFT) is the one family refused."""
+    from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+    from peft.tuners.waveft.wavelet import wavelist, Wavelet
+    runs = [f for f in wavelist() if f in WAVELET_REDUCTIONS]  # PEFT's config and its Wavelet both accept these
+    assert sorted(runs) == sorted([*REC_LO, *REFUSED])
     for family, lo in REC_LO.items():
-        assert np.abs(np.asarray(lo) - np.asarray(Wavelet(family).rec_lo)).max() < 1e-11, family
+        assert np.abs(np.asarray(lo) - np.asarray(Wavelet(family).rec_lo)).max() < 1e-10, family
+        assert WAVELET_REDUCTIONS[family] == (len(lo) - 2,) * 2, family  # WAVEFT-2's padding
+    assert len(Wavelet("coif5").rec_lo) == 48 and WAVELET_REDUCTIONS["coif5"] == (28, 28)
+
+
+def coiflet_conditions(h):
+    """The residuals of the coiflet equations (COIFLETS' comment in waveft.py) for h of length 6K."""
+    L, K = len(h), len(h) // 6
+    k, sign = np.arange(L) - 2 * K, (-1.0) ** np.arange(L)
+    return np.array([h.sum() - np.sqrt(2)] + [h[:L - 2 * m] @ h[2 * m:] - (m == 0) for m in range(3 * K)]
+                    + [(k ** j * h).sum() for j in range(1, 2 * K)] + [(sign * k ** j * h).sum() for j in range(2 * K)])
+
+
+@pytest.mark.spec("WAVEFT-3")
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_coif1_to_coif3_are_the_coiflets_from_their_definition(K):
+    """The table's coif<K> solves the coiflet equations, and is the solution Levenberg-Marquardt reaches from
+    sqrt(2) delta_(2K) (re-solved here); PEFT's coif4 is not a coiflet (and not orthonormal)."""
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    lo = np.asarray(REC_LO[f"coif{K}"])
+    assert np.abs(coiflet_conditions(lo)).max() < 1e-13
+    h0 = np.zeros(6 * K)
+    h0[2 * K] = np.sqrt(2)
+    solved = scipy_optimize.least_squares(coiflet_conditions, h0, method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15).x
+    assert np.abs(solved - lo).max() < 1e-10  # the solver stops within ~3e-12 of the table
+    coif4 = np.asarray(REC_LO["coif4"])
+    assert abs(coif4.sum() - 1.4485) < 1e-4 and abs(coif4 @ coif4 - 1) > 1e-3
+
+
+@pytest.mark.spec("WAVEFT-10")
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(1, 64), st.integers(1, 64)), min_size=1, max_size=6), st.integers(1, 300))
+def test_proportional_parameters_shares(shapes, n_f):
+    """n_f proportional to in * out, at least 1, n_frequency per layer on average up to rounding; off: n_f each."""
+    paths = {f"layers.{i}.proj": s for i, s in enumerate(shapes)}
+    cfg = WaveFTConfig(n_frequency=n_f, proportional_parameters=True, n_frequency_pattern={"proj": 3})
+    got = cfg.n_frequency_all(paths)
+    total = sum(n * m for n, m in shapes)
+    for p, (n, m) in paths.items():
+        share = n * m / total * n_f * len(shapes)
+        assert got[p] >= 1 and (got[p] == 1 or abs(got[p] - share) <= 0.5)
+    assert WaveFTConfig(n_frequency=n_f).n_frequency_all(paths) == dict.fromkeys(paths, n_f)
 
 
 @pytest.mark.oracle
 @pytest.mark.spec("WAVEFT-7")
-@pytest.mark.parametrize("case", ["db1", "db2_pattern", "db10", "gpt2_db2"])
+@pytest.mark.parametrize("case", ["db1", "db2_pattern", "db10", "sym7", "coif2", "proportional", "gpt2_db2"])
 def test_training_step_gradients_agree(lib, base, tmp_path, case):
     check_step_gradients(lib, perturbed_peft_model(lib, base, ORACLE[case], "WaveFTConfig").eval(),
                          base(ORACLE[case][0]), tmp_path, "waveft_spectrum", f"WaveFT {case}")
@@ -343,7 +402,7 @@ def test_n_frequency_above_in_times_out_and_unknown_wavelet_are_refused_like_pef
         mp.load_model(base()).apply_adapter(WaveFTConfig(**kw))
     with pytest.raises(ValueError, match="not supported"):
         peft.WaveFTConfig(wavelet_family="db99")
-    with pytest.raises(ConfigError, match="db1, db2, db3.*sym2"):
+    with pytest.raises(ConfigError, match="db1, db2, db3.*sym2.*coif4"):
         WaveFTConfig.from_peft(dict(peft_type="WAVEFT", wavelet_family="db99"))
 
 
