@@ -52,8 +52,9 @@ def gpt2_without_dropout(lib, tmp_path):
     mode (LORA_GA-1), the same function only without dropout."""
     torch, transformers, _ = lib
     torch.manual_seed(0)
-    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    m = transformers.GPT2LMHeadModel(cfg)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.3)

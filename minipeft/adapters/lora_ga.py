@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from .. import backend
 from ..autograd import Tensor
 from ..nn.layers import Linear
@@ -112,12 +114,12 @@ class LoRAGAConfig(DataInitConfig):
             B = B * (base.weight.data.shape[0] ** 0.25 / math.sqrt(c["stable_gamma"]))  # PEFT's weight.shape[0]
         elif c["scale"] == "weight_svd" and float(S_b[0]) > 0:
             W0 = xp.astype(base.weight_out_in(), xp.float64)
-            B = B * (xp.linalg.svdvals(W0)[0] / S_b[0])
+            B = B * (xp.linalg.svd(W0, full_matrices=False)[1][0] / S_b[0])  # sigma_1(W0)
         elif c["scale"] == "gd_scale":
             A, B = A / delta.s, B / delta.s
         dtype = base.weight.data.dtype
         delta.lora_A.weight.data, delta.lora_B.weight.data = xp.astype(A, dtype), xp.astype(B, dtype)
-        delta.A0, delta.B0 = xp.asarray(delta.lora_A.weight.data, copy=True), xp.asarray(delta.lora_B.weight.data, copy=True)
+        delta.A0, delta.B0 = (xp.asarray(w.weight.data, copy=True) for w in (delta.lora_A, delta.lora_B))  # step 0
         delta.unmerge_from(base)  # LORA_GA-5: W0 <- W0 - s B A
 
     def initialise(self, delta, base, rng):
@@ -136,7 +138,6 @@ class LoRAGAConfig(DataInitConfig):
 
 def direction_indices(direction: str, r: int, rng):
     """LORA_GA-3: (a, b), the triplets of A's rows and of B's columns among the first 2r."""
-    import numpy as np
     if direction == "random":
         a = np.asarray(rng.permutation(2 * r))[:r]
         return a, a
