@@ -52,6 +52,7 @@ SEED = {
     "full": ("100%", "-", "-", "-"),
     "deft": ("-", "-", "-", "-"),
     "unilora": ("-", "-", "-", "-"),
+    "lora_ga": ("-", "-", "-", "-"),
 }
 
 
@@ -109,6 +110,7 @@ def configs(mp, steps: int):
         "unilora": (adapter(mp.UniLoRAConfig()), {}),
         "ln_tuning": (adapter(mp.LNTuningConfig()), {}),
         "trainable_tokens": (adapter(mp.TrainableTokensConfig(token_indices=list(range(16)))), {}),
+        "lora_ga": (adapter(mp.LoRAGAConfig()), {}),
     }
 
 

@@ -48,6 +48,7 @@ from .adapters.registry import register as register_method
 from .adapters.vera import VeRAConfig
 from .adapters.deft import DEFTConfig
 from .adapters.unilora import UniLoRAConfig
+from .adapters.lora_ga import LoRAGAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -77,4 +78,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError",
            "DEFTConfig",
            "UniLoRAConfig",
+           "LoRAGAConfig",
            ]

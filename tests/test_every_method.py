@@ -126,10 +126,12 @@ def test_every_method_keeps_the_contract(name, tmp_path):
     again = fresh(method)
     again.load_adapters(str(tmp_path / "saved"))
     mine = dict(model.net.named_parameters())
+    mine.update({f"{p}.adapters.default.{k}": t for p, m in adapted_layers(model.net)  # a delta that saves its own layout
+                 for k, t in getattr(m.adapters.default, "saved_parameters", dict)()})  # (LoRA-GA's rank 2r) is read back as that
     for n, p in again.net.named_parameters():
         if p.requires_grad:
             assert np.array_equal(p.numpy(), mine[n].numpy()), n
-    assert_close(again(IDS), out, rtol=1e-6, label=f"{name} save -> load")
+    assert_close(again(IDS), out, rtol=getattr(cfg, "RELOAD_RTOL", 1e-6), label=f"{name} save -> load")
 
     if method.quantized_base:  # the 4-bit forward rounds to its compute dtype: check the adapter on the float base
         dequantize_model(model.net)

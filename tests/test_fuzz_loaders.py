@@ -208,6 +208,7 @@ def valid_configs():
             mp.UniLoRAConfig(rank=2, theta_d_length=64, save_indices=True),
             mp.LNTuningConfig(),
             mp.TrainableTokensConfig(token_indices=[3, 5]),
+            mp.LoRAGAConfig(rank=2, lora_ga_config={"direction": "ArBr"}),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

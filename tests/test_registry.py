@@ -63,6 +63,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "unilora": ("UniLoRAConfig", "UNILORA", "layer", True, False),
     "ln_tuning": ("LNTuningConfig", "LN_TUNING", "layer", True, False),  # targets norms (LN_TUNING-5)
     "trainable_tokens": ("TrainableTokensConfig", "TRAINABLE_TOKENS", "layer", True, False),  # embedding rows
+    "lora_ga": ("LoRAGAConfig", "LORA", "initialiser", True, False),  # data-driven; saves PEFT's rank-2r conversion
 }
 
 
