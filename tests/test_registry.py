@@ -210,7 +210,8 @@ def test_a_method_from_outside_the_package_works_end_to_end(rowscale, tmp_path):
 @pytest.mark.spec("METHOD-2", "METHOD-9")
 def test_inspect_names_the_method_and_counts_what_train_counts(tmp_path, capsys):
     """minipeft inspect reads the registry: DoRA shows as DoRA (before: PEFT's LORA, with "(dora)"), and the
-    count equals the model's own (VeRA's file also holds the frozen shared A and B, which are not counted);
+    count equals the model's own (VeRA's file also holds the frozen shared A and B, which are not counted), read on
+    the base its base_model_name_or_path names;
     with --model it is print_trainable_parameters' count and share (before: a share of the base alone)."""
     from minipeft.cli import main
     for name, title, peft in (("dora", "DoRA", "LORA, use_dora"), ("vera", "VeRA", "VERA"),
@@ -221,7 +222,7 @@ def test_inspect_names_the_method_and_counts_what_train_counts(tmp_path, capsys)
         assert main(["inspect", str(tmp_path / name)]) == 0
         shown = capsys.readouterr().out
         assert f"method: {title} (PEFT: {peft})" in shown
-        assert f"trained parameters: {model.parameter_counts()[0]:,}\n" in shown
+        assert f"trainable parameters: {model.parameter_counts()[0]:,} of" in shown  # on its base, found by its config
         model.print_trainable_parameters()
         peft_line = capsys.readouterr().out  # trainable params: T || all params: N || trainable%: P
         t, n, share = re.match(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)",
