@@ -46,6 +46,7 @@ from .adapters.registry import register as register_method
 from .adapters.vera import VeRAConfig
 from .adapters.deft import DEFTConfig
 from .adapters.unilora import UniLoRAConfig
+from .adapters.peanut import PEANuTConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -73,4 +74,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError",
            "DEFTConfig",
            "UniLoRAConfig",
+           "PEANuTConfig",
            ]

@@ -472,6 +472,7 @@ LINEAR_ONLY = {"beft", "hra", "road", "oft", "boft", "shira", "miss", "c3a", "de
 LINEAR_ONLY |= {"supertuning"}
 LINEAR_ONLY |= {"glora"}
 LINEAR_ONLY |= {"osf"}
+LINEAR_ONLY |= {"peanut"}
 
 
 @pytest.mark.spec("PEFT-3")
