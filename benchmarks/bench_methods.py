@@ -51,6 +51,7 @@ SEED = {
     "deft": ("-", "-", "-", "-"),
     "unilora": ("-", "-", "-", "-"),
     "peanut": ("-", "-", "-", "-"),
+    "frod": ("-", "-", "-", "-"),
 }
 
 
@@ -107,6 +108,7 @@ def configs(mp, steps: int):
         "deft": (adapter(mp.DEFTConfig(rank=8, alpha=16)), {}),
         "unilora": (adapter(mp.UniLoRAConfig()), {}),
         "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
+        "frod": (adapter(mp.FRoDConfig()), {}),
     }
 
 

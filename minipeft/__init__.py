@@ -47,6 +47,7 @@ from .adapters.vera import VeRAConfig
 from .adapters.deft import DEFTConfig
 from .adapters.unilora import UniLoRAConfig
 from .adapters.peanut import PEANuTConfig
+from .adapters.frod import FRoDConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -75,4 +76,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "DEFTConfig",
            "UniLoRAConfig",
            "PEANuTConfig",
+           "FRoDConfig",
            ]

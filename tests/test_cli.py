@@ -27,6 +27,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "deft": "DEFT",
              "unilora": "UNILORA",
              "peanut": "PEANUT",
+             "frod": "FROD",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

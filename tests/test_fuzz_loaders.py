@@ -207,6 +207,7 @@ def valid_configs():
             mp.DEFTConfig(rank=3, decomposition_method="qr"),
             mp.UniLoRAConfig(rank=2, theta_d_length=64, save_indices=True),
             mp.PEANuTConfig(rank=3, depth=1),
+            mp.FRoDConfig(sparse_rate=0.05),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

@@ -62,6 +62,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "deft": ("DEFTConfig", "DEFT", "layer", True, False),
     "unilora": ("UniLoRAConfig", "UNILORA", "layer", True, False),
     "peanut": ("PEANuTConfig", "PEANUT", "layer", True, False),
+    "frod": ("FRoDConfig", "FROD", "layer", True, False),
 }
 
 
