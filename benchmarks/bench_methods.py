@@ -53,6 +53,8 @@ SEED = {
     "deft": ("-", "-", "-", "-"),
     "unilora": ("-", "-", "-", "-"),
     "lora_ga": ("-", "-", "-", "-"),
+    "peanut": ("-", "-", "-", "-"),
+    "frod": ("-", "-", "-", "-"),
 }
 
 
@@ -111,6 +113,8 @@ def configs(mp, steps: int):
         "ln_tuning": (adapter(mp.LNTuningConfig()), {}),
         "trainable_tokens": (adapter(mp.TrainableTokensConfig(token_indices=list(range(16)))), {}),
         "lora_ga": (adapter(mp.LoRAGAConfig()), {}),
+        "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
+        "frod": (adapter(mp.FRoDConfig()), {}),
     }
 
 

@@ -49,6 +49,8 @@ from .adapters.vera import VeRAConfig
 from .adapters.deft import DEFTConfig
 from .adapters.unilora import UniLoRAConfig
 from .adapters.lora_ga import LoRAGAConfig
+from .adapters.peanut import PEANuTConfig
+from .adapters.frod import FRoDConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -79,4 +81,6 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "DEFTConfig",
            "UniLoRAConfig",
            "LoRAGAConfig",
+           "PEANuTConfig",
+           "FRoDConfig",
            ]

@@ -427,17 +427,18 @@ def torch_normal(shape, std: float, seed: int) -> np.ndarray:
     return (z * std).reshape(shape).astype(np.float32)
 
 
-def torch_randperm_prefix(n: int, k: int, seed: int) -> np.ndarray:
+def torch_randperm_prefix(n: int, k: int, seed: int, skip: int = 0) -> np.ndarray:
     """The first k entries of torch.randperm(n, generator=torch.Generator().manual_seed(seed)) on the
     CPU, without torch (int64, host). torch's CPU generator is MT19937 seeded with the low 32 bits of
     the seed (init_genrand, as NumPy's legacy RandomState); for n < TORCH_RANDPERM_SMALL its randperm
     is the forward Fisher-Yates shuffle: for i = 0 .. n-2, z = u_i mod (n - i) with u_i its next
     32-bit output, swap r[i] and r[i + z]. Entry i is final after step i, so k steps suffice, kept in
-    a dict of the positions moved (O(k) memory for any n)."""
+    a dict of the positions moved (O(k) memory for any n). skip: the generator's outputs used before (randperm(n')
+    on the same generator takes n' - 1), as for FRoD's per-category draws (FROD-4)."""
     if not 0 <= k <= n < TORCH_RANDPERM_SMALL:
         raise BackendError(f"torch_randperm_prefix: need 0 <= k <= n < {TORCH_RANDPERM_SMALL} (got k={k}, n={n}); "
                            "above that torch.randperm uses another shuffle")
-    u = torch_mt19937_outputs(seed, k)  # (k,)
+    u = torch_mt19937_outputs(seed, skip + k)[skip:]  # (k,)
     moved, out = {}, np.empty(k, dtype=np.int64)
     for i in range(k):
         j = i + int(u[i]) % (n - i)

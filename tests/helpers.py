@@ -177,3 +177,31 @@ def peft_svd_signs_as_minipeft():
         finally:
             torch.linalg.svd = plain
     return patched()
+
+
+def peft_frod_basis_as_minipeft():
+    """A context in which PEFT's FRoD builds each category's basis V as minipeft does (FROD-2: float64, each column's
+    largest-|.| entry positive) instead of from its float32 LAPACK QR / eigh. PEFT 0.21.2 computes U from the V it
+    builds as it loads and keeps that U when the file's V replaces V (U is not saved), so a file whose V is not the one
+    PEFT rebuilds on that machine loads with a U that does not belong to it (FROD-10); with the same V both agree."""
+    import contextlib
+
+    import numpy as np
+    import torch
+    from peft.tuners.frod import model as frod_model
+
+    from minipeft.adapters.frod import basis
+
+    plain = frod_model._projection_from_weights
+
+    def ours(matrices, regularization_alpha):
+        return torch.from_numpy(np.asarray(basis([m.numpy() for m in matrices], regularization_alpha)))
+
+    @contextlib.contextmanager
+    def patched():
+        frod_model._projection_from_weights = ours
+        try:
+            yield
+        finally:
+            frod_model._projection_from_weights = plain
+    return patched()

@@ -31,6 +31,8 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "ln_tuning": "LN_TUNING",
              "trainable_tokens": "TRAINABLE_TOKENS",
              "lora_ga": "LORA",
+             "peanut": "PEANUT",
+             "frod": "FROD",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

@@ -15,6 +15,7 @@ from minipeft.adapters.inject import adapted_layers
 from minipeft.autograd import no_grad
 from minipeft.quant.linear4bit import dequantize_model, quantize_model
 from tests.helpers import TINY_LLAMA, assert_close, data_for, hf_llama_folder, max_rel_err, peft_loftq_on_cpu, peft_svd_signs_as_minipeft, tiny_llama
+from tests.helpers import peft_frod_basis_as_minipeft
 
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
@@ -179,6 +180,7 @@ def test_every_peft_method_loads_in_peft_and_back(name, hf_base, tmp_path):
         pytest.importorskip("bitsandbytes")
     with (peft_loftq_on_cpu() if name == "loftq"  # PEFT reruns LoftQ as it loads
           else peft_svd_signs_as_minipeft() if name == "psoft"  # PEFT retakes W0's SVD as it loads (PSOFT-1)
+          else peft_frod_basis_as_minipeft() if name == "frod"  # PEFT builds U from its own V as it loads (FROD-10)
           else contextlib.nullcontext()):
         loads_both_ways(name, method, hf_base, tmp_path)
 

@@ -209,6 +209,8 @@ def valid_configs():
             mp.LNTuningConfig(),
             mp.TrainableTokensConfig(token_indices=[3, 5]),
             mp.LoRAGAConfig(rank=2, lora_ga_config={"direction": "ArBr"}),
+            mp.PEANuTConfig(rank=3, depth=1),
+            mp.FRoDConfig(sparse_rate=0.05),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

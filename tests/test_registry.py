@@ -64,6 +64,8 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "ln_tuning": ("LNTuningConfig", "LN_TUNING", "layer", True, False),  # targets norms (LN_TUNING-5)
     "trainable_tokens": ("TrainableTokensConfig", "TRAINABLE_TOKENS", "layer", True, False),  # embedding rows
     "lora_ga": ("LoRAGAConfig", "LORA", "initialiser", True, False),  # data-driven; saves PEFT's rank-2r conversion
+    "peanut": ("PEANuTConfig", "PEANUT", "layer", True, False),
+    "frod": ("FRoDConfig", "FROD", "layer", True, False),
 }
 
 

@@ -40,9 +40,14 @@ def test_forward_and_merge_are_W0_plus_W0_hadamard_B_A(r, tm):
     updates = {p + ".weight": update_np(W[p + ".weight"], layer.adapters["default"])
                for p, layer in layers(model, "default")}
     check_forward_merge_unmerge(model, W, updates)
+    check_unmerge_gives_W0_bit_for_bit(model, W)
+
+
+def check_unmerge_gives_W0_bit_for_bit(model, W):
+    """merge then unmerge puts back the kept W0 exactly (HIRA-4, and every method that keeps W0 at merge time)."""
     model.merge_adapter()
     model.unmerge_adapter()
-    for path, layer in layers(model, "default"):  # HIRA-4: W0 comes back bit for bit
+    for path, layer in layers(model, "default"):
         assert np.array_equal(layer.base_layer.weight.data, W[path + ".weight"])
 
 
