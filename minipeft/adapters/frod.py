@@ -160,6 +160,8 @@ class FRoDLinear(Delta):
         self.frod_lambda_s_values = trainable(backend.xp_of(lam).zeros((N,), dtype=lam.dtype))  # (N,)
         self.w0 = None  # W0 as stored, kept while merged (FROD-8)
 
+    CREATE_READS_W0 = True  # V is built from every W0 of a category (audit/layers.py gives it real weights)
+
     @classmethod
     def create_all(cls, bases: dict, cfg: FRoDConfig, rng, init_weights: bool = True):
         groups, order = {}, {}

@@ -93,9 +93,14 @@ class AdapterLayers:
         self.shared_deltas, self.shared_ok = None, {}
         if self.shares(self.cls):
             stubs = {p: self.net.get_submodule(p) for p in self.paths}
+            if getattr(self.cls, "CREATE_READS_W0", False):  # its shared tensors are built from every W0 (FRoD's V)
+                stubs = {p: _stub(s, self.base.read(f"{p}.weight"), None) for p, s in stubs.items()}
             deltas, shared = self.cls.create_all(stubs, cfg, self.rng, False)
             ok = self._fill({f"base_model.{k}": t for k, t in shared.items()}, "the layers' shared tensors")
             self.shared_ok = {p: self._fill(self.saved(p, d), p) and ok for p, d in deltas.items()}
+            for p, d in deltas.items():
+                if self.shared_ok[p]:
+                    self.from_file(d)
             self.shared_deltas = deltas
 
     @staticmethod
@@ -138,6 +143,13 @@ class AdapterLayers:
             self.claimed.add(key)
         return ok
 
+    def from_file(self, delta) -> None:
+        """The delta's own step after its tensors are read, as load_adapters runs it (peft_io: SHiRA checks its
+        positions, VB-LoRA builds its logits from a top-k file, FRoD rebuilds U from the file's V and W0)."""
+        hook = getattr(delta, "from_file", None)
+        if hook is not None:
+            hook(self.adapter.weights_path)
+
     def rank_rule(self, where: str) -> str:
         rule = getattr(self.cfg, "rank_alpha_for", None)
         if rule is None or where not in self.paths:
@@ -160,6 +172,8 @@ class AdapterLayers:
             else:
                 delta = self.cls.create_all({path: base}, self.cfg, self.rng, False)[0][path]
                 ok = self._fill(self.saved(path, delta), path)
+                if ok:
+                    self.from_file(delta)
             if not ok:
                 return None
             delta.merge_into(base)
