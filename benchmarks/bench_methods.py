@@ -50,6 +50,7 @@ SEED = {
     "full": ("100%", "-", "-", "-"),
     "deft": ("-", "-", "-", "-"),
     "unilora": ("-", "-", "-", "-"),
+    "pvera": ("-", "-", "-", "-"),
 }
 
 
@@ -105,6 +106,7 @@ def configs(mp, steps: int):
         "osf": (adapter(mp.OSFConfig()), {}),
         "deft": (adapter(mp.DEFTConfig(rank=8, alpha=16)), {}),
         "unilora": (adapter(mp.UniLoRAConfig()), {}),
+        "pvera": (adapter(mp.PVeRAConfig()), {}),
     }
 
 

@@ -16,6 +16,7 @@ from .adapters.supertuning import SuperTuningConfig
 from .adapters.tinylora import TinyLoRAConfig
 from .adapters.glora import GLoRAConfig
 from .adapters.osf import OSFConfig
+from .adapters.pvera import PVeRAConfig
 from .adapters.fourierft import FourierFTConfig
 from .adapters.waveft import WaveFTConfig
 from .adapters.ia3 import IA3Config
@@ -73,4 +74,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "MiniPeftError", "ConfigError", "CheckpointError", "BackendError", "TrainingError",
            "DEFTConfig",
            "UniLoRAConfig",
+           "PVeRAConfig",
            ]

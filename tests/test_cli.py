@@ -26,6 +26,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "osf": "OSF",
              "deft": "DEFT",
              "unilora": "UNILORA",
+             "pvera": "PVERA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

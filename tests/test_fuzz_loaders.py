@@ -206,6 +206,7 @@ def valid_configs():
             mp.OSFConfig(effective_rank=4),
             mp.DEFTConfig(rank=3, decomposition_method="qr"),
             mp.UniLoRAConfig(rank=2, theta_d_length=64, save_indices=True),
+            mp.PVeRAConfig(rank=4, generator_seed=1),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

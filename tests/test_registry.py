@@ -61,6 +61,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "osf": ("OSFConfig", "OSF", "layer", True, False),
     "deft": ("DEFTConfig", "DEFT", "layer", True, False),
     "unilora": ("UniLoRAConfig", "UNILORA", "layer", True, False),
+    "pvera": ("PVeRAConfig", "PVERA", "layer", True, False),
 }
 
 
