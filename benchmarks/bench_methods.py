@@ -55,6 +55,7 @@ SEED = {
     "lora_ga": ("-", "-", "-", "-"),
     "peanut": ("-", "-", "-", "-"),
     "frod": ("-", "-", "-", "-"),
+    "pvera": ("-", "-", "-", "-"),
 }
 
 
@@ -115,6 +116,7 @@ def configs(mp, steps: int):
         "lora_ga": (adapter(mp.LoRAGAConfig()), {}),
         "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
         "frod": (adapter(mp.FRoDConfig()), {}),
+        "pvera": (adapter(mp.PVeRAConfig()), {}),
     }
 
 

@@ -18,6 +18,7 @@ from .adapters.glora import GLoRAConfig
 from .adapters.osf import OSFConfig
 from .adapters.ln_tuning import LNTuningConfig
 from .adapters.trainable_tokens import TrainableTokensConfig
+from .adapters.pvera import PVeRAConfig
 from .adapters.fourierft import FourierFTConfig
 from .adapters.waveft import WaveFTConfig
 from .adapters.ia3 import IA3Config
@@ -83,4 +84,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "LoRAGAConfig",
            "PEANuTConfig",
            "FRoDConfig",
+           "PVeRAConfig",
            ]

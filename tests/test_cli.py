@@ -33,6 +33,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "lora_ga": "LORA",
              "peanut": "PEANUT",
              "frod": "FROD",
+             "pvera": "PVERA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

@@ -211,6 +211,7 @@ def valid_configs():
             mp.LoRAGAConfig(rank=2, lora_ga_config={"direction": "ArBr"}),
             mp.PEANuTConfig(rank=3, depth=1),
             mp.FRoDConfig(sparse_rate=0.05),
+            mp.PVeRAConfig(rank=4, generator_seed=1),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

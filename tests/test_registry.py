@@ -66,6 +66,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "lora_ga": ("LoRAGAConfig", "LORA", "initialiser", True, False),  # data-driven; saves PEFT's rank-2r conversion
     "peanut": ("PEANuTConfig", "PEANUT", "layer", True, False),
     "frod": ("FRoDConfig", "FROD", "layer", True, False),
+    "pvera": ("PVeRAConfig", "PVERA", "layer", True, False),
 }
 
 

@@ -46,6 +46,7 @@ class VeRAConfig(AdapterConfig):
     shared_across_layers: bool = True  # one A and B for every layer: what VeRA is (False is refused)
 
     peft_type = "VERA"
+    BIAS_MODES = ("none", "all", "vera_only")
     PEFT_COMMON = ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "fan_in_fan_out")
     PEFT_FIELDS = {"rank": "r", "projection_prng_key": "projection_prng_key", "save_projection": "save_projection",
                    "dropout": "vera_dropout", "d_initial": "d_initial", "bias": "bias"}
@@ -61,7 +62,7 @@ class VeRAConfig(AdapterConfig):
               "must be an integer >= 0")
         check(number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         check(number(self.d_initial), "d_initial", self.d_initial, "must be a finite number")
-        check(self.bias in ("none", "all", "vera_only"), "bias", self.bias, "use 'none', 'all' or 'vera_only'")
+        check(self.bias in self.BIAS_MODES, "bias", self.bias, f"use one of {', '.join(self.BIAS_MODES)}")
         for field in ("save_projection", "fan_in_fan_out"):
             check(isinstance(getattr(self, field), bool), field, getattr(self, field), "must be True or False")
         check(self.shared_across_layers is True, "shared_across_layers", self.shared_across_layers,
@@ -81,27 +82,37 @@ def kaiming_uniform(rng, shape) -> Tensor:
 
 
 class VeRALinear(Delta):
+    SHARED = ("vera_A", "vera_B")  # the shared projections' saved names, base_model.<name>
+
     def __init__(self, in_features, out_features, projections: tuple, cfg: VeRAConfig, rng):
-        self.n, self.m, self.p, self.rng = in_features, out_features, cfg.dropout, rng
-        self.projections = projections  # (A, B): shared and frozen; a tuple, so no parameter walk finds them
+        self.bind(in_features, out_features, projections, cfg, rng)
         xp = backend.xp()
         self.vera_lambda_b = trainable(xp.zeros((out_features,), dtype=backend.dtype("float32")))  # (out,)
         self.vera_lambda_d = trainable(xp.full((cfg.rank,), cfg.d_initial, dtype=backend.dtype("float32")))  # (r,)
+
+    def bind(self, in_features, out_features, projections: tuple, cfg, rng):
+        self.n, self.m, self.p, self.rng = in_features, out_features, cfg.dropout, rng
+        self.projections = projections  # (A, B): shared and frozen; a tuple, so no parameter walk finds them
+
+    @staticmethod
+    def a_rows(cfg) -> int:
+        """Rows of A: r (PVeRA's A has 2r, a mean half and a log-variance half)."""
+        return cfg.rank
 
     @classmethod
     def create_all(cls, bases: dict, cfg: VeRAConfig, rng, init_weights: bool = True):
         """One A, B for all targets (VERA-4), sized by the largest in / out among them; init_weights=False
         (a load) needs A and B in the file (VERA-7)."""
         check(init_weights or cfg.save_projection, "save_projection", cfg.save_projection,
-              "the file has no vera_A / vera_B: PEFT regenerates them with torch's random generator, which "
+              f"the file has no {' / '.join(cls.SHARED)}: PEFT regenerates them with torch's random generator, which "
               "minipeft cannot reproduce; save the adapter with save_projection=True")
         max_in = max(b.in_features for b in bases.values())
         max_out = max(b.out_features for b in bases.values())
         key = backend.RNG(cfg.projection_prng_key)
-        A = kaiming_uniform(key, (cfg.rank, max_in))  # (r, max_in)
+        A = kaiming_uniform(key, (cls.a_rows(cfg), max_in))  # (r, max_in)
         B = kaiming_uniform(key, (max_out, cfg.rank))  # (max_out, r)
         deltas = {p: cls(b.in_features, b.out_features, (A, B), cfg, rng) for p, b in bases.items()}
-        return deltas, ({"vera_A": A, "vera_B": B} if cfg.save_projection else {})
+        return deltas, (dict(zip(cls.SHARED, (A, B))) if cfg.save_projection else {})
 
     def slices(self):
         """A_s (r, in), B_s (out, r): constants to autograd."""
