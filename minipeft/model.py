@@ -15,6 +15,7 @@ from .adapters import data_init, inject, peft_io, prompt_learning, registry
 from .adapters.base import NAME_RE, no_field
 from .adapters.modules_to_save import add_trained_copy, trained_copy_paths
 from .adapters.registry import layer_class
+from .adapters.trainable_tokens import token_adapters
 from .autograd import Tensor, no_grad
 from .errors import ConfigError, MiniPeftError
 from .models import generate as gen
@@ -107,6 +108,7 @@ class Model:
         with data_init.prepared(self, cfg, bases, data, init_weights) as (cfg, bases):
             deltas, shared = layer_class(cfg).create_all(bases, cfg, self.rng, init_weights)
         copies = {entry: trained_copy_paths(self.net, entry) for entry in cfg.modules_to_save}
+        deltas.update(token_adapters(self.net, cfg, self.config.model_type, self.rng, init_weights))  # LoRA's rows
         self.net.requires_grad_(False)
         for path, delta in deltas.items():  # a new delta takes the model's mode (eval: no dropout)
             inject.wrap(self.net, path).adapters[name] = delta.train(self.net.training)

@@ -283,4 +283,11 @@ def test_model_save_as_lora_refuses_what_it_cannot_convert(base, tmp_path):
         model.save_as_lora(str(tmp_path / "x"), 2, name="other")
     with pytest.raises(ConfigError, match=r"\(0, 1\]"):
         model.save_as_lora(str(tmp_path / "x"), 2.5)
+    tokens = mp.load_model(base)
+    tokens.apply_lora(rank=2, trainable_token_indices=[1, 2])
+    with pytest.raises(ConfigError, match="trainable_token_indices"):
+        tokens.save_as_lora(str(tmp_path / "x"), 2)
+    tokens.save_adapters(str(tmp_path / "tok"))
+    with pytest.raises(ConfigError, match="trainable_token_indices"):
+        audit_convert(str(tmp_path / "tok"), 2, str(tmp_path / "x"), show_progress=False)
     assert not os.path.exists(tmp_path / "x")

@@ -43,11 +43,13 @@ class LoRAConfig(AdapterConfig):
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     init: str = "default"  # a key of INITS
     lora_bias: bool = False  # a trainable bias on lora_B (PEFT's lora_bias)
+    trainable_token_indices: tuple[int, ...] | dict | None = None  # TRAINABLE_TOKENS-7: token ids, or {embedding: ids}
 
     peft_type = "LORA"
     PEFT_FIELDS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "bias": "bias",
                    "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
-                   "init": "init_lora_weights", "lora_bias": "lora_bias"}
+                   "init": "init_lora_weights", "lora_bias": "lora_bias",
+                   "trainable_token_indices": "trainable_token_indices"}
     PEFT_VALUES = {"init": {"default": True}}
 
     def validate(self):
@@ -56,6 +58,12 @@ class LoRAConfig(AdapterConfig):
               "must be in [0, 1)")
         check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "use 'none', 'all' or 'lora_only'")
         self.check_init()
+        tokens = self.trainable_token_indices
+        for ids in (tokens.values() if isinstance(tokens, dict) else [tokens] if tokens is not None else []):
+            check(isinstance(ids, (list, tuple)) and len(ids) > 0 and len(set(ids)) == len(ids)
+                  and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids),
+                  "trainable_token_indices", tokens, "must list distinct token ids (integers >= 0), or map embedding "
+                  "names to such lists")
 
     def check_init(self):
         """LORA-11: init is one of INITS; an initialiser method (METHOD-10) is named by its own config."""

@@ -51,6 +51,9 @@ def convert_to_lora(model, rank, name: str = "default", show_progress: bool = Fa
     if getattr(cfg, "bias", "none") != "none" or getattr(cfg, "lora_bias", False):
         raise ConfigError(f"adapter {name!r} trains biases, which a plain LoRA cannot carry (PEFT's "
                           "convert_to_lora refuses them too)")
+    if getattr(cfg, "trainable_token_indices", None):
+        raise ConfigError(f"adapter {name!r} trains embedding rows (trainable_token_indices), which this "
+                          "conversion does not carry")
     layers = [(p, m) for p, m in inject.adapted_layers(model.net) if name in m.adapters]
     weights, rows = {}, []
     for path, layer in progress(layers, len(layers), "convert to LoRA", show_progress, "layer"):

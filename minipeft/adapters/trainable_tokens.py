@@ -122,3 +122,35 @@ register("trainable_tokens", TrainableTokensConfig, TrainableTokensEmbedding,
                "https://github.com/huggingface/peft)",
          summary="TrainableTokens, trained embedding rows D for a few token ids: E'[t_j] = D[j], a tied lm_head "
                  "alike (spec/trainable_tokens.md).")
+
+
+# ---- LoRA's trainable_token_indices (PEFT's LoraConfig field): the same rows beside a LoRA ------------------------
+class TokenAdapter(TrainableTokensEmbedding):
+    """TRAINABLE_TOKENS-7: the rows D of a LoRA adapter's trainable_token_indices, saved as PEFT's wrapper names them,
+    `<embedding>.token_adapter.trainable_tokens_delta`; a tied lm_head uses the same D and saves nothing."""
+
+    def saved_parameters(self):
+        return [] if self.tied else [("token_adapter.trainable_tokens_delta", self.trainable_tokens_delta)]
+
+
+def token_adapters(net, cfg, model_type: str, rng, init_weights: bool) -> dict:
+    """{path: TokenAdapter} for cfg.trainable_token_indices: a list is the input embedding's token ids (PEFT's
+    get_input_embeddings), a dict {module name: ids} names the embeddings; a tied lm_head joins its embedding's."""
+    spec = getattr(cfg, "trainable_token_indices", None)
+    if not spec:
+        return {}
+    spec = spec if isinstance(spec, dict) else {TrainableTokensConfig.DEFAULT_TARGETS.get(model_type,
+                                                                                          INPUT_EMBEDDING): spec}
+    out = {}
+    for name, ids in spec.items():
+        tcfg = TrainableTokensConfig(target_modules=(name,), token_indices=tuple(ids))
+        found = [p for p, m in net.named_modules() if isinstance(getattr(m, "base_layer", m), Embedding)
+                 and (p == name or p.endswith("." + name))]
+        check(bool(found), f"trainable_token_indices[{name!r}]", list(ids), "names no embedding of this model")
+        bases = {p: getattr(net.get_submodule(p), "base_layer", net.get_submodule(p))
+                 for p in found + tcfg.tied_targets(net, found)}
+        made, _ = TrainableTokensEmbedding.create_all(bases, tcfg, rng, init_weights)
+        for p, d in made.items():
+            out[p] = TokenAdapter(d.trainable_tokens_delta, d.original, d.token_indices)
+            out[p].tied = p not in found
+    return out

@@ -105,6 +105,9 @@ def audit_convert(adapter: str, rank, out: str, base: str | None = None, show_pr
         raise ConfigError(f"{A.config_path}: the adapter trains biases (bias={getattr(cfg, 'bias', 'none')!r}, "
                           f"lora_bias={getattr(cfg, 'lora_bias', False)}), which a plain LoRA cannot carry; PEFT's "
                           "convert_to_lora refuses them too")
+    if getattr(cfg, "trainable_token_indices", None):
+        raise ConfigError(f"{A.config_path}: the adapter trains embedding rows (trainable_token_indices), which "
+                          "this conversion does not carry; convert an adapter without them")
     B = open_base(A, base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -142,11 +142,11 @@ def test_peft_and_minipeft_agree_both_ways_on_merge_and_in_count(lib, base, case
     check_case(lib, base(CASES[case][0]), CASES[case], f"TrainableTokens {case}", tmp_path, base)
 
 
-def check_case(lib, folder, case, label, tmp_path, base=None):
+def check_case(lib, folder, case, label, tmp_path, base=None, config_class="TrainableTokensConfig"):
     import peft
     torch = lib[0]
     pm = peft.get_peft_model(lib[1].AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval(),
-                             peft.TrainableTokensConfig(**case[1]))
+                             getattr(peft, config_class)(**case[1]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, p in pm.named_parameters():
@@ -162,7 +162,8 @@ def check_case(lib, folder, case, label, tmp_path, base=None):
     check_both_ways_and_merged(lib, pm, folder, tmp_path, label, ids.numpy())
     again = mp.load_model(folder)
     again.load_adapters(str(tmp_path / "peft"))
-    assert type(again.peft_configs["default"]) is TrainableTokensConfig and again.parameter_counts() == (trained, total)
+    assert type(again.peft_configs["default"]) is getattr(mp, config_class.replace("Lora", "LoRA"))
+    assert again.parameter_counts() == (trained, total)
 
 
 @pytest.mark.oracle
@@ -181,3 +182,63 @@ def test_init_is_the_base_and_one_step_s_gradients_agree(lib, base, kind, tmp_pa
     path = {"llama": "model.embed_tokens", "gpt2": "transformer.wte"}[kind]
     report_gradients_from_peft(lib, pm, base(kind), tmp_path, f"TT {kind}",
                                lambda n: f"{path}.adapters.default.trainable_tokens_delta", 1e-4)
+
+
+# ---- LoRA's trainable_token_indices (TRAINABLE_TOKENS-7) ----------------------------------------------------------
+LORA_CASES = {"llama": ("llama", dict(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5, 40])),
+              "llama-dict": ("llama", dict(r=2, target_modules=["v_proj"],
+                                           trainable_token_indices={"embed_tokens": [1, 2]})),
+              "gpt2": ("gpt2", dict(r=2, target_modules=["c_attn"], trainable_token_indices=[0, 7]))}  # tied head
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("TRAINABLE_TOKENS-7")
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_lora_with_trainable_tokens_agrees_with_peft(lib, base, case, tmp_path):
+    check_case(lib, base(LORA_CASES[case][0]), LORA_CASES[case], f"LoRA + trainable tokens {case}", tmp_path, base,
+               "LoraConfig")
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("TRAINABLE_TOKENS-7")
+def test_lora_with_trainable_tokens_on_a_tied_llama(lib, tmp_path):
+    folder = hf_llama_folder(str(tmp_path / "tied"), **{**LLAMA, "tie_word_embeddings": True})
+    check_case(lib, folder, ("llama", dict(r=2, target_modules=["q_proj"], trainable_token_indices=[4, 6])),
+               "LoRA + trainable tokens, tied llama", tmp_path, config_class="LoraConfig")
+
+
+@pytest.mark.spec("TRAINABLE_TOKENS-7")
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_s_token_rows_train_save_and_merge(tied, tmp_path):
+    model = tiny_llama(0, tie_word_embeddings=tied)
+    E = model.net.model.embed_tokens.weight.numpy().copy()
+    model.apply_lora(rank=2, target_modules=["q_proj"], trainable_token_indices=[3, 5])
+    saved = [k for k in mp.adapters.peft_io.adapter_tensors(model, "default") if "token" in k]
+    assert saved == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]  # a tied head: none
+    n = model.parameter_counts()[0]
+    assert n == 2 * E.shape[1] + sum(2 * (a + b) for a, b in [(E.shape[1], E.shape[1])] * 2)  # D, and r (in + out)
+    data = [{"input_ids": [3, 5, 7, 9, 3, 5, 7, 9]}] * 8
+    model.train(data, mp.TrainingConfig(learning_rate=5e-2, batch_size=4, epochs=2, progress=False))
+    rows = model.net.model.embed_tokens.adapters["default"].trainable_tokens_delta.numpy()
+    assert not np.array_equal(rows, E[[3, 5]])
+    model.net.eval()
+    before = np.asarray(model(IDS).data)
+    model.save_adapters(str(tmp_path / "a"))
+    again = tiny_llama(0, tie_word_embeddings=tied)
+    again.load_adapters(str(tmp_path / "a"))
+    assert max_rel_err(np.asarray(again(IDS).data), before) < 1e-6
+    assert json.load(open(tmp_path / "a" / "adapter_config.json"))["trainable_token_indices"] == [3, 5]
+    merged = again.merge_and_unload()
+    assert max_rel_err(np.asarray(merged(IDS).data), before) < 1e-5
+    W = merged.net.model.embed_tokens.weight.numpy()
+    assert np.allclose(W[[3, 5]], rows) and np.array_equal(np.delete(W, [3, 5], 0), np.delete(E, [3, 5], 0))
+
+
+@pytest.mark.spec("TRAINABLE_TOKENS-7")
+@pytest.mark.parametrize("indices, match", [([], "distinct token ids"), ([1, 1], "distinct token ids"),
+                                            ({"nothing": [1]}, "names no embedding"), ([10 ** 6], "below")])
+def test_lora_s_bad_token_indices_are_clear_errors(indices, match):
+    model = tiny_llama(0)
+    with pytest.raises(ConfigError, match=match):
+        model.apply_lora(rank=2, trainable_token_indices=indices)
+    assert not model.peft_configs
