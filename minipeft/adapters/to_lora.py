@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..autograd import Tensor, no_grad
+from ..autograd import no_grad
 from ..errors import ConfigError
 from ..quant.linear4bit import Linear4bit
 from . import inject
@@ -23,24 +23,20 @@ def layer_dW(layer, delta):
     if isinstance(base, Linear4bit):
         raise ConfigError("convert_to_lora reads W0 to merge into; this layer is 4-bit. Dequantize first "
                           "(merge_and_unload() does) or convert the adapter folder: minipeft audit convert")
-    xp = backend.xp_of(base.weight.data)
-    stub = type(base).__new__(type(base))
-    stub.in_features, stub.out_features = base.in_features, base.out_features
-    W0 = xp.astype(base.weight.data, xp.float64)
-    stub.weight = Tensor(xp.asarray(W0, copy=True))
-    stub.bias = None if base.bias is None else Tensor(xp.astype(base.bias.data, xp.float64))
+    from ..audit.layers import _stub
+    stub = _stub(base, base.weight.data, None if base.bias is None else base.bias.data)
     with no_grad():
         delta.merge_into(stub)
-    dW = backend.to_host(stub.weight.data - W0)
+    dW = backend.to_host(stub.weight.data) - np.asarray(backend.to_host(base.weight.data), dtype=np.float64)
     bias_changed = base.bias is not None and bool(np.any(backend.to_host(stub.bias.data)
-                                                         != backend.to_host(xp.astype(base.bias.data, xp.float64))))
+                                                         != np.asarray(backend.to_host(base.bias.data), np.float64)))
     return (dW.T if getattr(base, "fan_in_fan_out", False) else dW), bias_changed
 
 
 def convert_to_lora(model, rank, name: str = "default", show_progress: bool = False):
     """(adapter_config.json dict, {saved key: float32 array}, [ConvertRow]) of adapter `name` as a plain LoRA:
     rank an integer, or a float in (0, 1] (the share of ||dW||_F^2 each layer keeps), as PEFT's."""
-    from ..audit.convert import check_rank, factor, lora_fields
+    from ..audit.convert import add_layer, check_convertible, check_rank, lora_fields
     from ..audit.report import progress
     check_rank(rank)
     if name not in model.peft_configs:
@@ -48,22 +44,12 @@ def convert_to_lora(model, rank, name: str = "default", show_progress: bool = Fa
     cfg = model.peft_configs[name]
     if getattr(cfg, "is_prompt_learning", False) or getattr(cfg, "TARGET_TYPES", None):
         raise ConfigError(f"adapter {name!r} ({type(cfg).__name__}) changes no weight matrix: nothing to convert")
-    if getattr(cfg, "bias", "none") != "none" or getattr(cfg, "lora_bias", False):
-        raise ConfigError(f"adapter {name!r} trains biases, which a plain LoRA cannot carry (PEFT's "
-                          "convert_to_lora refuses them too)")
-    if getattr(cfg, "trainable_token_indices", None):
-        raise ConfigError(f"adapter {name!r} trains embedding rows (trainable_token_indices), which this "
-                          "conversion does not carry")
+    check_convertible(cfg, f"adapter {name!r}")
     layers = [(p, m) for p, m in inject.adapted_layers(model.net) if name in m.adapters]
     weights, rows = {}, []
     for path, layer in progress(layers, len(layers), "convert to LoRA", show_progress, "layer"):
         dW, bias_changed = layer_dW(layer, layer.adapters[name])
-        if bias_changed:
-            raise ConfigError(f"adapter {name!r} changes the bias of {path}, which a plain LoRA cannot carry")
-        lora_A, lora_B, row = factor(dW, rank, path)
-        weights[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(lora_A, dtype=np.float32)
-        weights[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(lora_B, dtype=np.float32)
-        rows.append(row)
+        rows.append(add_layer(weights, path, dW, rank, bias_changed, f"adapter {name!r}"))
     if not rows:
         raise ConfigError(f"adapter {name!r} adapts no layer")
     for path, m in model.net.named_modules():  # modules_to_save: the trained copy, as PEFT keeps it

@@ -97,17 +97,34 @@ def factor(dW, rank, path: str):
     return Vt[:k], U[:, :k] * S[:k], row
 
 
-def audit_convert(adapter: str, rank, out: str, base: str | None = None, show_progress: bool = True) -> ConvertReport:
-    check_rank(rank)
-    A = read_adapter(adapter)
-    cfg = A.cfg
+def check_convertible(cfg, where: str) -> None:
+    """AUDIT-22: what a plain LoRA of this conversion cannot carry, refused before anything is read: trained biases
+    (PEFT's convert_to_lora refuses them too) and trained embedding rows."""
     if getattr(cfg, "bias", "none") != "none" or getattr(cfg, "lora_bias", False):
-        raise ConfigError(f"{A.config_path}: the adapter trains biases (bias={getattr(cfg, 'bias', 'none')!r}, "
+        raise ConfigError(f"{where}: the adapter trains biases (bias={getattr(cfg, 'bias', 'none')!r}, "
                           f"lora_bias={getattr(cfg, 'lora_bias', False)}), which a plain LoRA cannot carry; PEFT's "
                           "convert_to_lora refuses them too")
     if getattr(cfg, "trainable_token_indices", None):
-        raise ConfigError(f"{A.config_path}: the adapter trains embedding rows (trainable_token_indices), which "
-                          "this conversion does not carry; convert an adapter without them")
+        raise ConfigError(f"{where}: the adapter trains embedding rows (trainable_token_indices), which this "
+                          "conversion does not carry; convert an adapter without them")
+
+
+def add_layer(weights: dict, path: str, dW, rank, bias_changed: bool, where: str) -> ConvertRow:
+    """AUDIT-22/23: the layer's lora_A, lora_B (float32) into weights; its row. A layer whose bias the method
+    changes cannot be carried by a plain LoRA (a ConfigError)."""
+    if bias_changed:
+        raise ConfigError(f"{where}: it changes the bias of {path}, which a plain LoRA cannot carry; it cannot be "
+                          "converted")
+    lora_A, lora_B, row = factor(dW, rank, path)
+    weights[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(lora_A, dtype=np.float32)
+    weights[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(lora_B, dtype=np.float32)
+    return row
+
+
+def audit_convert(adapter: str, rank, out: str, base: str | None = None, show_progress: bool = True) -> ConvertReport:
+    check_rank(rank)
+    A = read_adapter(adapter)
+    check_convertible(A.cfg, A.config_path)
     B = open_base(A, base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -117,13 +134,8 @@ def audit_convert(adapter: str, rank, out: str, base: str | None = None, show_pr
         layer = layers.layer(path)
         if layer is None:  # its tensors' problem is in layers.problems
             continue
-        if layer.bias is not None and not np.array_equal(layer.bias, layer.b0):
-            raise ConfigError(f"{A.folder}: {A.method.title} changes the bias of {path}, which a plain LoRA cannot "
-                              "carry; it cannot be converted")
-        lora_A, lora_B, row = factor(layer.dW, rank, path)
-        weights[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(lora_A, dtype=np.float32)
-        weights[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(lora_B, dtype=np.float32)
-        rows.append(row)
+        changed = layer.bias is not None and not np.array_equal(layer.bias, layer.b0)
+        rows.append(add_layer(weights, path, layer.dW, rank, changed, f"{A.folder} ({A.method.title})"))
         del layer
     rule = (f"{rank} at every layer" if isinstance(rank, int) else
             f"per layer the smallest k keeping a share >= {rank:g} of ||dW||_F^2")

@@ -63,11 +63,12 @@ def check_auditable(adapter: AdapterFile) -> None:
 
 
 def _stub(like, W0, b0):
-    """A float Linear of like's class holding float64 copies of W0 (storage layout) and b0."""
+    """A float Linear of like's class holding float64 copies of W0 (storage layout) and b0, on their backend."""
     layer = type(like).__new__(type(like))
     layer.in_features, layer.out_features = like.in_features, like.out_features
-    layer.weight = Tensor(np.array(W0, dtype=np.float64))
-    layer.bias = None if b0 is None else Tensor(np.array(b0, dtype=np.float64))
+    copy = (lambda a: backend.xp_of(a).asarray(a, dtype=backend.xp_of(a).float64, copy=True))
+    layer.weight = Tensor(copy(W0))
+    layer.bias = None if b0 is None else Tensor(copy(b0))
     return layer
 
 
