@@ -56,13 +56,27 @@ SEED = {
     "peanut": ("-", "-", "-", "-"),
     "frod": ("-", "-", "-", "-"),
     "pvera": ("-", "-", "-", "-"),
+    "loraplus": ("-", "-", "-", "-"),
+    "lorafa": ("-", "-", "-", "-"),
+    "riemannian": ("-", "-", "-", "-"),
+    "flora": ("-", "-", "-", "-"),
+    "relora": ("-", "-", "-", "-"),
+    "chainlora": ("-", "-", "-", "-"),
+    "deltalora": ("-", "-", "-", "-"),
+    "dylora": ("-", "-", "-", "-"),
+    "loftq": ("-", "-", "-", "-"),
+    "orthogonal": ("-", "-", "-", "-"),
+    "mica": ("-", "-", "-", "-"),
+    "road": ("-", "-", "-", "-"),
 }
 
 
 def configs(mp, steps: int):
-    """method -> (a function of (model, training records) that applies the method, load_model kwargs); steps
-    is the run's length (AdaLoRA's rank budget schedule ends there). A data-driven initialiser (EVA) reads the
-    first 256 training records."""
+    """method -> (a function of (model, training records) that applies the method, load_model kwargs[, a function
+    of (model, steps) giving TrainingConfig fields: an optimiser's or a procedure's hooks]); steps is the run's
+    length (AdaLoRA's rank budget schedule and the procedures' cycles end there). A data-driven initialiser (EVA)
+    reads the first 256 training records."""
+    from minipeft import optimizers as O, procedures as P
     def adapter(cfg):
         return lambda model, data: model.apply_adapter(cfg, data=data[:256] if getattr(cfg, "NEEDS_DATA", False) else None)
 
@@ -117,6 +131,21 @@ def configs(mp, steps: int):
         "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
         "frod": (adapter(mp.FRoDConfig()), {}),
         "pvera": (adapter(mp.PVeRAConfig()), {}),
+        "loraplus": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"optimizer": O.LoraPlusConfig()}),
+        "lorafa": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"optimizer": O.LoraFAConfig()}),
+        "riemannian": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"optimizer": O.RiemannianConfig()}),
+        "flora": (full, {}, lambda model, n: {"optimizer": O.FloraConfig(rank=8, kappa=max(n // 3, 1))}),
+        "relora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.ReLoRAHook(model, P.ReLoRAConfig(
+            reset_every=max(n // 3, 2), restart_warmup=max(n // 30, 1)))]}),
+        "chainlora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.ChainLoRAHook(model, P.ChainLoRAConfig(
+            links=(n // 3, n // 3, n - 2 * (n // 3))))]} if n >= 3 else {}),
+        "deltalora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.DeltaLoRAHook(model, P.DeltaLoRAConfig(
+            update_delta_start=n // 10))]}),
+        "dylora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.DyLoRAHook(model, P.DyLoRAConfig())]}),
+        "loftq": (adapter(mp.LoftQConfig()), {}),
+        "orthogonal": (adapter(mp.OrthogonalConfig()), {}),
+        "mica": (adapter(mp.MiCAConfig()), {}),
+        "road": (adapter(mp.RoadConfig()), {}),
     }
 
 
@@ -124,7 +153,7 @@ def child(method: str, steps: int, batch: int, lr: float, memory_only: bool) -> 
     import tracemalloc
     import minipeft as mp
     from tasks import examples
-    apply, load_kw = configs(mp, steps)[method]
+    apply, load_kw, *fields = configs(mp, steps)[method]
     held = examples("next", 200, seed=123)
     train = examples("next", steps * batch, seed=7, exclude={e["prompt"] for e in held})
     if memory_only:  # from here: the weights, the adapter, gradients, optimizer state and activations
@@ -134,6 +163,7 @@ def child(method: str, steps: int, batch: int, lr: float, memory_only: bool) -> 
     trainable, total = model.parameter_counts()
     cfg = dict(learning_rate=lr, batch_size=batch, max_steps=2 if memory_only else steps,
                warmup_steps=max(steps // 10, 1), schedule="cosine", seed=0, progress=False)
+    cfg.update(fields[0](model, cfg["max_steps"]) if fields else {})  # a fresh hook for each run
     if memory_only:
         model.train(train[:2 * batch], mp.TrainingConfig(**cfg))
         return {"peak_mb": tracemalloc.get_traced_memory()[1] / 1e6}
