@@ -68,6 +68,7 @@ SEED = {
     "orthogonal": ("-", "-", "-", "-"),
     "mica": ("-", "-", "-", "-"),
     "road": ("-", "-", "-", "-"),
+    "alora": ("-", "-", "-", "-"),
 }
 
 
@@ -137,15 +138,16 @@ def configs(mp, steps: int):
         "flora": (full, {}, lambda model, n: {"optimizer": O.FloraConfig(rank=8, kappa=max(n // 3, 1))}),
         "relora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.ReLoRAHook(model, P.ReLoRAConfig(
             reset_every=max(n // 3, 2), restart_warmup=max(n // 30, 1)))]}),
-        "chainlora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.ChainLoRAHook(model, P.ChainLoRAConfig(
-            links=(n // 3, n // 3, n - 2 * (n // 3))))]} if n >= 3 else {}),
-        "deltalora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.DeltaLoRAHook(model, P.DeltaLoRAConfig(
-            update_delta_start=n // 10))]}),
+        "chainlora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.ChainLoRAHook(
+            model, P.ChainLoRAConfig(links=(n // 3, n // 3, n - 2 * (n // 3))))]} if n >= 3 else {}),
+        "deltalora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.DeltaLoRAHook(
+            model, P.DeltaLoRAConfig(update_delta_start=n // 10))]}),
         "dylora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.DyLoRAHook(model, P.DyLoRAConfig())]}),
         "loftq": (adapter(mp.LoftQConfig()), {}),
         "orthogonal": (adapter(mp.OrthogonalConfig()), {}),
         "mica": (adapter(mp.MiCAConfig()), {}),
         "road": (adapter(mp.RoadConfig()), {}),
+        "alora": (adapter(mp.ALoRAConfig(alora_invocation_tokens=[30])), {}),  # "=": adapts the completion only
     }
 
 

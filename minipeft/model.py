@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 from . import backend, hooks, shorthands
-from .adapters import data_init, inject, peft_io, prompt_learning, registry
+from .adapters import alora, data_init, inject, peft_io, prompt_learning, registry
 from .adapters.base import NAME_RE, no_field
 from .adapters.modules_to_save import add_trained_copy, trained_copy_paths
 from .adapters.registry import layer_class
@@ -52,7 +52,7 @@ class Model:
             raise ConfigError(f"input_ids has {ids.shape[1]} tokens, more than the {self.config.max_position_embeddings}"
                               f" positions (max_position_embeddings) of this {self.config.model_type} model")
         mask = None if attention_mask is None else backend.asarray(np.asarray(attention_mask))
-        with inject.mixed_batch(self, adapter_names, ids.shape[0]):
+        with inject.mixed_batch(self, adapter_names, ids.shape[0]), alora.activated(self, ids, adapter_names):
             return self.net(backend.asarray(ids), attention_mask=mask, **kwargs)
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
@@ -68,7 +68,7 @@ class Model:
         was_training = self.net.training
         self.net.eval()
         try:
-            with inject.mixed_batch(self, adapter_names, len(prompt)):
+            with inject.mixed_batch(self, adapter_names, len(prompt)), alora.activated(self, prompt, adapter_names):
                 out = gen.generate(self.net, prompt, attention_mask, max_new_tokens, temperature, top_k, top_p,
                                    eos_token_id, self.config.pad_token_id, backend.RNG(seed))
         finally:

@@ -22,6 +22,7 @@ from . import backend
 from . import checkpoints as C
 from . import hooks as H
 from . import train_report as R
+from .adapters import alora
 from .autograd import no_grad
 from .data import collate, count_targets, prepare
 from .errors import ConfigError, TrainingError, TrainingInterrupted
@@ -148,7 +149,8 @@ def evaluate(model, examples, batch_size: int, pad_id: int) -> float:
             ids, mask, labels = collate(examples[j:j + batch_size], pad_id)
             k = count_targets(labels)
             if k:
-                total += _loss(model, ids, mask, labels).item() * k
+                with alora.activated(model, ids):
+                    total += _loss(model, ids, mask, labels).item() * k
                 n += k
     model.net.train(was)
     return total / max(n, 1)
@@ -234,14 +236,15 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
                     loss_value, tokens = 0.0, 0
                     for ids, mask, labels in batches:
                         share = count_targets(labels) / n_total
-                        loss = _loss(model, ids, mask, labels)
-                        reg = H.regularization(hooks)  # the methods' own loss terms (AdaLoRA's penalty), or None
-                        if reg is not None:
-                            loss = loss + reg
-                        lv = loss.item()
-                        if not math.isfinite(lv):
-                            run.diverged(step, "loss", lv, lr)
-                        (loss * share).backward()
+                        with alora.activated(model, ids):  # held through backward (gradient checkpointing reruns)
+                            loss = _loss(model, ids, mask, labels)
+                            reg = H.regularization(hooks)  # the methods' own loss terms (AdaLoRA's penalty), or None
+                            if reg is not None:
+                                loss = loss + reg
+                            lv = loss.item()
+                            if not math.isfinite(lv):
+                                run.diverged(step, "loss", lv, lr)
+                            (loss * share).backward()
                         loss_value += lv * share
                         tokens += int(mask.sum())
                     norm = clip_grad_norm(list(named.values()), cfg.max_grad_norm)

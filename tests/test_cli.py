@@ -13,6 +13,7 @@ EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"]
          "c3a": ["--set", "block_size=16"],  # C3A: 256 does not divide 96
          "vblora": ["--set", "vector_length=16", "--set", "num_vectors=32"],
          "trainable_tokens": ["--set", "token_indices=[3, 5, 7]"],  # no default: which tokens is the user's choice
+         "alora": ["--set", "alora_invocation_tokens=[30]"],  # no default: the tokenized invocation string ("=")
          }
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
@@ -34,6 +35,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "peanut": "PEANUT",
              "frod": "FROD",
              "pvera": "PVERA",
+             "alora": "LORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
@@ -77,7 +79,7 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     assert main(["inspect", str(out), "--model", minipeft.DEMO_MODEL]) == 0
     shown = capsys.readouterr().out
     title = RELOADED.get(method, METHODS[method]).__name__.removesuffix("Config")  # DoRA, not PEFT's LORA
-    flag = {"dora": ", use_dora"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
+    flag = {"dora": ", use_dora", "alora": ", alora_invocation_tokens=[30]"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
     assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{flag})" in shown
     train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
     if method not in ("adalora", "lora_ga"):  # AdaLoRA saves the triplets its allocation kept, fewer than train counted

@@ -26,6 +26,7 @@ SMALL = {"fourierft": dict(n_frequency=256), "waveft": dict(n_frequency=256), "s
          "vblora": dict(num_vectors=16, vector_length=16),  # VB-LoRA's L = 256 exceeds every tiny width
          "psoft": dict(rank=4),  # PSOFT's r = 32 > the tiny v_proj's 16 outputs
          "trainable_tokens": dict(token_indices=[1, 5, 7]),  # no default (PEFT's is an empty list)
+         "alora": dict(alora_invocation_tokens=[int(IDS[0, 3])]),  # no default; row 0 is adapted from position 3 on
          }
 
 

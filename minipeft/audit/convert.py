@@ -99,7 +99,11 @@ def factor(dW, rank, path: str):
 
 def check_convertible(cfg, where: str) -> None:
     """AUDIT-22: what a plain LoRA of this conversion cannot carry, refused before anything is read: trained biases
-    (PEFT's convert_to_lora refuses them too) and trained embedding rows."""
+    (PEFT's convert_to_lora refuses them too), trained embedding rows, and a method that is not mergeable (aLoRA)."""
+    from ..adapters.registry import method_of
+    if not method_of(cfg).mergeable:
+        raise ConfigError(f"{where}: {method_of(cfg).name} is not a mergeable method (its update is not one weight matrix), so "
+                          "no LoRA can stand for it")
     if getattr(cfg, "bias", "none") != "none" or getattr(cfg, "lora_bias", False):
         raise ConfigError(f"{where}: the adapter trains biases (bias={getattr(cfg, 'bias', 'none')!r}, "
                           f"lora_bias={getattr(cfg, 'lora_bias', False)}), which a plain LoRA cannot carry; PEFT's "
