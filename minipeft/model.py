@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 from . import backend, hooks, shorthands
-from .adapters import alora, data_init, inject, peft_io, prompt_learning, registry
+from .adapters import alora, data_init, inject, layer_replication, peft_io, prompt_learning, registry
 from .adapters.base import NAME_RE, no_field
 from .adapters.modules_to_save import add_trained_copy, trained_copy_paths
 from .adapters.registry import layer_class
@@ -100,15 +100,20 @@ class Model:
         if getattr(cfg, "is_prompt_learning", False):  # virtual tokens or prefixes: no layer to wrap
             return prompt_learning.attach(self, cfg, name, init_weights, layer_class(cfg))
         cfg = inject.default_targets(cfg, self.config.model_type)  # PEFT's per-model default where it has one
-        bases = {}
-        for path in inject.find_targets(self.net, cfg):
-            m = self.net.get_submodule(path)
-            bases[path] = getattr(m, "base_layer", m)
-        # every delta and modules_to_save match first: a bad rank or entry leaves the model as it was
-        with data_init.prepared(self, cfg, bases, data, init_weights) as (cfg, bases):
-            deltas, shared = layer_class(cfg).create_all(bases, cfg, self.rng, init_weights)
-        copies = {entry: trained_copy_paths(self.net, entry) for entry in cfg.modules_to_save}
-        deltas.update(token_adapters(self.net, cfg, self.config.model_type, self.rng, init_weights))  # LoRA's rows
+        undo = layer_replication.prepare(self.net, cfg, f"adapter {name!r}")  # LORA-14: more layers first
+        try:
+            bases = {}
+            for path in inject.find_targets(self.net, cfg):
+                m = self.net.get_submodule(path)
+                bases[path] = getattr(m, "base_layer", m)
+            # every delta and modules_to_save match first: a bad rank or entry leaves the model as it was
+            with data_init.prepared(self, cfg, bases, data, init_weights) as (cfg, bases):
+                deltas, shared = layer_class(cfg).create_all(bases, cfg, self.rng, init_weights)
+            copies = {entry: trained_copy_paths(self.net, entry) for entry in cfg.modules_to_save}
+            deltas.update(token_adapters(self.net, cfg, self.config.model_type, self.rng, init_weights))  # LoRA's rows
+        except BaseException:
+            undo()
+            raise
         self.net.requires_grad_(False)
         for path, delta in deltas.items():  # a new delta takes the model's mode (eval: no dropout)
             inject.wrap(self.net, path).adapters[name] = delta.train(self.net.training)
@@ -167,6 +172,7 @@ class Model:
     def merge_adapter(self) -> None:
         """Fold the active adapters into the base weights (undo with unmerge_adapter)."""
         prompt_learning.check_mergeable(self)
+        layer_replication.check_mergeable(self)
         if any(isinstance(layer.base_layer, Linear4bit) for _, layer in inject.adapted_layers(self.net)):
             raise ConfigError("a 4-bit weight cannot hold W0 + s B A without requantizing it; "
                               "merge_and_unload() dequantizes the model and merges in float (QLORA-8)")

@@ -29,6 +29,7 @@ from ..autograd import functional as F
 from ..nn.layers import Linear
 from ..errors import ConfigError
 from .base import AdapterConfig, Delta, check, fan_in_uniform
+from .layer_replication import check_layer_map
 from .registry import initialiser_names, register
 
 
@@ -44,12 +45,13 @@ class LoRAConfig(AdapterConfig):
     init: str = "default"  # a key of INITS
     lora_bias: bool = False  # a trainable bias on lora_B (PEFT's lora_bias)
     trainable_token_indices: tuple[int, ...] | dict | None = None  # TRAINABLE_TOKENS-7: token ids, or {embedding: ids}
+    layer_replication: object = None  # LORA-14: [[start, end), ...] ranges of layers stacked, copies sharing weights
 
     peft_type = "LORA"
     PEFT_FIELDS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "bias": "bias",
                    "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
                    "init": "init_lora_weights", "lora_bias": "lora_bias",
-                   "trainable_token_indices": "trainable_token_indices"}
+                   "trainable_token_indices": "trainable_token_indices", "layer_replication": "layer_replication"}
     PEFT_VALUES = {"init": {"default": True}}
 
     def validate(self):
@@ -58,6 +60,7 @@ class LoRAConfig(AdapterConfig):
               "must be in [0, 1)")
         check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "use 'none', 'all' or 'lora_only'")
         self.check_init()
+        self.layer_replication = check_layer_map(self.layer_replication)
         tokens = self.trainable_token_indices
         for ids in (tokens.values() if isinstance(tokens, dict) else [tokens] if tokens is not None else []):
             check(isinstance(ids, (list, tuple)) and len(ids) > 0 and len(set(ids)) == len(ids)
