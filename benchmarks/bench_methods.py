@@ -146,7 +146,7 @@ def configs(mp, steps: int):
         "loftq": (adapter(mp.LoftQConfig()), {}),
         "orthogonal": (adapter(mp.OrthogonalConfig()), {}),
         "mica": (adapter(mp.MiCAConfig()), {}),
-        "road": (adapter(mp.RoadConfig()), {}),
+        "road": (adapter(mp.RoadConfig(group_size=8)), {}),  # 64 does not divide the carried v_proj's 32 outputs
         "alora": (adapter(mp.ALoRAConfig(alora_invocation_tokens=[30])), {}),  # "=": adapts the completion only
     }
 
