@@ -69,6 +69,7 @@ SEED = {
     "mica": ("-", "-", "-", "-"),
     "road": ("-", "-", "-", "-"),
     "alora": ("-", "-", "-", "-"),
+    "corda": ("-", "-", "-", "-"),
 }
 
 
@@ -148,6 +149,7 @@ def configs(mp, steps: int):
         "mica": (adapter(mp.MiCAConfig()), {}),
         "road": (adapter(mp.RoadConfig(group_size=8)), {}),  # 64 does not divide the carried v_proj's 32 outputs
         "alora": (adapter(mp.ALoRAConfig(alora_invocation_tokens=[30])), {}),  # "=": adapts the completion only
+        "corda": (adapter(mp.CorDAConfig()), {}),
     }
 
 

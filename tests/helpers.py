@@ -121,17 +121,15 @@ def reloaded(model, folder, ids):
 
 
 def corda_layers(model, batches, **fields) -> dict:
-    """CorDA (spec/corda.md, not yet registered) on a minipeft model, layer by layer as apply_adapter will do:
-    {path: (LoRALinear delta, base layer, the covariance C it was built from)}, the base layers' W0 rewritten;
-    fields go to CorDAConfig."""
-    from minipeft import backend
+    """model.apply_corda(data=batches, **fields) (spec/corda.md), layer by layer: {path: (delta, base layer, the
+    covariance C it was built from, CORDA-1)}, the base layers' W0 rewritten."""
     from minipeft.adapters.corda import CorDAConfig
-    from minipeft.adapters.lora import LoRALinear
     cfg = CorDAConfig(**fields)
     bases = {p: m for p, m in model.net.named_modules() if p.rsplit(".", 1)[-1] in cfg.target_modules}
     model.net.eval()
-    _, cfg._stats = cfg.from_data(model, bases, batches)
-    return {p: (LoRALinear.create(b, cfg, p, backend.RNG(0)), b, cfg._stats[p]) for p, b in bases.items()}
+    _, C = cfg.from_data(model, bases, batches)  # (no change to the model)
+    model.apply_corda(data=batches, **fields)
+    return {p: (model.net.get_submodule(p).adapters["default"], b, C[p]) for p, b in bases.items()}
 
 
 def corda_reference(W0, C, r, mode):
@@ -143,6 +141,84 @@ def corda_reference(W0, C, r, mode):
     take = slice(0, r) if mode == "ipm" else slice(len(S) - r, len(S))
     sBA = (U[:, take] * S[take]) @ Vt[take]
     return W0 - sBA, sBA
+
+
+def check_saved_as_conversion(method: str, fields: dict, folder) -> None:
+    """A ConvertedInitConfig method (LoRA-GA, CorDA: LORA_GA-6, CORDA-5) on tiny_llama(0) with INIT_DATA: the model
+    is the base at step 0; after every trained tensor moves, the saved folder is PEFT's conversion (a LoRAConfig of
+    rank 2r, [A; A0], [B, -B0], alpha and the patterns doubled) and reloads on the unmodified base with its logits."""
+    import json
+    import minipeft as mp
+    ids = np.random.default_rng(1).integers(0, 48, (2, 7))
+    model = tiny_llama(0)
+    base_out = model(ids).numpy()
+    getattr(model, f"apply_{method}")(data=INIT_DATA, **fields)
+    cfg = model.peft_configs["default"]
+    assert max_rel_err(model(ids), base_out) < cfg.STEP0_RTOL
+    rng = np.random.default_rng(0)
+    for p in model.net.named_trainable_parameters().values():
+        p.data = (p.data + rng.standard_normal(p.shape) * 0.1).astype(np.float32)
+    model.save_adapters(str(folder))
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    r, alpha = fields["rank"], fields.get("alpha", 16)
+    assert saved["init_lora_weights"] is True and saved["r"] == 2 * r
+    assert abs(saved["lora_alpha"] - alpha * (np.sqrt(2) if fields.get("use_rslora") else 2)) < 1e-12
+    assert saved["rank_pattern"] == {k: 2 * v for k, v in fields.get("rank_pattern", {}).items()}
+    assert saved["alpha_pattern"] == {k: 2 * v for k, v in fields.get("alpha_pattern", {}).items()}
+    again = tiny_llama(0)
+    again.load_adapters(str(folder))
+    assert type(again.peft_configs["default"]) is mp.LoRAConfig
+    for path, m in again.net.named_modules():
+        if hasattr(m, "adapters"):
+            mine = model.net.get_submodule(path).adapters["default"]
+            A2, B2 = m.adapters["default"].lora_A.weight.data, m.adapters["default"].lora_B.weight.data
+            assert np.array_equal(A2, np.concatenate([mine.lora_A.weight.data, mine.A0]))
+            assert np.array_equal(B2, np.concatenate([mine.lora_B.weight.data, -mine.B0], axis=1))
+    assert_close(again(ids), model(ids), rtol=cfg.RELOAD_RTOL, label=f"{method}: converted file on the base")
+
+
+def check_bad_input_changes_nothing(method: str, rank_too_big: int, rank_rule: str, bad_sub_configs: list) -> None:
+    """A ConvertedInitConfig method on tiny_llama(0) (v_proj: 16 outputs): no data, empty data, rank_too_big
+    (the error naming rank_rule, a regex) and each (fields, match) of bad_sub_configs are ConfigErrors that leave
+    every parameter as it was; on a 4-bit base the targeted layers are refused."""
+    import pytest
+    import minipeft as mp
+    from minipeft.errors import ConfigError
+    from minipeft.quant.linear4bit import quantize_model
+    model = tiny_llama(0)
+    before = {n: np.array(p.data) for n, p in model.net.named_parameters()}
+    apply = getattr(model, f"apply_{method}")
+    with pytest.raises(ConfigError, match="initialises from data"):
+        apply()
+    with pytest.raises(ConfigError, match=rf"rank \(for .*v_proj\).*{rank_rule}"):
+        apply(data=INIT_DATA, rank=rank_too_big)
+    with pytest.raises(ConfigError, match="data is empty"):
+        apply(data=[], rank=2)
+    for fields, match in bad_sub_configs:
+        with pytest.raises(ConfigError, match=match):
+            apply(data=INIT_DATA, **fields)
+    assert not model.peft_configs
+    assert all(np.array_equal(p.data, before[n]) for n, p in model.net.named_parameters())
+    quantize_model(model.net, mp.QuantizationConfig(compute_dtype="float32"))
+    with pytest.raises(ConfigError, match=r"target_modules \(for .*q_proj\).*quantized"):
+        apply(data=INIT_DATA, rank=2)
+
+
+def check_unconverted_folder_refused(method: str, folder) -> None:
+    """A folder as PEFT saves a ConvertedInitConfig method without the conversion (init_lora_weights = its name,
+    rank r), meant for PEFT's saved residual base: loading it is a CheckpointError that names that base."""
+    import json
+    import pytest
+    import minipeft as mp
+    model = tiny_llama(0)
+    getattr(model, f"apply_{method}")(data=INIT_DATA, rank=2)
+    model.save_adapters(str(folder))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": method, "r": 2}))
+    with pytest.raises(mp.CheckpointError, match="residual base"):
+        tiny_llama(0).load_adapters(str(folder))
+
+
 def assert_training_lowers_the_loss(model):
     """model.train on eight shift-by-one words (8 epochs, lr 1e-2): the last loss is < 0.8 x the first."""
     import minipeft as mp

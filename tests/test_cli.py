@@ -36,11 +36,13 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "frod": "FROD",
              "pvera": "PVERA",
              "alora": "LORA",
+             "corda": "LORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
 RELOADED = {"qlora": METHODS["lora"], "ptuning_v2": METHODS["prefix_tuning"]}
 RELOADED["lora_ga"] = METHODS["lora"]  # LoRA-GA saves PEFT's conversion, a plain rank-2r LoRA (LORA_GA-6)
+RELOADED["corda"] = METHODS["lora"]  # so does CorDA (CORDA-5)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +84,8 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     flag = {"dora": ", use_dora", "alora": ", alora_invocation_tokens=[30]"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
     assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{flag})" in shown
     train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
-    if method not in ("adalora", "lora_ga"):  # AdaLoRA saves the triplets its allocation kept, fewer than train counted
-        # at step 0; LoRA-GA saves rank 2r (LORA_GA-6)
+    if method not in ("adalora", "lora_ga", "corda"):  # AdaLoRA saves the triplets its allocation kept, fewer than train counted
+        # at step 0; LoRA-GA and CorDA save rank 2r (LORA_GA-6, CORDA-5)
         assert shown.rstrip().endswith(train_line)  # METHOD-9: train's count and share, not a share of the base
     assert "of the base's" not in shown
     assert main(["inspect", str(out)]) == 0  # the base from base_model_name_or_path: the same count

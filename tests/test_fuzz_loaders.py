@@ -213,6 +213,7 @@ def valid_configs():
             mp.FRoDConfig(sparse_rate=0.05),
             mp.PVeRAConfig(rank=4, generator_seed=1),
             mp.ALoRAConfig(rank=2, alora_invocation_tokens=[5, 7]),
+            mp.CorDAConfig(rank=2, corda_config={"corda_method": "kpm"}),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

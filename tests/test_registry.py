@@ -68,6 +68,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "frod": ("FRoDConfig", "FROD", "layer", True, False),
     "pvera": ("PVeRAConfig", "PVERA", "layer", True, False),
     "alora": ("ALoRAConfig", "LORA", "layer", False, False),  # adapts only after its invocation: not mergeable
+    "corda": ("CorDAConfig", "LORA", "initialiser", True, False),  # data-driven; saves PEFT's rank-2r conversion
 }
 
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import numpy as np
 
 from .. import backend
-from ..autograd import no_grad
+from ..autograd import Tensor, no_grad
 from ..errors import ConfigError
+from ..nn.layers import Linear
 from ..nn.module import Module
 from .base import check
-from .lora import LoRAInitConfig
+from .lora import LoRAInitConfig, LoRALinear
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -53,6 +55,65 @@ class DataInitConfig(LoRAInitConfig):
     def initialise(self, delta, base, rng):
         raise ConfigError(f"{type(self).__name__} initialises from data: pass data= to apply_adapter "
                           f"(or apply_{self.init}), a list of batches or training records")
+
+
+class ConvertedInitConfig(DataInitConfig):
+    """A data-driven initialiser that takes s B0 A0 out of W0 (LoRA-GA, CorDA) and saves as PEFT's conversion
+    (save_pretrained(path_initial_model_for_weight_conversion=...); LORA_GA-6, CORDA-5): a plain LoRA of rank 2r
+    for the unmodified base, A' = [A; A0] (2r, in), B' = [B, -B0] (out, 2r), r and alpha doubled (alpha by sqrt 2
+    with rslora), rank_pattern and alpha_pattern doubled, init_lora_weights true, the method's own sub-config
+    (lora_ga_config, corda_config) null, which PEFT reads only with its init (and else warns about: PEFT's own
+    conversion keeps it). Its layer is ConvertedLoRALinear."""
+
+    REWRITES_W0 = True
+    STEP0_RTOL = 1e-5
+    RELOAD_RTOL = 1e-5  # the file runs on W0, the model on float32's W0 - s B0 A0 (step 0's rounding)
+    RANK_RULE = "min(in, out)"  # the bound max_rank computes, as the rank error states it
+
+    def check_targets(self, bases: dict, needs: str):
+        """Every targeted layer's rank and type, before any data is read (nothing changes on an error)."""
+        for p, b in bases.items():
+            n, m = b.in_features, b.out_features
+            check(isinstance(b, Linear), f"target_modules (for {p})", type(b).__name__,
+                  f"is quantized; {needs} (PEFT refuses too): load the float model")
+            check(self.rank_alpha_for(p)[0] <= self.max_rank(n, m), f"rank (for {p})", self.rank_alpha_for(p)[0],
+                  f"must be <= {self.RANK_RULE} = {self.max_rank(n, m)} (in={n}, out={m})")
+
+    def initialise(self, delta, base, rng):
+        check(False, "init_lora_weights", self.init,
+              "is an adapter trained on W0 - s B0 A0, which no file holds: PEFT's folders of it load only on their "
+              "saved residual base; save with minipeft (a rank-2r LoRA of the unmodified base) or with PEFT's "
+              "save_pretrained(path_initial_model_for_weight_conversion=...)")
+
+    def to_peft(self) -> dict:  # PEFT's converted config, a plain LoRA: the method's sub-config left out (None)
+        d = super().to_peft()
+        d.update({k: None for f, k in self.PEFT_FIELDS.items() if f not in LoRAInitConfig.PEFT_FIELDS})
+        d.update(r=2 * self.rank, lora_alpha=self.alpha * (math.sqrt(2) if self.use_rslora else 2),
+                 rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+                 alpha_pattern={k: 2 * v for k, v in self.alpha_pattern.items()}, init_lora_weights=True)
+        return d
+
+
+class ConvertedLoRALinear(LoRALinear):
+    """LoRA holding its initial A0, B0, so that it saves as PEFT's conversion (ConvertedInitConfig)."""
+
+    A0 = B0 = None
+
+    def start(self, A, B, base):
+        """A (r, in), B (out, r) at step 0, cast to W0's dtype and kept as A0, B0; then W0 <- W0 - s B A."""
+        xp, dtype = backend.xp_of(A), base.weight.data.dtype
+        self.lora_A.weight.data, self.lora_B.weight.data = xp.astype(A, dtype), xp.astype(B, dtype)
+        self.A0, self.B0 = (xp.asarray(w.weight.data, copy=True) for w in (self.lora_A, self.lora_B))
+        self.unmerge_from(base)
+
+    def saved_parameters(self):
+        xp = backend.xp_of(self.lora_A.weight.data)
+        for name, p in self.named_parameters():
+            if name == "lora_A.weight":
+                p = Tensor(xp.concat((p.data, xp.astype(self.A0, p.data.dtype)), axis=0))  # (2r, in)
+            elif name == "lora_B.weight":
+                p = Tensor(xp.concat((p.data, -xp.astype(self.B0, p.data.dtype)), axis=1))  # (out, 2r)
+            yield name, p
 
 
 def sub_config(value, defaults: dict, field: str, peft_class: str) -> dict:

@@ -33,11 +33,9 @@ import math
 import numpy as np
 
 from .. import backend
-from ..autograd import Tensor
-from ..nn.layers import Linear
 from .base import check, orient
-from .data_init import DataInitConfig, sub_config, token_mask
-from .lora import LoRAConfig, LoRALinear
+from .data_init import ConvertedInitConfig, ConvertedLoRALinear, sub_config, token_mask
+from .lora import LoRAConfig
 from .psoft import fixed_signs
 from .registry import register
 
@@ -47,7 +45,7 @@ SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 
 @dataclasses.dataclass
-class LoRAGAConfig(DataInitConfig):
+class LoRAGAConfig(ConvertedInitConfig):
     """LoRAConfig's fields, init "lora_ga", and PEFT's lora_ga_config (missing keys take LORAGA_DEFAULTS)."""
 
     init: str = "lora_ga"
@@ -55,9 +53,7 @@ class LoRAGAConfig(DataInitConfig):
 
     PEFT_FLAGS = {"init_lora_weights": "lora_ga"}
     PEFT_FIELDS = {**LoRAConfig.PEFT_FIELDS, "lora_ga_config": "lora_ga_config"}
-    REWRITES_W0 = True
-    STEP0_RTOL = 1e-5
-    RELOAD_RTOL = 1e-5  # LORA_GA-6: the file runs on W0, the model on float32's W0 - s B0 A0 (step 0's rounding)
+    RANK_RULE = "min(in, out) // 2"
 
     def validate(self):
         super().validate()
@@ -74,12 +70,7 @@ class LoRAGAConfig(DataInitConfig):
     def from_data(self, model, bases: dict, batches: list):
         """LORA_GA-1: {path: G (out, in) float64}; every rank and layer type is checked before any gradient."""
         from ..train import _loss
-        for p, b in bases.items():
-            n, m = b.in_features, b.out_features
-            check(isinstance(b, Linear), f"target_modules (for {p})", type(b).__name__,
-                  "is quantized; LoRA-GA needs W0's full-precision gradient (PEFT refuses too): load the float model")
-            check(self.rank_alpha_for(p)[0] <= self.max_rank(n, m), f"rank (for {p})", self.rank_alpha_for(p)[0],
-                  f"must be <= min(in={n}, out={m}) // 2 = {self.max_rank(n, m)} (LoRA-GA takes 2r singular vectors)")
+        self.check_targets(bases, "LoRA-GA needs W0's full-precision gradient")
         params = list(model.net.parameters())
         was = [p.requires_grad for p in params]
         model.net.requires_grad_(False)
@@ -117,23 +108,7 @@ class LoRAGAConfig(DataInitConfig):
             B = B * (xp.linalg.svd(W0, full_matrices=False)[1][0] / S_b[0])  # sigma_1(W0)
         elif c["scale"] == "gd_scale":
             A, B = A / delta.s, B / delta.s
-        dtype = base.weight.data.dtype
-        delta.lora_A.weight.data, delta.lora_B.weight.data = xp.astype(A, dtype), xp.astype(B, dtype)
-        delta.A0, delta.B0 = (xp.asarray(w.weight.data, copy=True) for w in (delta.lora_A, delta.lora_B))  # step 0
-        delta.unmerge_from(base)  # LORA_GA-5: W0 <- W0 - s B A
-
-    def initialise(self, delta, base, rng):
-        check(False, "init_lora_weights", "lora_ga",
-              "is an adapter trained on W0 - s B0 A0, which no file holds: PEFT's LoRA-GA folders load only on "
-              "their saved residual base; save with minipeft (a rank-2r LoRA of the unmodified base, LORA_GA-6) or "
-              "with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)")
-
-    def to_peft(self) -> dict:  # LORA_GA-6: PEFT's converted config
-        d = super().to_peft()
-        d.update(r=2 * self.rank, lora_alpha=self.alpha * (math.sqrt(2) if self.use_rslora else 2),
-                 rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
-                 alpha_pattern={k: 2 * v for k, v in self.alpha_pattern.items()}, init_lora_weights=True)
-        return d
+        delta.start(A, B, base)  # LORA_GA-5: A0, B0 kept; W0 <- W0 - s B A
 
 
 def direction_indices(direction: str, r: int, rng):
@@ -145,22 +120,7 @@ def direction_indices(direction: str, r: int, rng):
             "ArBr": (np.arange(1, 2 * r, 2), np.arange(0, 2 * r, 2))}[direction]
 
 
-class LoRAGALinear(LoRALinear):
-    """LoRA holding its initial A0, B0, so that it saves as PEFT's conversion (LORA_GA-6)."""
-
-    A0 = B0 = None
-
-    def saved_parameters(self):
-        xp = backend.xp_of(self.lora_A.weight.data)
-        for name, p in self.named_parameters():
-            if name == "lora_A.weight":
-                p = Tensor(xp.concat((p.data, xp.astype(self.A0, p.data.dtype)), axis=0))  # (2r, in)
-            elif name == "lora_B.weight":
-                p = Tensor(xp.concat((p.data, -xp.astype(self.B0, p.data.dtype)), axis=1))  # (out, 2r)
-            yield name, p
-
-
-register("lora_ga", LoRAGAConfig, LoRAGALinear, kind="initialiser",
+register("lora_ga", LoRAGAConfig, ConvertedLoRALinear, kind="initialiser",
          paper="LoRA-GA: Low-Rank Adaptation with Gradient Approximation, Wang, Yu, Li 2024, arXiv:2407.05000",
          summary="LoRA-GA, LoRA with A, B from the SVD of each layer's weight gradient on data, taken out of W0 "
                  "(stable scale); apply with data=, saved as PEFT's rank-2r conversion (spec/lora_ga.md).")

@@ -1,11 +1,15 @@
-"""spec/corda.md (CORDA-n, work in progress): the covariance, the damped decomposition and the init, rebuilt in
-NumPy from the spec on the tiny llama; the method is not registered yet, so helpers.corda_layers applies it."""
+"""spec/corda.md (CORDA-n): the covariance, the damped decomposition and the init, rebuilt in NumPy from the spec
+on the tiny llama; PEFT's conversion on save; the errors raised before anything changes."""
 import numpy as np
 import pytest
 
-from helpers import corda_layers, corda_reference, tiny_llama
+import minipeft as mp
+from adapters.one_layer import check_train_moves_every_leaf
+from helpers import (INIT_DATA, check_bad_input_changes_nothing, check_saved_as_conversion,
+                     check_unconverted_folder_refused, corda_layers, corda_reference, tiny_llama)
 from minipeft import backend
 from minipeft.errors import ConfigError
+
 
 def batches():
     rng = np.random.default_rng(6)
@@ -57,9 +61,34 @@ def test_init_is_the_formula_and_keeps_the_base(mode):
 BAD = [({"corda_method": "xpm"}, "ipm"), ({"cache": 1}, "CordaConfig"), ({"cache_file": "/tmp/c"}, "cache_file")]
 
 
-@pytest.mark.spec("CORDA-4")
+@pytest.mark.spec("CORDA-6")
 @pytest.mark.parametrize("corda_config,match", BAD)
 def test_bad_corda_config_is_a_config_error(corda_config, match):
     from minipeft.adapters.corda import CorDAConfig
     with pytest.raises(ConfigError, match=match):
         CorDAConfig(corda_config=corda_config)
+
+
+@pytest.mark.spec("CORDA-5")
+@pytest.mark.parametrize("fields", [dict(rank=4, alpha=8), dict(rank=2, alpha=3, use_rslora=True),
+                                    dict(rank=4, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 5},
+                                         corda_config={"corda_method": "kpm"})])
+def test_saves_peft_conversion_a_rank_2r_lora_of_the_unmodified_base(fields, tmp_path):
+    check_saved_as_conversion("corda", fields, tmp_path)
+
+
+@pytest.mark.spec("CORDA-5")
+def test_a_peft_corda_folder_without_conversion_is_refused(tmp_path):
+    check_unconverted_folder_refused("corda", tmp_path)
+
+
+@pytest.mark.spec("CORDA-6")
+def test_bad_input_is_an_error_before_anything_changes():
+    check_bad_input_changes_nothing("corda", 17, r"min\(in, out\) = 16",
+                                    [({"corda_config": bad}, match) for bad, match in BAD])
+
+
+def test_trains_through_model_train():
+    model = mp.load_model(mp.DEMO_MODEL)
+    model.apply_corda(data=["next abc = bcd", "next cat = dbu", "next dog = eph", "next pen = qfo"], rank=2)
+    check_train_moves_every_leaf(model)

@@ -1,7 +1,5 @@
 """spec/lora_ga.md (LORA_GA-n): the gradient against float64 finite differences, A and B rebuilt in NumPy from the
 spec's SVD, the residual, PEFT's conversion on save, and the errors raised before anything changes."""
-import json
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -9,19 +7,14 @@ from hypothesis import strategies as st
 
 import minipeft as mp
 from adapters.one_layer import check_train_moves_every_leaf
-from helpers import INIT_DATA, assert_close, max_rel_err, tiny_llama
+from helpers import (INIT_DATA, assert_close, check_bad_input_changes_nothing, check_saved_as_conversion,
+                     check_unconverted_folder_refused, tiny_llama)
 from minipeft import backend
 from minipeft.adapters import lora_ga
-from minipeft.errors import ConfigError
+from minipeft.adapters.data_init import ConvertedLoRALinear
 from minipeft.nn.layers import Linear
-from minipeft.quant.linear4bit import quantize_model
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-IDS = np.random.default_rng(1).integers(0, 48, (2, 7))
-
-
-def snapshot(model) -> dict:
-    return {n: np.array(p.data) for n, p in model.net.named_parameters()}
 
 
 def reference(G, W0, r, s, direction, scale, gamma=16):
@@ -86,7 +79,7 @@ def test_factors_and_residual_follow_the_spec(r, direction, scale, seed):
     base = Linear(n, out, bias=False)
     base.weight.data = W0.copy()
     cfg = mp.LoRAGAConfig(rank=r, alpha=3, lora_ga_config={"direction": direction, "scale": scale})
-    delta = lora_ga.LoRAGALinear(n, out, r, 3 / r, 0.0, False, backend.RNG(0))
+    delta = ConvertedLoRALinear(n, out, r, 3 / r, 0.0, False, backend.RNG(0))
     cfg.initialise_from(delta, base, G)
     A, B = reference(G, W0, r, 3 / r, direction, scale)
     assert_close(delta.lora_A.weight.data, A, atol=1e-12, label="A")
@@ -108,61 +101,18 @@ def test_random_direction_takes_the_same_r_of_the_2r_for_a_and_b(r, seed):
 @pytest.mark.parametrize("fields", [dict(rank=4, alpha=8), dict(rank=2, alpha=3, use_rslora=True),
                                     dict(rank=4, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 5})])
 def test_saves_peft_conversion_a_rank_2r_lora_of_the_unmodified_base(fields, tmp_path):
-    model = tiny_llama(0)
-    base_out = model(IDS).numpy()
-    model.apply_lora_ga(data=INIT_DATA, **fields)
-    assert max_rel_err(model(IDS), base_out) < mp.LoRAGAConfig.STEP0_RTOL
-    rng = np.random.default_rng(0)
-    for p in model.net.named_trainable_parameters().values():
-        p.data = (p.data + rng.standard_normal(p.shape) * 0.1).astype(np.float32)
-    model.save_adapters(str(tmp_path))
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    r, alpha = fields["rank"], fields.get("alpha", 16)
-    assert saved["init_lora_weights"] is True and saved["r"] == 2 * r
-    assert saved["lora_alpha"] == pytest.approx(alpha * (np.sqrt(2) if fields.get("use_rslora") else 2))
-    assert saved["rank_pattern"] == {k: 2 * v for k, v in fields.get("rank_pattern", {}).items()}
-    assert saved["alpha_pattern"] == {k: 2 * v for k, v in fields.get("alpha_pattern", {}).items()}
-    again = tiny_llama(0)
-    again.load_adapters(str(tmp_path))
-    assert type(again.peft_configs["default"]) is mp.LoRAConfig
-    for path, m in again.net.named_modules():
-        if hasattr(m, "adapters"):
-            mine = model.net.get_submodule(path).adapters["default"]
-            A2, B2 = m.adapters["default"].lora_A.weight.data, m.adapters["default"].lora_B.weight.data
-            assert np.array_equal(A2, np.concatenate([mine.lora_A.weight.data, mine.A0]))
-            assert np.array_equal(B2, np.concatenate([mine.lora_B.weight.data, -mine.B0], axis=1))
-    assert_close(again(IDS), model(IDS), rtol=mp.LoRAGAConfig.RELOAD_RTOL, label="converted file on the base")
+    check_saved_as_conversion("lora_ga", fields, tmp_path)
 
 
 @pytest.mark.spec("LORA_GA-7")
-def test_bad_input_is_an_error_before_anything_changes(tmp_path):
-    model = tiny_llama(0)
-    before = snapshot(model)
-    with pytest.raises(ConfigError, match="initialises from data"):
-        model.apply_lora_ga()
-    with pytest.raises(ConfigError, match=r"rank \(for .*v_proj\).*// 2 = 8"):  # v_proj: 16 outputs
-        model.apply_lora_ga(data=INIT_DATA, rank=9)
-    with pytest.raises(ConfigError, match="data is empty"):
-        model.apply_lora_ga(data=[], rank=2)
-    for bad in ({"direction": "BA"}, {"scale": "big"}, {"stable_gamma": 0}, {"gamma": 16}):
-        with pytest.raises(ConfigError, match="lora_ga_config"):
-            model.apply_lora_ga(data=INIT_DATA, lora_ga_config=bad)
-    assert not model.peft_configs
-    assert all(np.array_equal(p.data, before[n]) for n, p in model.net.named_parameters())
-    quantize_model(model.net, mp.QuantizationConfig(compute_dtype="float32"))
-    with pytest.raises(ConfigError, match=r"target_modules \(for .*q_proj\).*quantized"):
-        model.apply_lora_ga(data=INIT_DATA, rank=2)
+def test_bad_input_is_an_error_before_anything_changes():
+    check_bad_input_changes_nothing("lora_ga", 9, "// 2 = 8", [({"lora_ga_config": bad}, "lora_ga_config") for bad in (
+        {"direction": "BA"}, {"scale": "big"}, {"stable_gamma": 0}, {"gamma": 16})])
 
 
 @pytest.mark.spec("LORA_GA-6")
 def test_a_peft_lora_ga_folder_without_conversion_is_refused(tmp_path):
-    model = tiny_llama(0)
-    model.apply_lora_ga(data=INIT_DATA, rank=2)
-    model.save_adapters(str(tmp_path))
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "lora_ga", "r": 2}))
-    with pytest.raises(mp.CheckpointError, match="residual base"):
-        tiny_llama(0).load_adapters(str(tmp_path))
+    check_unconverted_folder_refused("lora_ga", tmp_path)
 
 
 def test_trains_through_model_train():
