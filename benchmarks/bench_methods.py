@@ -56,6 +56,7 @@ SEED = {
     "peanut": ("-", "-", "-", "-"),
     "frod": ("-", "-", "-", "-"),
     "pvera": ("-", "-", "-", "-"),
+    "lily": ("-", "-", "-", "-"),
 }
 
 
@@ -117,6 +118,7 @@ def configs(mp, steps: int):
         "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
         "frod": (adapter(mp.FRoDConfig()), {}),
         "pvera": (adapter(mp.PVeRAConfig()), {}),
+        "lily": (adapter(mp.LilyConfig(rank=8, stride_A=2, num_B=2)), {}),
     }
 
 

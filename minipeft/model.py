@@ -100,6 +100,7 @@ class Model:
         if getattr(cfg, "is_prompt_learning", False):  # virtual tokens or prefixes: no layer to wrap
             return prompt_learning.attach(self, cfg, name, init_weights, layer_class(cfg))
         cfg = inject.default_targets(cfg, self.config.model_type)  # PEFT's per-model default where it has one
+        cfg = cfg.resolve_targets(self.net)
         bases = {}
         for path in inject.find_targets(self.net, cfg):
             m = self.net.get_submodule(path)
@@ -167,6 +168,10 @@ class Model:
     def merge_adapter(self) -> None:
         """Fold the active adapters into the base weights (undo with unmerge_adapter)."""
         prompt_learning.check_mergeable(self)
+        for m in (registry.method_of(self.peft_configs[n]) for n in self.active_adapters):
+            if m.kind == "layer" and not m.mergeable:  # no fixed dW (Lily): refused before any layer changes
+                raise ConfigError(f"{m.title} cannot be merged: its update is no fixed dW (spec/{m.name}.md); run the "
+                                  f"adapter unmerged, or unload() it")
         if any(isinstance(layer.base_layer, Linear4bit) for _, layer in inject.adapted_layers(self.net)):
             raise ConfigError("a 4-bit weight cannot hold W0 + s B A without requantizing it; "
                               "merge_and_unload() dequantizes the model and merges in float (QLORA-8)")
