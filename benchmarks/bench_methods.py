@@ -70,6 +70,7 @@ SEED = {
     "road": ("-", "-", "-", "-"),
     "alora": ("-", "-", "-", "-"),
     "corda": ("-", "-", "-", "-"),
+    "lily": ("-", "-", "-", "-"),
 }
 
 
@@ -150,6 +151,7 @@ def configs(mp, steps: int):
         "road": (adapter(mp.RoadConfig(group_size=8)), {}),  # 64 does not divide the carried v_proj's 32 outputs
         "alora": (adapter(mp.ALoRAConfig(alora_invocation_tokens=[30])), {}),  # "=": adapts the completion only
         "corda": (adapter(mp.CorDAConfig()), {}),
+        "lily": (adapter(mp.LilyConfig(rank=8, stride_A=2, num_B=2)), {}),
     }
 
 

@@ -19,6 +19,7 @@ from .adapters.osf import OSFConfig
 from .adapters.ln_tuning import LNTuningConfig
 from .adapters.trainable_tokens import TrainableTokensConfig
 from .adapters.pvera import PVeRAConfig
+from .adapters.lily import LilyConfig
 from .adapters.fourierft import FourierFTConfig
 from .adapters.waveft import WaveFTConfig
 from .adapters.ia3 import IA3Config
@@ -89,4 +90,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "PVeRAConfig",
            "ALoRAConfig",
            "CorDAConfig",
+           "LilyConfig",
            ]

@@ -102,6 +102,7 @@ class Model:
         cfg = inject.default_targets(cfg, self.config.model_type)  # PEFT's per-model default where it has one
         undo = layer_replication.prepare(self.net, cfg, f"adapter {name!r}")  # LORA-14: more layers first
         try:
+            cfg = cfg.resolve_targets(self.net)
             bases = {}
             for path in inject.find_targets(self.net, cfg):
                 m = self.net.get_submodule(path)
@@ -173,6 +174,10 @@ class Model:
         """Fold the active adapters into the base weights (undo with unmerge_adapter)."""
         prompt_learning.check_mergeable(self)
         layer_replication.check_mergeable(self)
+        for m in (registry.method_of(self.peft_configs[n]) for n in self.active_adapters):
+            if m.kind == "layer" and not m.mergeable:  # no fixed dW (Lily): refused before any layer changes
+                raise ConfigError(f"{m.title} cannot be merged: its update is no fixed dW (spec/{m.name}.md); run the "
+                                  f"adapter unmerged, or unload() it")
         if any(isinstance(layer.base_layer, Linear4bit) for _, layer in inject.adapted_layers(self.net)):
             raise ConfigError("a 4-bit weight cannot hold W0 + s B A without requantizing it; "
                               "merge_and_unload() dequantizes the model and merges in float (QLORA-8)")

@@ -214,6 +214,7 @@ def valid_configs():
             mp.PVeRAConfig(rank=4, generator_seed=1),
             mp.ALoRAConfig(rank=2, alora_invocation_tokens=[5, 7]),
             mp.CorDAConfig(rank=2, corda_config={"corda_method": "kpm"}),
+            mp.LilyConfig(rank=3, stride_A=2, num_B=3),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

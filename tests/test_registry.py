@@ -69,6 +69,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "pvera": ("PVeRAConfig", "PVERA", "layer", True, False),
     "alora": ("ALoRAConfig", "LORA", "layer", False, False),  # adapts only after its invocation: not mergeable
     "corda": ("CorDAConfig", "LORA", "initialiser", True, False),  # data-driven; saves PEFT's rank-2r conversion
+    "lily": ("LilyConfig", "LILY", "layer", False, False),  # no fixed dW: merging is refused (LILY-6)
 }
 
 

@@ -118,6 +118,11 @@ class AdapterConfig(metaclass=ConfigType):
         tied lm_head); none for most methods."""
         return []
 
+    def resolve_targets(self, net):
+        """The config with target_modules as PEFT's inject_adapter rewrites it for this model (all-linear expanded,
+        a long list condensed), for a method whose layers' sharing reads those names (LILY-3); itself for most."""
+        return self
+
     def trainable_count(self, layers: dict, mc) -> int:
         """The spec's count of the numbers this adapter trains (METHOD-5), for its targeted layers
         {path: (in, out)} on a model of config mc; base biases a `bias` mode unfreezes and
