@@ -56,6 +56,7 @@ SEED = {
     "peanut": ("-", "-", "-", "-"),
     "frod": ("-", "-", "-", "-"),
     "pvera": ("-", "-", "-", "-"),
+    "kasa": ("-", "-", "-", "-"),
 }
 
 
@@ -117,6 +118,7 @@ def configs(mp, steps: int):
         "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
         "frod": (adapter(mp.FRoDConfig()), {}),
         "pvera": (adapter(mp.PVeRAConfig()), {}),
+        "kasa": (adapter(mp.KaSAConfig(rank=8, alpha=16)), {}),
     }
 
 
