@@ -71,6 +71,7 @@ SEED = {
     "alora": ("-", "-", "-", "-"),
     "corda": ("-", "-", "-", "-"),
     "lily": ("-", "-", "-", "-"),
+    "kasa": ("-", "-", "-", "-"),
 }
 
 
@@ -152,6 +153,7 @@ def configs(mp, steps: int):
         "alora": (adapter(mp.ALoRAConfig(alora_invocation_tokens=[30])), {}),  # "=": adapts the completion only
         "corda": (adapter(mp.CorDAConfig()), {}),
         "lily": (adapter(mp.LilyConfig(rank=8, stride_A=2, num_B=2)), {}),
+        "kasa": (adapter(mp.KaSAConfig(rank=8, alpha=16)), {}),
     }
 
 

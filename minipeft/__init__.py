@@ -55,6 +55,7 @@ from .adapters.peanut import PEANuTConfig
 from .adapters.frod import FRoDConfig
 from .adapters.alora import ALoRAConfig
 from .adapters.corda import CorDAConfig
+from .adapters.kasa import KaSAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -91,4 +92,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "ALoRAConfig",
            "CorDAConfig",
            "LilyConfig",
+           "KaSAConfig",
            ]

@@ -38,6 +38,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "alora": "LORA",
              "corda": "LORA",
              "lily": "LILY",
+             "kasa": "LORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
@@ -83,6 +84,8 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     shown = capsys.readouterr().out
     title = RELOADED.get(method, METHODS[method]).__name__.removesuffix("Config")  # DoRA, not PEFT's LORA
     flag = {"dora": ", use_dora", "alora": ", alora_invocation_tokens=[30]"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
+    flag = {"dora": ", use_dora"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
+    flag = ", kasa_config" if method == "kasa" else flag  # KaSA: LoRA with a kasa_config dict
     assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{flag})" in shown
     train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
     if method not in ("adalora", "lora_ga", "corda"):  # AdaLoRA saves the triplets its allocation kept, fewer than train counted

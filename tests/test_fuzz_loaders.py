@@ -215,6 +215,7 @@ def valid_configs():
             mp.ALoRAConfig(rank=2, alora_invocation_tokens=[5, 7]),
             mp.CorDAConfig(rank=2, corda_config={"corda_method": "kpm"}),
             mp.LilyConfig(rank=3, stride_A=2, num_B=3),
+            mp.KaSAConfig(rank=2, kasa_config={"gamma": 0.01}),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

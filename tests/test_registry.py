@@ -70,6 +70,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "alora": ("ALoRAConfig", "LORA", "layer", False, False),  # adapts only after its invocation: not mergeable
     "corda": ("CorDAConfig", "LORA", "initialiser", True, False),  # data-driven; saves PEFT's rank-2r conversion
     "lily": ("LilyConfig", "LILY", "layer", False, False),  # no fixed dW: merging is refused (LILY-6)
+    "kasa": ("KaSAConfig", "LORA", "layer", True, False),  # LoRA + kasa_config; truncates W0
 }
 
 
