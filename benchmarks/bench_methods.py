@@ -56,6 +56,8 @@ SEED = {
     "peanut": ("-", "-", "-", "-"),
     "frod": ("-", "-", "-", "-"),
     "pvera": ("-", "-", "-", "-"),
+    "loretta": ("-", "-", "-", "-"),
+    "loretta_adp": ("-", "-", "-", "-"),
 }
 
 
@@ -117,6 +119,9 @@ def configs(mp, steps: int):
         "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
         "frod": (adapter(mp.FRoDConfig()), {}),
         "pvera": (adapter(mp.PVeRAConfig()), {}),
+        "loretta": (adapter(mp.LoRETTAConfig()), {}),
+        "loretta_adp": (adapter(mp.LoRETTAConfig(variant="adp", bottleneck_size=16, zero_init=True, target_modules=(
+            "gate_proj", "up_proj", "down_proj"), input_modules=("gate_proj", "up_proj"))), {}),  # their llama placement
     }
 
 

@@ -34,6 +34,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "peanut": "PEANUT",
              "frod": "FROD",
              "pvera": "PVERA",
+             "loretta": "MINIPEFT_LORETTA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
