@@ -72,6 +72,8 @@ SEED = {
     "corda": ("-", "-", "-", "-"),
     "lily": ("-", "-", "-", "-"),
     "kasa": ("-", "-", "-", "-"),
+    "loretta": ("-", "-", "-", "-"),
+    "loretta_adp": ("-", "-", "-", "-"),
 }
 
 
@@ -154,6 +156,9 @@ def configs(mp, steps: int):
         "corda": (adapter(mp.CorDAConfig()), {}),
         "lily": (adapter(mp.LilyConfig(rank=8, stride_A=2, num_B=2)), {}),
         "kasa": (adapter(mp.KaSAConfig(rank=8, alpha=16)), {}),
+        "loretta": (adapter(mp.LoRETTAConfig()), {}),
+        "loretta_adp": (adapter(mp.LoRETTAConfig(variant="adp", bottleneck_size=16, zero_init=True, target_modules=(
+            "gate_proj", "up_proj", "down_proj"), input_modules=("gate_proj", "up_proj"))), {}),  # their llama placement
     }
 
 

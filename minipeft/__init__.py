@@ -56,6 +56,7 @@ from .adapters.frod import FRoDConfig
 from .adapters.alora import ALoRAConfig
 from .adapters.corda import CorDAConfig
 from .adapters.kasa import KaSAConfig
+from .adapters.loretta import LoRETTAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -93,4 +94,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "CorDAConfig",
            "LilyConfig",
            "KaSAConfig",
+           "LoRETTAConfig",
            ]

@@ -39,6 +39,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "corda": "LORA",
              "lily": "LILY",
              "kasa": "LORA",
+             "loretta": "MINIPEFT_LORETTA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
