@@ -56,6 +56,7 @@ SEED = {
     "peanut": ("-", "-", "-", "-"),
     "frod": ("-", "-", "-", "-"),
     "pvera": ("-", "-", "-", "-"),
+    "rosa": ("-", "-", "-", "-"),
 }
 
 
@@ -117,6 +118,7 @@ def configs(mp, steps: int):
         "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
         "frod": (adapter(mp.FRoDConfig()), {}),
         "pvera": (adapter(mp.PVeRAConfig()), {}),
+        "rosa": (adapter(mp.RoSAConfig()), {}),  # the mask chosen after step 64 (warmup=64, m=1)
     }
 
 

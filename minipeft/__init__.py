@@ -52,6 +52,7 @@ from .adapters.unilora import UniLoRAConfig
 from .adapters.lora_ga import LoRAGAConfig
 from .adapters.peanut import PEANuTConfig
 from .adapters.frod import FRoDConfig
+from .adapters.rosa import RoSAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -85,4 +86,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "PEANuTConfig",
            "FRoDConfig",
            "PVeRAConfig",
+           "RoSAConfig",
            ]

@@ -212,6 +212,7 @@ def valid_configs():
             mp.PEANuTConfig(rank=3, depth=1),
             mp.FRoDConfig(sparse_rate=0.05),
             mp.PVeRAConfig(rank=4, generator_seed=1),
+            mp.RoSAConfig(rank=2, density=0.05),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

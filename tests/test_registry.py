@@ -67,6 +67,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "peanut": ("PEANuTConfig", "PEANUT", "layer", True, False),
     "frod": ("FRoDConfig", "FROD", "layer", True, False),
     "pvera": ("PVeRAConfig", "PVERA", "layer", True, False),
+    "rosa": ("RoSAConfig", None, "layer", True, False),  # PEFT has no RoSA
 }
 
 
