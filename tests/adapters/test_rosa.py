@@ -192,15 +192,17 @@ class Watch(TrainingHook):
 @pytest.mark.spec("ROSA-4", "ROSA-5")
 @SETTINGS
 @given(w=st.integers(0, 2), m=st.integers(1, 3), mode=st.sampled_from(["mean_squared", "mean"]),
-       d=st.sampled_from([0.01, 0.05, 0.3]))
-def test_the_mask_is_the_top_k_of_the_recorded_base_gradients(w, m, mode, d):
+       d=st.sampled_from([0.01, 0.05, 0.3]), accum=st.sampled_from([1, 2]))
+def test_the_mask_is_the_top_k_of_the_recorded_base_gradients(w, m, mode, d, accum):
+    """G_t is the step's gradient: with gradient accumulation, the sum over its micro-batches, weighted as the loss."""
     model = make_model()
     cfg = RoSAConfig(rank=2, density=d, warmup=w, mask_batches=m, grad_acc_mode=mode,
                      target_modules=("q_proj", "v_proj", "down_proj"))
     model.apply_adapter(cfg)
     A0 = {p: np.array(lay.adapters["default"].lora_A.weight.data) for p, lay in layers(model, "default")}
     watch = Watch(model, cfg)
-    model.train(DATA, TrainingConfig(hooks=[watch], max_steps=w + m + 1, max_grad_norm=None, **RUN))
+    run = {**RUN, "batch_size": 2 // accum, "gradient_accumulation_steps": accum}
+    model.train(DATA, TrainingConfig(hooks=[watch], max_steps=w + m + 1, max_grad_norm=None, **run))
     assert watch.checked == w + m + 1 and len(watch.G) == m
     for j, (p, lay) in enumerate(layers(model, "default")):
         delta = lay.adapters["default"]
@@ -372,3 +374,35 @@ def test_qrosa_trains_over_a_4bit_base_and_merge_and_unload_dequantizes(tmp_path
     with pytest.raises(ConfigError, match="4-bit"):
         model.merge_adapter()
     assert_close(model.merge_and_unload()(ids), out, 1e-5, label="merge_and_unload over 4 bits")
+
+
+@pytest.mark.spec("ROSA-7", "ROSA-8")
+def test_the_audits_read_a_chosen_mask_from_the_file(tmp_path):
+    from minipeft.audit import audit_adapter, audit_merged
+    model = mp.load_model(mp.DEMO_MODEL)
+    model.apply_rosa(density=0.05)
+    choose_random(model)
+    dW = {p: delta_np(lay.adapters["default"]) for p, lay in layers(model, "default")}
+    model.save_adapters(str(tmp_path / "adapter"))
+    model.merge_and_unload().save(str(tmp_path / "merged"))
+    report = audit_adapter(str(tmp_path / "adapter"), mp.DEMO_MODEL, show_progress=False)
+    assert report.status == 0 and report.findings == [], [f.line() for f in report.findings]
+    assert {row.path: row.spectrum.fro for row in report.layers} == pytest.approx(
+        {p: np.linalg.norm(d) for p, d in dW.items()}, rel=1e-5)
+    merged = audit_merged(mp.DEMO_MODEL, str(tmp_path / "adapter"), str(tmp_path / "merged"), show_progress=False)
+    assert merged.status == 0 and merged.findings == [], [f.line() for f in merged.findings]
+
+
+@pytest.mark.spec("ROSA-4")
+def test_a_run_ending_in_the_warmup_leaves_no_mask_and_the_next_run_warms_up_again():
+    model = rosa_model(warmup=2)
+    model.train(DATA, TrainingConfig(max_steps=2, **RUN))  # steps 0, 1: the warmup only
+    deltas = [lay.adapters["default"] for _, lay in layers(model, "default")]
+    assert not any(d.chosen or d.probe for d in deltas)
+    model.train(DATA, TrainingConfig(max_steps=2, **RUN))  # again steps 0, 1 of a new run
+    assert not any(d.chosen for d in deltas)
+    model.train(DATA, TrainingConfig(max_steps=3, **RUN))  # step 2 records, then the mask
+    assert all(d.chosen and not d.probe and not np.asarray(d.rosa_spa_values.data).any() for d in deltas)
+    first = [np.array(d.indices[0].data) for d in deltas]
+    model.train(DATA, TrainingConfig(max_steps=3, **RUN))  # a chosen mask stays
+    assert all(np.array_equal(d.indices[0].data, i) for d, i in zip(deltas, first))
