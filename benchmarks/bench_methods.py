@@ -74,6 +74,7 @@ SEED = {
     "kasa": ("-", "-", "-", "-"),
     "loretta": ("-", "-", "-", "-"),
     "loretta_adp": ("-", "-", "-", "-"),
+    "rosa": ("-", "-", "-", "-"),
 }
 
 
@@ -159,6 +160,7 @@ def configs(mp, steps: int):
         "loretta": (adapter(mp.LoRETTAConfig()), {}),
         "loretta_adp": (adapter(mp.LoRETTAConfig(variant="adp", bottleneck_size=16, zero_init=True, target_modules=(
             "gate_proj", "up_proj", "down_proj"), input_modules=("gate_proj", "up_proj"))), {}),  # their llama placement
+        "rosa": (adapter(mp.RoSAConfig()), {}),  # the mask chosen after step 64 (warmup=64, m=1)
     }
 
 

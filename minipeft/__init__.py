@@ -57,6 +57,7 @@ from .adapters.alora import ALoRAConfig
 from .adapters.corda import CorDAConfig
 from .adapters.kasa import KaSAConfig
 from .adapters.loretta import LoRETTAConfig
+from .adapters.rosa import RoSAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -95,4 +96,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "LilyConfig",
            "KaSAConfig",
            "LoRETTAConfig",
+           "RoSAConfig",
            ]

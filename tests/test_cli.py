@@ -14,6 +14,7 @@ EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"]
          "vblora": ["--set", "vector_length=16", "--set", "num_vectors=32"],
          "trainable_tokens": ["--set", "token_indices=[3, 5, 7]"],  # no default: which tokens is the user's choice
          "alora": ["--set", "alora_invocation_tokens=[30]"],  # no default: the tokenized invocation string ("=")
+         "rosa": ["--set", "warmup=0"],  # the mask chosen after step 0, S trained in step 1
          }
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
@@ -40,6 +41,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "lily": "LILY",
              "kasa": "LORA",
              "loretta": "MINIPEFT_LORETTA",
+             "rosa": "MINIPEFT_ROSA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

@@ -72,6 +72,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "lily": ("LilyConfig", "LILY", "layer", False, False),  # no fixed dW: merging is refused (LILY-6)
     "kasa": ("KaSAConfig", "LORA", "layer", True, False),  # LoRA + kasa_config; truncates W0
     "loretta": ("LoRETTAConfig", None, "layer", True, False),  # PEFT has no LoRETTA; variant "adp" refuses merges (LORETTA-8)
+    "rosa": ("RoSAConfig", None, "layer", True, False),  # PEFT has no RoSA
 }
 
 

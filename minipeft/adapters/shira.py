@@ -83,6 +83,21 @@ class EntriesToWeight(Function):
         return (xp.take(xp.reshape(g, (-1,)), self.flat) * self.s,)  # (N,)
 
 
+def entries_weight(w, indices, shape, s: float = 1.0):
+    """SHIRA-2: the Tensor dW (out, in) = 0 except dW[i_j, k_j] += s w_j, at `indices` (2, N): rows, columns."""
+    xp = backend.xp_of(indices)
+    i = xp.astype(indices, xp.int64)
+    return EntriesToWeight.apply(w, flat=i[0, :] * shape[1] + i[1, :], shape=shape, s=s)
+
+
+def check_positions(indices, shape, where: str, key: str) -> None:
+    """A file's positions (2, N) must be rows in [0, out) and columns in [0, in) of `shape` (out, in)."""
+    i = backend.to_host(indices).astype(np.int64)
+    if not (np.all((0 <= i[0]) & (i[0] < shape[0])) and np.all((0 <= i[1]) & (i[1] < shape[1]))):
+        raise CheckpointError(f"{where}: {key} fall outside this layer's (out, in) = {tuple(shape)}; "
+                              "was this adapter trained on another base model?")
+
+
 class SHiRALinear(Delta):
     def __init__(self, n: int, m: int, indices, s: float = 1.0):
         self.shape, self.s = (m, n), s
@@ -107,16 +122,10 @@ class SHiRALinear(Delta):
         return [("shira_weight", self.shira_weight), ("shira_indices", self.indices[0])]
 
     def from_file(self, where: str):
-        """A loaded shira_indices must be (2, N) rows in [0, out) and columns in [0, in)."""
-        i = backend.to_host(self.indices[0].data).astype(np.int64)
-        if not (np.all((0 <= i[0]) & (i[0] < self.shape[0])) and np.all((0 <= i[1]) & (i[1] < self.shape[1]))):
-            raise CheckpointError(f"{where}: shira_indices fall outside this layer's (out, in) = {self.shape}; "
-                                  "was this adapter trained on another base model?")
+        check_positions(self.indices[0].data, self.shape, where, "shira_indices")
 
     def weight(self):  # SHIRA-2: a Tensor (out, in)
-        xp = backend.xp_of(self.indices[0].data)
-        i = xp.astype(self.indices[0].data, xp.int64)
-        return EntriesToWeight.apply(self.shira_weight, flat=i[0, :] * self.shape[1] + i[1, :], shape=self.shape, s=self.s)
+        return entries_weight(self.shira_weight, self.indices[0].data, self.shape, self.s)
 
     def adapt(self, x, y, base):  # SHIRA-3
         return y + F.linear(x, self.weight())
