@@ -61,6 +61,7 @@ from .quant import QuantizationConfig, nf4_dequantize, nf4_quantize
 from .train import TrainingConfig
 from . import optimizers
 from . import procedures
+from .serving import AdapterPool, Request
 
 import os as _os
 
@@ -85,4 +86,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "PEANuTConfig",
            "FRoDConfig",
            "PVeRAConfig",
+           "AdapterPool", "Request",
            ]
