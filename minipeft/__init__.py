@@ -67,6 +67,7 @@ from .quant import QuantizationConfig, nf4_dequantize, nf4_quantize
 from .train import TrainingConfig
 from . import optimizers
 from . import procedures
+from .serving import AdapterPool, Request
 
 import os as _os
 
@@ -97,4 +98,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "KaSAConfig",
            "LoRETTAConfig",
            "RoSAConfig",
+           "AdapterPool", "Request",
            ]

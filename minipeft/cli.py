@@ -1,4 +1,4 @@
-"""The `minipeft` command: train, eval, merge, generate, inspect, audit, memory, bench (each with --help)."""
+"""The `minipeft` command: train, eval, merge, generate, serve, inspect, audit, memory, bench (each with --help)."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,33 @@ def cmd_generate(args):
         model.load_adapters(args.adapter)
     print(model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+
+
+def cmd_serve(args):
+    """SERVING-7: the requests of a .jsonl file served in one batch from one AdapterPool; one JSON line each."""
+    from .data import read_records
+    from .serving import AdapterPool, Request
+    model = _model(args)
+    pool = AdapterPool(model, pages=args.pages)
+    names = [pool.add(folder) for folder in args.adapters]
+    requests = []
+    for i, r in enumerate(read_records(args.requests)):
+        if not isinstance(r, dict) or "prompt" not in r or r.get("adapter") not in names + [None]:
+            raise ConfigError(f"{args.requests}: request {i} must be {{\"prompt\", \"adapter\", \"max_new_tokens\"}} "
+                              f"with adapter one of {names} or null; got {str(r)[:80]}")
+        prompt = r["prompt"]
+        if isinstance(prompt, str):
+            if model.tokenizer is None:
+                raise ConfigError(f"{args.requests}: request {i} is text, and the model has no tokenizer.json: "
+                                  "give token ids")
+            prompt = model.tokenizer.encode(prompt)
+        requests.append(Request(prompt, r.get("adapter"), int(r.get("max_new_tokens", args.max_new_tokens))))
+    for req, out in zip(requests, pool.generate(requests)):
+        new = [int(t) for t in out[len(req.prompt):]]
+        line = {"adapter": req.adapter, "tokens": new}
+        if model.tokenizer is not None:
+            line["completion"] = model.tokenizer.decode(new)
+        print(json.dumps(line))
 
 
 def cmd_eval(args):
@@ -170,6 +197,16 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
+    sv = command("serve", "serve a .jsonl file of requests, each with its own LoRA adapter, in one batch from one "
+                          "adapter pool (spec/serving.md)")
+    sv.add_argument("--model", required=True, help="base model folder or cached Hub repo id")
+    sv.add_argument("--adapters", nargs="+", required=True, help="PEFT LoRA folders; a request names one by its "
+                                                                 "folder's name")
+    sv.add_argument("--requests", required=True, help='.jsonl file of {"prompt": text or ids, "adapter": name or '
+                                                      'null, "max_new_tokens": n} records')
+    sv.add_argument("--pages", type=int, default=1024, help="pages (rank rows) of each width in the pool")
+    sv.add_argument("--max-new-tokens", type=int, default=32, help="for requests that give none")
+    sv.set_defaults(fn=cmd_serve)
     e = command("eval", "held-out loss of a model (with an adapter or not) on a .jsonl file, and exact match")
     e.add_argument("--model", required=True, help="model folder or cached Hub repo id")
     e.add_argument("--adapter", default=None, help="adapter folder to load first")

@@ -88,6 +88,12 @@ class KVCache:
         self.v[layer][:, :, self.length:end, :] = v
         return self.k[layer][:, :, :end, :], self.v[layer][:, :, :end, :]
 
+    def keep_rows(self, rows) -> None:
+        """Keep only the batch rows `rows` (an index array), in that order: finished requests leave (SERVING-6)."""
+        xp = backend.xp_of(self.k[0])
+        self.k = [xp.take(k, rows, axis=0) for k in self.k]
+        self.v = [xp.take(v, rows, axis=0) for v in self.v]
+
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:
     B, T, HD = x.shape
