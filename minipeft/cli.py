@@ -104,8 +104,9 @@ def cmd_inspect(args):
     for folder in sorted(folders):
         cfg = read_json(os.path.join(folder, CONFIG_NAME), f"{folder}: no {CONFIG_NAME}")
         adapter = read_adapter_config(folder)
-        flags = "".join(f", {k}" if cfg.get(k) is True else f", {k}={cfg.get(k)}"  # the file's value (aLoRA's tokens)
-                        for k, v in adapter.PEFT_FLAGS.items() if v)
+        flags = "".join(f", {k}" if cfg.get(k) is True or isinstance(cfg.get(k), dict)  # the file's value (aLoRA's
+                        else f", {k}={cfg.get(k)}" for k, v in adapter.PEFT_FLAGS.items() if v)  # tokens), not a dict's
+
         header, _ = read_header(os.path.join(folder, WEIGHTS_NAME))
         counted = (f"numbers saved: {sum(_numel(i.shape) for i in header.values()):,} (which of them train needs the "
                    "base: pass --model BASE)")

@@ -87,7 +87,6 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     shown = capsys.readouterr().out
     title = RELOADED.get(method, METHODS[method]).__name__.removesuffix("Config")  # DoRA, not PEFT's LORA
     flag = {"dora": ", use_dora", "alora": ", alora_invocation_tokens=[30]"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
-    flag = {"dora": ", use_dora"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
     flag = ", kasa_config" if method == "kasa" else flag  # KaSA: LoRA with a kasa_config dict
     assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{flag})" in shown
     train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
