@@ -109,9 +109,9 @@ def test_generate_keeps_the_prompt_s_offsets_for_every_new_token():
 @pytest.mark.spec("ALORA-3")
 def test_merge_and_conversion_are_refused(tmp_path):
     model = alora_model()
-    with pytest.raises(ConfigError, match="aLoRA cannot be merged"):
+    with pytest.raises(ConfigError, match="ALoRA cannot be merged"):
         model.merge_adapter()
-    with pytest.raises(ConfigError, match="aLoRA cannot be merged"):
+    with pytest.raises(ConfigError, match="ALoRA cannot be merged"):
         model.merge_and_unload()
     model = alora_model()
     assert model.parameter_counts()[0] == LoRAConfig(target_modules="all-linear").trainable_count(
