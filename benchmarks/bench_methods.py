@@ -57,6 +57,7 @@ SEED = {
     "frod": ("-", "-", "-", "-"),
     "pvera": ("-", "-", "-", "-"),
     "lily": ("-", "-", "-", "-"),
+    "adamss": ("-", "-", "-", "-"),
 }
 
 
@@ -119,6 +120,7 @@ def configs(mp, steps: int):
         "frod": (adapter(mp.FRoDConfig()), {}),
         "pvera": (adapter(mp.PVeRAConfig()), {}),
         "lily": (adapter(mp.LilyConfig(rank=8, stride_A=2, num_B=2)), {}),
+        "adamss": (adapter(mp.AdaMSSConfig(rank=32, num_subspaces=5, subspace_rank=2)), {}),
     }
 
 

@@ -13,6 +13,7 @@ EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"]
          "c3a": ["--set", "block_size=16"],  # C3A: 256 does not divide 96
          "vblora": ["--set", "vector_length=16", "--set", "num_vectors=32"],
          "trainable_tokens": ["--set", "token_indices=[3, 5, 7]"],  # no default: which tokens is the user's choice
+         "adamss": ["--rank", "8"],  # AdaMSS's r = 100 reaches q_proj's 96 outputs (ADAMSS-2)
          }
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
@@ -35,6 +36,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "frod": "FROD",
              "pvera": "PVERA",
              "lily": "LILY",
+             "adamss": "ADAMSS",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

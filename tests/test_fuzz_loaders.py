@@ -213,6 +213,7 @@ def valid_configs():
             mp.FRoDConfig(sparse_rate=0.05),
             mp.PVeRAConfig(rank=4, generator_seed=1),
             mp.LilyConfig(rank=3, stride_A=2, num_B=3),
+            mp.AdaMSSConfig(rank=4, num_subspaces=2),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

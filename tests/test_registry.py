@@ -68,6 +68,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "frod": ("FRoDConfig", "FROD", "layer", True, False),
     "pvera": ("PVeRAConfig", "PVERA", "layer", True, False),
     "lily": ("LilyConfig", "LILY", "layer", False, False),  # no fixed dW: merging is refused (LILY-6)
+    "adamss": ("AdaMSSConfig", "ADAMSS", "layer", True, False),
 }
 
 
