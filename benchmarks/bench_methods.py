@@ -75,6 +75,7 @@ SEED = {
     "loretta": ("-", "-", "-", "-"),
     "loretta_adp": ("-", "-", "-", "-"),
     "rosa": ("-", "-", "-", "-"),
+    "adamss": ("-", "-", "-", "-"),
 }
 
 
@@ -161,6 +162,7 @@ def configs(mp, steps: int):
         "loretta_adp": (adapter(mp.LoRETTAConfig(variant="adp", bottleneck_size=16, zero_init=True, target_modules=(
             "gate_proj", "up_proj", "down_proj"), input_modules=("gate_proj", "up_proj"))), {}),  # their llama placement
         "rosa": (adapter(mp.RoSAConfig()), {}),  # the mask chosen after step 64 (warmup=64, m=1)
+        "adamss": (adapter(mp.AdaMSSConfig(rank=32, num_subspaces=5, subspace_rank=2)), {}),
     }
 
 

@@ -20,6 +20,7 @@ from .adapters.ln_tuning import LNTuningConfig
 from .adapters.trainable_tokens import TrainableTokensConfig
 from .adapters.pvera import PVeRAConfig
 from .adapters.lily import LilyConfig
+from .adapters.adamss import AdaMSSConfig
 from .adapters.fourierft import FourierFTConfig
 from .adapters.waveft import WaveFTConfig
 from .adapters.ia3 import IA3Config
@@ -99,4 +100,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "LoRETTAConfig",
            "RoSAConfig",
            "AdapterPool", "Request",
+           "AdaMSSConfig",
            ]

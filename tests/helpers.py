@@ -281,3 +281,40 @@ def peft_frod_basis_as_minipeft():
         finally:
             frod_model._projection_from_weights = plain
     return patched()
+
+
+def peft_kmeans_as_minipeft():
+    """A context in which PEFT's AdaMSS imports scikit-learn's KMeans (absent here, and no dependency of minipeft) as
+    minipeft's kmeans_labels, the rebuild of sklearn's KMeans(init="random", n_init=1) that ADAMSS-2 states: PEFT's
+    SVD, seg_locations, forward, merge and file are then PEFT's own, its clustering minipeft's rebuild of sklearn's."""
+    import contextlib
+    import sys
+    import types
+
+    import numpy as np
+
+    from minipeft.adapters.adamss import kmeans_labels
+
+    class KMeans:
+        def __init__(self, n_clusters, init, n_init, max_iter, random_state):
+            assert (init, n_init) == ("random", 1), (init, n_init)
+            self.k, self.max_iter, self.seed = n_clusters, max_iter, random_state
+
+        def fit_predict(self, X):
+            return kmeans_labels(np.asarray(X), self.k, self.seed, self.max_iter).astype(np.int32)
+
+    @contextlib.contextmanager
+    def patched():
+        saved = {k: sys.modules.get(k) for k in ("sklearn", "sklearn.cluster")}
+        sys.modules["sklearn"] = types.ModuleType("sklearn")
+        sys.modules["sklearn.cluster"] = types.ModuleType("sklearn.cluster")
+        sys.modules["sklearn.cluster"].KMeans = KMeans
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    sys.modules.pop(k, None)
+                else:
+                    sys.modules[k] = v
+    return patched()

@@ -18,6 +18,7 @@ EXTRA = {"adalora": {"total_step": 2}, "lora": {"dropout": 0.2}, "road": {"group
          "trainable_tokens": {"token_indices": [3, 5, 7]},
          "alora": {"alora_invocation_tokens": [5]},  # in IDS and ROWS: both rows are adapted from a 5 on
          "rosa": {"warmup": 0},  # the mask chosen after step 0, S trained in step 1
+         "adamss": {"rank": 8},
          }
 
 

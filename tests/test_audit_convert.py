@@ -20,6 +20,7 @@ from tests.test_audit_merged import MERGEABLE, base, hf_base, perturb, written  
 PREFIX = "base_model.model."
 IDS = np.array([[1, 5, 9, 2, 7, 3, 11, 4]])
 BIASED = {"beft", "ia3", "road", "glora"}  # methods that change a bias on this base (q/k/v biased), which a LoRA cannot carry
+BIASED |= {"adamss"}  # its [dW | db] moves the bias of a biased layer (ADAMSS-5)
 
 
 def logits(model):

@@ -15,6 +15,7 @@ EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"]
          "trainable_tokens": ["--set", "token_indices=[3, 5, 7]"],  # no default: which tokens is the user's choice
          "alora": ["--set", "alora_invocation_tokens=[30]"],  # no default: the tokenized invocation string ("=")
          "rosa": ["--set", "warmup=0"],  # the mask chosen after step 0, S trained in step 1
+         "adamss": ["--rank", "8"],  # AdaMSS's r = 100 reaches q_proj's 96 outputs (ADAMSS-2)
          }
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
@@ -42,6 +43,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "kasa": "LORA",
              "loretta": "MINIPEFT_LORETTA",
              "rosa": "MINIPEFT_ROSA",
+             "adamss": "ADAMSS",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)

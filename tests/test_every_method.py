@@ -16,6 +16,7 @@ from minipeft.autograd import no_grad
 from minipeft.quant.linear4bit import dequantize_model, quantize_model
 from tests.helpers import TINY_LLAMA, assert_close, data_for, hf_llama_folder, max_rel_err, peft_loftq_on_cpu, peft_svd_signs_as_minipeft, tiny_llama
 from tests.helpers import peft_frod_basis_as_minipeft
+from tests.helpers import peft_kmeans_as_minipeft
 
 IDS = np.random.default_rng(1).integers(0, 48, (2, 9))
 METHODS = [m.name for m in mp.methods() if m.is_adapter and m.config.__module__.startswith("minipeft.")]
@@ -27,6 +28,7 @@ SMALL = {"fourierft": dict(n_frequency=256), "waveft": dict(n_frequency=256), "s
          "psoft": dict(rank=4),  # PSOFT's r = 32 > the tiny v_proj's 16 outputs
          "trainable_tokens": dict(token_indices=[1, 5, 7]),  # no default (PEFT's is an empty list)
          "alora": dict(alora_invocation_tokens=[int(IDS[0, 3])]),  # no default; row 0 is adapted from position 3 on
+         "adamss": dict(rank=8),  # AdaMSS's r = 100 reaches the tiny q_proj's 32 outputs (ADAMSS-2)
          }
 
 
@@ -182,6 +184,7 @@ def test_every_peft_method_loads_in_peft_and_back(name, hf_base, tmp_path):
     with (peft_loftq_on_cpu() if name == "loftq"  # PEFT reruns LoftQ as it loads
           else peft_svd_signs_as_minipeft() if name == "psoft"  # PEFT retakes W0's SVD as it loads (PSOFT-1)
           else peft_frod_basis_as_minipeft() if name == "frod"  # PEFT builds U from its own V as it loads (FROD-10)
+          else peft_kmeans_as_minipeft() if name == "adamss"  # PEFT's KMeans is scikit-learn's, absent here (ADAMSS-2)
           else contextlib.nullcontext()):
         loads_both_ways(name, method, hf_base, tmp_path)
 

@@ -218,6 +218,7 @@ def valid_configs():
             mp.KaSAConfig(rank=2, kasa_config={"gamma": 0.01}),
             mp.LoRETTAConfig(variant="adp", bottleneck_size=4, tensor_rank=2, input_modules=["v_proj"]),
             mp.RoSAConfig(rank=2, density=0.05),
+            mp.AdaMSSConfig(rank=4, num_subspaces=2),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

@@ -73,6 +73,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "kasa": ("KaSAConfig", "LORA", "layer", True, False),  # LoRA + kasa_config; truncates W0
     "loretta": ("LoRETTAConfig", None, "layer", True, False),  # PEFT has no LoRETTA; variant "adp" refuses merges (LORETTA-8)
     "rosa": ("RoSAConfig", None, "layer", True, False),  # PEFT has no RoSA
+    "adamss": ("AdaMSSConfig", "ADAMSS", "layer", True, False),
 }
 
 
