@@ -58,6 +58,7 @@ SEED = {
     "pvera": ("-", "-", "-", "-"),
     "loretta": ("-", "-", "-", "-"),
     "loretta_adp": ("-", "-", "-", "-"),
+    "longlora": ("-", "-", "-", "-"),
 }
 
 
@@ -122,6 +123,7 @@ def configs(mp, steps: int):
         "loretta": (adapter(mp.LoRETTAConfig()), {}),
         "loretta_adp": (adapter(mp.LoRETTAConfig(variant="adp", bottleneck_size=16, zero_init=True, target_modules=(
             "gate_proj", "up_proj", "down_proj"), input_modules=("gate_proj", "up_proj"))), {}),  # their llama placement
+        "longlora": (adapter(mp.LongLoRAConfig()), {}),
     }
 
 

@@ -35,11 +35,13 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "frod": "FROD",
              "pvera": "PVERA",
              "loretta": "MINIPEFT_LORETTA",
+             "longlora": "LORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
 RELOADED = {"qlora": METHODS["lora"], "ptuning_v2": METHODS["prefix_tuning"]}
 RELOADED["lora_ga"] = METHODS["lora"]  # LoRA-GA saves PEFT's conversion, a plain rank-2r LoRA (LORA_GA-6)
+RELOADED["longlora"] = METHODS["lora"]  # LongLoRA saves a plain LoRA with modules_to_save (LONGLORA-6)
 
 
 @pytest.fixture(scope="module")

@@ -213,6 +213,7 @@ def valid_configs():
             mp.FRoDConfig(sparse_rate=0.05),
             mp.PVeRAConfig(rank=4, generator_seed=1),
             mp.LoRETTAConfig(variant="adp", bottleneck_size=4, tensor_rank=2, input_modules=["v_proj"]),
+            mp.LongLoRAConfig(rank=2),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

@@ -68,6 +68,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "frod": ("FRoDConfig", "FROD", "layer", True, False),
     "pvera": ("PVeRAConfig", "PVERA", "layer", True, False),
     "loretta": ("LoRETTAConfig", None, "layer", True, False),  # PEFT has no LoRETTA; variant "adp" refuses merges (LORETTA-8)
+    "longlora": ("LongLoRAConfig", "LORA", "layer", True, False),  # a LoRA file; S2-Attn is training-only (LONGLORA-6)
 }
 
 
