@@ -215,3 +215,29 @@ def test_the_file_is_a_plain_lora_with_modules_to_save(tmp_path):
     assert_close(again(ids), out, 1e-6, label="reloaded as LoRA")
     model.delete_adapter("default")
     assert model.net.attention_pattern is None
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("LONGLORA-6")
+def test_a_tied_model_loads_in_peft_with_minipeft_s_logits(tmp_path):
+    """The embedding's trained copy on a tied llama: lm_head keeps the original weight, as PEFT's
+    modules_to_save does without ensure_weight_tying (it warns)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from helpers import hf_llama_folder, max_rel_err
+    from tests.test_every_method import IDS, hf_model, perturb
+    hf = {**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}, "hidden_size": 64, "intermediate_size": 128,
+          "tie_word_embeddings": True}
+    base = hf_llama_folder(str(tmp_path / "hf"), **hf)
+    model = mp.load_model(base)
+    model.apply_longlora()
+    perturb(model)
+    model.save_adapters(str(tmp_path / "ours"))
+    with pytest.warns(UserWarning, match="ensure_weight_tying"):
+        pm = peft.PeftModel.from_pretrained(hf_model(base, False), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(IDS)).logits.numpy()
+    err = max_rel_err(model(IDS).numpy(), theirs)
+    print(f"\n  longlora (tied) minipeft -> PEFT: max rel err {err:.2e}")
+    assert err < 1e-5
