@@ -76,6 +76,7 @@ SEED = {
     "loretta_adp": ("-", "-", "-", "-"),
     "rosa": ("-", "-", "-", "-"),
     "adamss": ("-", "-", "-", "-"),
+    "longlora": ("-", "-", "-", "-"),
 }
 
 
@@ -163,6 +164,7 @@ def configs(mp, steps: int):
             "gate_proj", "up_proj", "down_proj"), input_modules=("gate_proj", "up_proj"))), {}),  # their llama placement
         "rosa": (adapter(mp.RoSAConfig()), {}),  # the mask chosen after step 64 (warmup=64, m=1)
         "adamss": (adapter(mp.AdaMSSConfig(rank=32, num_subspaces=5, subspace_rank=2)), {}),
+        "longlora": (adapter(mp.LongLoRAConfig()), {}),
     }
 
 

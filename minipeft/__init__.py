@@ -59,6 +59,7 @@ from .adapters.corda import CorDAConfig
 from .adapters.kasa import KaSAConfig
 from .adapters.loretta import LoRETTAConfig
 from .adapters.rosa import RoSAConfig
+from .adapters.longlora import LongLoRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -101,4 +102,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "RoSAConfig",
            "AdapterPool", "Request",
            "AdaMSSConfig",
+           "LongLoRAConfig",
            ]

@@ -120,6 +120,7 @@ class Model:
             inject.wrap(self.net, path).adapters[name] = delta.train(self.net.training)
         for paths in copies.values():
             add_trained_copy(self.net, paths, name)
+        cfg.attach(self.net, name)
         self.peft_configs[name], self.shared_tensors[name] = cfg, shared
         self.set_active_adapter(self.active_adapters or [name])
         return self
@@ -161,6 +162,7 @@ class Model:
             raise MiniPeftError(f"adapter {name!r} is merged into the weights; unmerge_adapter() it first")
         inject.remove_adapter(self.net, name)
         prompt_learning.delete(self.net, name)
+        self.peft_configs[name].detach(self.net, name)
         del self.peft_configs[name]
         self.shared_tensors.pop(name, None)
         rest = [n for n in self.active_adapters if n != name] or list(self.peft_configs)[:1]
@@ -209,6 +211,8 @@ class Model:
     def _unload(self) -> "Model":
         inject.unwrap_all(self.net)
         prompt_learning.delete_all(self.net)
+        for name, cfg in self.peft_configs.items():
+            cfg.detach(self.net, name)
         self.peft_configs, self.active_adapters, self.shared_tensors = {}, [], {}
         self.net.requires_grad_(False)
         return self

@@ -44,12 +44,14 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "loretta": "MINIPEFT_LORETTA",
              "rosa": "MINIPEFT_ROSA",
              "adamss": "ADAMSS",
+             "longlora": "LORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
 RELOADED = {"qlora": METHODS["lora"], "ptuning_v2": METHODS["prefix_tuning"]}
 RELOADED["lora_ga"] = METHODS["lora"]  # LoRA-GA saves PEFT's conversion, a plain rank-2r LoRA (LORA_GA-6)
 RELOADED["corda"] = METHODS["lora"]  # so does CorDA (CORDA-5)
+RELOADED["longlora"] = METHODS["lora"]  # LongLoRA saves a plain LoRA with modules_to_save (LONGLORA-6)
 
 
 @pytest.fixture(scope="module")

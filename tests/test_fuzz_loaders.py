@@ -219,6 +219,7 @@ def valid_configs():
             mp.LoRETTAConfig(variant="adp", bottleneck_size=4, tensor_rank=2, input_modules=["v_proj"]),
             mp.RoSAConfig(rank=2, density=0.05),
             mp.AdaMSSConfig(rank=4, num_subspaces=2),
+            mp.LongLoRAConfig(rank=2),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

@@ -74,6 +74,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "loretta": ("LoRETTAConfig", None, "layer", True, False),  # PEFT has no LoRETTA; variant "adp" refuses merges (LORETTA-8)
     "rosa": ("RoSAConfig", None, "layer", True, False),  # PEFT has no RoSA
     "adamss": ("AdaMSSConfig", "ADAMSS", "layer", True, False),
+    "longlora": ("LongLoRAConfig", "LORA", "layer", True, False),  # a LoRA file; S2-Attn is training-only (LONGLORA-6)
 }
 
 

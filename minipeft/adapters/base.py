@@ -123,6 +123,13 @@ class AdapterConfig(metaclass=ConfigType):
         a long list condensed), for a method whose layers' sharing reads those names (LILY-3); itself for most."""
         return self
 
+    def attach(self, net, name: str) -> None:
+        """What the method sets on the network beyond its layers, once its layers are in (LongLoRA's training
+        attention, LONGLORA-2); most methods set nothing. detach undoes it when the adapter goes."""
+
+    def detach(self, net, name: str) -> None:
+        """Undo attach (delete_adapter, unload, merge_and_unload)."""
+
     def trainable_count(self, layers: dict, mc) -> int:
         """The spec's count of the numbers this adapter trains (METHOD-5), for its targeted layers
         {path: (in, out)} on a model of config mc; base biases a `bias` mode unfreezes and

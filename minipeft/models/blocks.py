@@ -122,15 +122,21 @@ def attend(q, k, v, ctx, layer_idx, rope=None, scale=None):
     if ctx.prefix_kv is not None:
         pk, pv = ctx.prefix_kv[layer_idx]
         k, v = concat([pk, k], axis=2), concat([pv, v], axis=2)
+    if ctx.pattern is not None and ctx.cache is None and ctx.prefix_kv is None:
+        return merge_heads(ctx.pattern(q, k, v, ctx, scale))
     return merge_heads(F.sdpa(q, k, v, mask=ctx.mask, scale=scale, blocks=ctx.key_blocks(q.shape[2], k.shape[2])))
 
 
 class AttnContext:
     """Per-forward attention state shared by all layers (built once by the model's forward)."""
 
-    def __init__(self, n_heads, n_kv_heads, mask, cache=None, prefix_kv=None):
+    def __init__(self, n_heads, n_kv_heads, mask, cache=None, prefix_kv=None, pattern=None, attention_mask=None,
+                 window=None):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.mask, self.cache, self.prefix_kv = mask, cache, prefix_kv
+        # pattern(q, k, v, ctx, scale): attention other than full (LongLoRA's S²-Attn in training), which
+        # reads the (B, S) attention_mask and the sliding window
+        self.pattern, self.attention_mask, self.window = pattern, attention_mask, window
         self._key_blocks = {}
 
     def key_blocks(self, T: int, S: int) -> list:

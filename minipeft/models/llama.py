@@ -70,6 +70,7 @@ class DecoderLM(Module):
     gradient_checkpointing = False
     dropout_rng = None  # the RNG adapters' dropout draws from; rewound under checkpointing
     prompt_encoder = None  # prompt-learning adapters (adapters/prompt_learning.py PromptEncoders)
+    attention_pattern = None  # attention in training instead of full attention (LongLoRA's S²-Attn)
 
     def __init__(self, cfg):
         self.config = cfg
@@ -102,7 +103,9 @@ class DecoderLM(Module):
             position_ids = xp.broadcast_to(xp.arange(P, P + T)[None, :], (B, T))
         h = self.embed(input_ids, position_ids, inputs_embeds)  # (B, T, d)
         mask = attention_mask_bias(attention_mask, T, P, window=self.window(), n_prefix=n_prefix(prefix_kv), xp=xp)
-        ctx = AttnContext(cfg.num_attention_heads, cfg.num_key_value_heads, mask, cache, prefix_kv)
+        ctx = AttnContext(cfg.num_attention_heads, cfg.num_key_value_heads, mask, cache, prefix_kv,
+                          pattern=self.attention_pattern if self.training else None,
+                          attention_mask=attention_mask, window=self.window())
         h = run_layers(self, getattr(base, self.layers_name), h, ctx, self.rope(position_ids))
         if cache is not None:
             cache.length += T
