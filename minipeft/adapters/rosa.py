@@ -19,9 +19,12 @@ Serialization (ROSA-8): peft_type "MINIPEFT_ROSA" (PEFT has no RoSA); keys lora_
     rosa_spa_values (k,) float32, rosa_spa_indices (2, k) int32, all -1 before the mask is chosen.
 Resume (ROSA-9): a checkpoint holds the running sum of the recorded G_t, their count and the chosen masks.
 Errors (ROSA-10): see spec/rosa.md.
+Restart (ROSA-11): restart(model) after a run that chose the masks: A redrawn, B = 0, v = 0, masks kept (the
+    authors' two-run recipe: warm up and choose, then train A, B and S afresh with the mask).
 Deviations: G_t is the gradient of an optimizer step (all its micro-batches); the authors' hook records each
     backward call (micro-batch) apart. minipeft's AdamW shares one step count t, so v's first updates come with
     bias corrections of step w+m+1 (torch counts per parameter). fp32 throughout (the authors' default is bf16).
+    restart draws A from minipeft's RNG (the authors' second run draws it from torch's).
 """
 from __future__ import annotations
 
@@ -223,6 +226,28 @@ class RoSALinear(LoRALinear):
             raise CheckpointError(f"{where}: rosa_spa_indices list a position twice; a RoSA mask holds k distinct "
                                   "positions")
         self.set_positions(self.indices[0].data)
+
+
+def restart(model, name: str = "default", seed: int = 0) -> None:
+    """ROSA-11, the authors' two-run recipe: after a run that chose the masks, A <- a fresh draw of LoRA's init
+    from backend.RNG(seed) (layer by layer), B = 0, v = 0, the masks kept; the next model.train trains A, B and S
+    from its step 0."""
+    from .inject import adapted_layers
+    found = [(p, layer.adapters[name]) for p, layer in adapted_layers(model.net) if name in layer.adapters]
+    if not found or not all(isinstance(d, RoSALinear) for _, d in found):
+        raise ConfigError(f"restart: adapter {name!r} is not a RoSA adapter of this model: apply_rosa first")
+    for path, d in found:
+        if not d.chosen:
+            raise ConfigError(f"restart: {path} (adapter {name!r}) has no mask yet; train past warmup + "
+                              "mask_batches steps first")
+        if name in model.net.get_submodule(path).merged:
+            raise ConfigError(f"restart: {path} (adapter {name!r}) is merged: unmerge it first")
+    rng = backend.RNG(seed)
+    with no_grad():
+        for path, d in found:
+            init_default(d, None, rng)  # A ~ U(-1/sqrt(in), 1/sqrt(in)) (LORA-1)
+            for t in (d.lora_B.weight, d.rosa_spa_values):
+                t.data = backend.xp_of(t.data).zeros_like(t.data)
 
 
 register("rosa", RoSAConfig, RoSALinear, in_peft=False,

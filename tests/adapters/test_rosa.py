@@ -279,6 +279,12 @@ def test_peft_refuses_the_folder_naming_its_type(tmp_path):
     model.save_adapters(str(tmp_path))
     with pytest.raises(KeyError, match="MINIPEFT_ROSA"):
         peft.PeftConfig.from_pretrained(str(tmp_path))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                                num_hidden_layers=2, num_attention_heads=4,
+                                                                num_key_value_heads=2))
+    with pytest.raises(KeyError, match="MINIPEFT_ROSA"):
+        peft.PeftModel.from_pretrained(hf, str(tmp_path))
 
 
 def rosa_model(**fields):
@@ -406,3 +412,28 @@ def test_a_run_ending_in_the_warmup_leaves_no_mask_and_the_next_run_warms_up_aga
     first = [np.array(d.indices[0].data) for d in deltas]
     model.train(DATA, TrainingConfig(max_steps=3, **RUN))  # a chosen mask stays
     assert all(np.array_equal(d.indices[0].data, i) for d, i in zip(deltas, first))
+
+
+@pytest.mark.spec("ROSA-11")
+def test_restart_gives_a_fresh_lora_and_zero_S_on_the_kept_mask_then_trains_all_from_step_0():
+    from minipeft.adapters.rosa import restart
+    model = rosa_model(warmup=2, mask_batches=1)
+    with pytest.raises(ConfigError, match="no mask yet"):
+        restart(model)
+    base = make_model()(IDS).numpy()
+    model.train(DATA, TrainingConfig(max_steps=3, **RUN))  # run 1: the warmup, then the mask after step 2
+    deltas = [lay.adapters["default"] for _, lay in layers(model, "default")]
+    masks = [np.array(d.indices[0].data) for d in deltas]
+    trained_A = [np.array(d.lora_A.weight.data) for d in deltas]
+    restart(model, seed=3)
+    assert np.array_equal(model(IDS).numpy(), base)  # B = 0, v = 0: the base model
+    rng = backend.RNG(3)
+    for d, A, mask in zip(deltas, trained_A, masks):
+        r, n = d.lora_A.weight.shape
+        assert np.array_equal(d.lora_A.weight.data, rng.uniform((r, n), -1 / np.sqrt(n), 1 / np.sqrt(n)))
+        assert not np.array_equal(d.lora_A.weight.data, A) and np.array_equal(d.indices[0].data, mask)
+    model.train(DATA, TrainingConfig(max_steps=1, **RUN))  # run 2: S trains from its step 0
+    assert all(np.asarray(d.rosa_spa_values.data).any() and np.asarray(d.lora_B.weight.data).any() for d in deltas)
+    assert all(np.array_equal(d.indices[0].data, mask) for d, mask in zip(deltas, masks))
+    with pytest.raises(ConfigError, match="not a RoSA adapter"):
+        restart(model, name="other")
