@@ -60,7 +60,7 @@ def cmd_serve(args):
                                   "give token ids")
             prompt = model.tokenizer.encode(prompt)
         requests.append(Request(prompt, r.get("adapter"), int(r.get("max_new_tokens", args.max_new_tokens))))
-    for req, out in zip(requests, pool.generate(requests)):
+    for req, out in zip(requests, pool.generate(requests, max_batch=args.max_batch)):
         new = [int(t) for t in out[len(req.prompt):]]
         line = {"adapter": req.adapter, "tokens": new}
         if model.tokenizer is not None:
@@ -207,6 +207,8 @@ def build_parser():
                                                       'null, "max_new_tokens": n} records')
     sv.add_argument("--pages", type=int, default=1024, help="pages (rank rows) of each width in the pool")
     sv.add_argument("--max-new-tokens", type=int, default=32, help="for requests that give none")
+    sv.add_argument("--max-batch", type=int, default=None, help="requests generated at once (waiting ones join as "
+                                                                "others finish); default: all")
     sv.set_defaults(fn=cmd_serve)
     e = command("eval", "held-out loss of a model (with an adapter or not) on a .jsonl file, and exact match")
     e.add_argument("--model", required=True, help="model folder or cached Hub repo id")

@@ -1,5 +1,5 @@
 """Serving many LoRA adapters at once, S-LoRA style (Sheng et al. 2023, "S-LoRA: Serving Thousands of Concurrent
-LoRA Adapters", arXiv:2311.03285; spec/serving.md SERVING-1..8).
+LoRA Adapters", arXiv:2311.03285; spec/serving.md SERVING-1..9).
 
 Unified pool (SERVING-1): for each row width w among the served layers' in/out sizes one preallocated array
     pages_w (P_w + 1, w); a page holds one rank row: row i of A (width in) or column i of B (width out) of any
@@ -11,9 +11,10 @@ Forward (SERVING-4): row b of a batch with adapter n_b: y_b = W0 x_b + b + s_b B
     gathered from n_b's pages, padded to the batch's largest rank R with the zero page (a base row, or a layer n_b
     does not target, gathers only zero pages and s_b = 0: y_b = base(x_b) exactly, SERVING-5).
 Generation (SERVING-6): prompts left-padded into one batch with a KV cache row per request; each request stops at
-    its own max_new_tokens (or end of sequence) and leaves the batch, its cache rows dropped.
-Deviations from the paper: one process, no scheduler of arriving requests (the batch is given), adapters' pages
-    and the KV cache in separate arrays, and ranks padded to the batch's largest instead of S-LoRA's custom kernels.
+    its own max_new_tokens (or end of sequence) and leaves the batch, its cache rows dropped; with max_batch,
+    waiting requests join as rows leave, their caches left-padded beside the running ones (SERVING-9).
+Deviations from the paper: one process, requests given up front, adapters' pages and the KV cache in separate
+    arrays, and ranks padded to the batch's largest instead of S-LoRA's custom kernels.
 """
 from __future__ import annotations
 
@@ -87,6 +88,49 @@ class Request:
     max_new_tokens: int = 16
 
 
+class Rows:
+    """Requests being generated: their numbers `live`, KV cache rows left-padded to one length, the mask (B, L) and
+    last positions (B, 1) on the host, and `nxt` (B,), each row's newest token, not yet in the cache (SERVING-6)."""
+
+    def __init__(self, live, cache, mask, pos):
+        self.live, self.cache, self.mask, self.pos = live, cache, mask, pos
+        self.nxt = np.zeros((len(live),), dtype=np.int64)
+
+    def keep(self, rows) -> None:
+        """Only rows `rows` (positions in the batch) stay: the others' cache rows go (KVCache.keep_rows)."""
+        self.live = [self.live[j] for j in rows]
+        if rows:
+            self.cache.keep_rows(backend.asarray(np.array(rows, dtype=np.int64)))
+        self.mask, self.pos, self.nxt = self.mask[rows], self.pos[rows], self.nxt[rows]
+
+    def joined(self, other: "Rows", room: int) -> "Rows":
+        """These rows and other's in one batch: each cache left-padded (mask 0) to the longer, with `room` free
+        positions after it (SERVING-9)."""
+        parts = [r for r in (self, other) if r.live]
+        if not parts:
+            return other
+        if len(parts) == 1 and parts[0].cache.max_len - parts[0].cache.length >= room:
+            return parts[0]
+        L = max(r.cache.length for r in parts)
+        first = parts[0].cache
+        xp = backend.xp_of(first.k[0])
+        n_layers, (_, H, _, D) = len(first.k), first.k[0].shape
+        cache = KVCache(n_layers, sum(len(r.live) for r in parts), H, L + room, D, first.k[0].dtype, xp)
+        b = 0
+        for r in parts:
+            n, P = len(r.live), r.cache.length
+            for layer in range(n_layers):
+                cache.k[layer][b:b + n, :, L - P:L, :] = r.cache.k[layer][:, :, :P, :]
+                cache.v[layer][b:b + n, :, L - P:L, :] = r.cache.v[layer][:, :, :P, :]
+            b += n
+        cache.length = L
+        rows = Rows([i for r in parts for i in r.live], cache,
+                    np.concatenate([np.pad(r.mask, ((0, 0), (L - r.mask.shape[1], 0))) for r in parts]),
+                    np.concatenate([r.pos for r in parts]))
+        rows.nxt = np.concatenate([r.nxt for r in parts])
+        return rows
+
+
 @dataclasses.dataclass
 class Resident:
     """Where a loaded adapter lives: {layer path: (A's pages, B's pages, s)}."""
@@ -94,7 +138,7 @@ class Resident:
 
 
 class AdapterPool:
-    """Many PEFT LoRA adapters served from one base model (SERVING-1..8). pages: the pages of each row width
+    """Many PEFT LoRA adapters served from one base model (SERVING-1..9). pages: the pages of each row width
     (an int for all, or {width: pages}); target_modules: the layers that can be served (PEFT's matching rules)."""
 
     def __init__(self, model, pages=1024, target_modules="all-linear"):
@@ -266,11 +310,14 @@ class AdapterPool:
         finally:
             self.release()
 
-    def generate(self, requests, eos_token_id=None) -> list:
-        """Greedy tokens of each Request, prompt included (np arrays), all in one batch (SERVING-6)."""
+    def generate(self, requests, eos_token_id=None, max_batch=None) -> list:
+        """Greedy tokens of each Request, prompt included (np arrays), in one batch (SERVING-6); with max_batch, at
+        most that many run at once and a waiting request joins as soon as one leaves (SERVING-9)."""
         cfg = self.model.config
         if not isinstance(self.net, DecoderLM):
             raise ConfigError(f"generate needs a causal LM; {cfg.model_type} is an encoder")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ConfigError(f"max_batch={max_batch!r} must be a positive integer (or None: every request at once)")
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         eos = set([eos] if isinstance(eos, int) else (eos or []))
         prompts = [np.asarray(r.prompt, dtype=np.int64).reshape(-1) for r in requests]
@@ -282,40 +329,59 @@ class AdapterPool:
                 raise ConfigError(f"request {i}: {q.size} prompt tokens + {r.max_new_tokens} new tokens exceed the "
                                   f"{cfg.max_position_embeddings} positions of this {cfg.model_type} model")
         out = [list(q) for q in prompts]
-        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
-        if not live:
-            return [np.array(o) for o in out]
-        T = max(prompts[i].size for i in live)
-        ids = np.stack([np.pad(prompts[i], (T - prompts[i].size, 0)) for i in live])  # (B, T) left-padded
-        mask = np.stack([np.pad(np.ones_like(prompts[i]), (T - prompts[i].size, 0)) for i in live])
-        longest = T + max(requests[i].max_new_tokens for i in live)
-        cache = KVCache(cfg.num_hidden_layers, len(live), cfg.num_key_value_heads, longest, cfg.head_dim,
-                        backend.dtype("float32"), backend.xp())
-        step, pos = ids, gen.position_ids_from_mask(mask)
+        left = lambda i: requests[i].max_new_tokens - (len(out[i]) - prompts[i].size)  # noqa: E731  tokens to go
+        names = lambda rows: [requests[i].adapter for i in rows]  # noqa: E731
+        waiting = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        run = Rows([], None, np.zeros((0, 0), dtype=np.int64), np.zeros((0, 1), dtype=np.int64))
         try:
-            self.bind([requests[i].adapter for i in live])
             with no_grad():
-                while True:
-                    logits = self.net(backend.asarray(step), attention_mask=backend.asarray(mask),
-                                      position_ids=backend.asarray(pos), cache=cache)
-                    nxt = np.argmax(backend.to_host(logits.data[:, -1, :]), axis=-1)  # (B,) greedy
-                    keep = []
-                    for j, i in enumerate(live):
-                        out[i].append(int(nxt[j]))
-                        if len(out[i]) - prompts[i].size < requests[i].max_new_tokens and int(nxt[j]) not in eos:
-                            keep.append(j)
-                    if not keep:
-                        break
-                    if len(keep) < len(live):  # finished requests leave the batch with their cache rows
-                        live = [live[j] for j in keep]
-                        cache.keep_rows(backend.asarray(np.array(keep, dtype=np.int64)))
-                        nxt, mask, pos = nxt[keep], mask[keep], pos[keep]
-                        self._point([requests[i].adapter for i in live])
-                    mask = np.concatenate([mask, np.ones((len(live), 1), dtype=mask.dtype)], axis=1)
-                    step, pos = nxt[:, None], pos[:, -1:] + 1
+                while run.live or waiting:
+                    free = (max_batch or len(waiting)) - len(run.live)
+                    if waiting and free > 0:  # requests join the running batch (S-LoRA's iteration-level batching)
+                        admit, waiting = waiting[:free], waiting[free:]
+                        self.bind(names(run.live + admit))
+                        self._point(names(admit))
+                        new, logits = self._prefill(admit, prompts)
+                        self._take(new, logits, out, left, eos)
+                        run = run.joined(new, max(map(left, run.live + new.live), default=0))
+                        self._point(names(run.live))
+                        continue
+                    run.mask = np.concatenate([run.mask, np.ones((len(run.live), 1), dtype=run.mask.dtype)], axis=1)
+                    run.pos = run.pos + 1
+                    logits = self.net(backend.asarray(run.nxt[:, None]), attention_mask=backend.asarray(run.mask),
+                                      position_ids=backend.asarray(run.pos), cache=run.cache)
+                    if self._take(run, logits, out, left, eos):
+                        self._point(names(run.live))
         finally:
             self.release()
         return [np.array(o) for o in out]
+
+    def _prefill(self, admit, prompts):
+        """(Rows, logits): the prompts of requests `admit` through the model, left-padded into a cache of their own."""
+        cfg = self.model.config
+        T = max(prompts[i].size for i in admit)
+        ids = np.stack([np.pad(prompts[i], (T - prompts[i].size, 0)) for i in admit])  # (n, T) left-padded
+        mask = np.stack([np.pad(np.ones_like(prompts[i]), (T - prompts[i].size, 0)) for i in admit])
+        cache = KVCache(cfg.num_hidden_layers, len(admit), cfg.num_key_value_heads, T, cfg.head_dim,
+                        backend.dtype("float32"), backend.xp())
+        pos = gen.position_ids_from_mask(mask)
+        logits = self.net(backend.asarray(ids), attention_mask=backend.asarray(mask),
+                          position_ids=backend.asarray(pos), cache=cache)
+        return Rows(list(admit), cache, mask, pos[:, -1:]), logits
+
+    @staticmethod
+    def _take(rows, logits, out, left, eos) -> bool:
+        """Each row's greedy next token into `out`; finished requests leave with their cache rows (True if any did)."""
+        rows.nxt = np.argmax(backend.to_host(logits.data[:, -1, :]), axis=-1)  # (B,) greedy
+        keep = []
+        for j, i in enumerate(rows.live):
+            out[i].append(int(rows.nxt[j]))
+            if left(i) > 0 and int(rows.nxt[j]) not in eos:
+                keep.append(j)
+        if len(keep) == len(rows.live):
+            return False
+        rows.keep(keep)
+        return True
 
     def nbytes(self) -> int:
         """Bytes of the preallocated pages (every width's array)."""

@@ -1,4 +1,4 @@
-"""Multi-adapter serving, S-LoRA style (spec/serving.md SERVING-1..8): one paged pool of many PEFT LoRA adapters,
+"""Multi-adapter serving, S-LoRA style (spec/serving.md SERVING-1..9): one paged pool of many PEFT LoRA adapters,
 a batch whose rows name different adapters (each row equal to its adapter alone, and to PEFT's adapter_names),
 load / LRU evict, and generation with a KV cache row per request (equal to generating each request alone)."""
 import json
@@ -195,18 +195,46 @@ def test_generation_per_request_equals_each_alone(folders):
     for eos in (-1, None):  # no stop, or the model's end-of-sequence token (2)
         got = pool.generate(reqs, eos_token_id=eos)
         for i, r in enumerate(reqs):
-            kw = {} if eos is None else {"eos_token_id": eos}
-            if r.adapter is None:
-                with ref.disable_adapters():
-                    want = ref.generate(np.asarray(r.prompt)[None], max_new_tokens=r.max_new_tokens, **kw)[0]
-            else:
-                ref.set_active_adapter(r.adapter)
-                want = ref.generate(np.asarray(r.prompt)[None], max_new_tokens=r.max_new_tokens, **kw)[0]
+            want = alone_tokens(ref, r, eos)
             assert np.array_equal(got[i], want), (eos, i, got[i], want)
     with pytest.raises(ConfigError, match="exceed the 64 positions"):
         pool.generate([Request(IDS[0], "a", 60)])
     with pytest.raises(ConfigError, match="request 1"):
         pool.generate([Request(IDS[0], "a", 2), Request([], "a", 2)])
+
+
+def alone_tokens(ref, r, eos):
+    """Request r generated alone by the model holding every adapter, its adapter active (or disabled: the base)."""
+    kw = {} if eos is None else {"eos_token_id": eos}
+    if r.adapter is None:
+        with ref.disable_adapters():
+            return ref.generate(np.asarray(r.prompt)[None], max_new_tokens=r.max_new_tokens, **kw)[0]
+    ref.set_active_adapter(r.adapter)
+    return ref.generate(np.asarray(r.prompt)[None], max_new_tokens=r.max_new_tokens, **kw)[0]
+
+
+@pytest.mark.spec("SERVING-9", "SERVING-3")
+@pytest.mark.parametrize("max_batch", [1, 2, 3])
+def test_waiting_requests_join_as_rows_leave(folders, max_batch):
+    """Seven requests of different lengths through a pool of 90 pages, which holds a and b, or b and c, but not a, b
+    and c: with at most two rows at once it evicts and reloads adapters between joins."""
+    paths, ref = folders
+    pool = make_pool({"a": paths["a"]}, pages=90)
+    for n in "bc":
+        pool.folders[n] = paths[n]  # known, loaded when a request needs it
+    reqs = [Request(IDS[0, :3], "a", 5), Request(IDS[1], None, 2), Request(IDS[2, :5], "b", 8),
+            Request(IDS[3, :1], "a", 3), Request(IDS[4, :4], "b", 1), Request(IDS[0, :6], "c", 6),
+            Request(IDS[1, :2], "b", 4)]
+    if max_batch == 3:  # a, b and c run at once: more pages than the pool has
+        with pytest.raises(ConfigError, match="batch needs at once"):
+            pool.generate(reqs, eos_token_id=-1, max_batch=max_batch)
+        return
+    got = pool.generate(reqs, eos_token_id=-1, max_batch=max_batch)
+    for i, r in enumerate(reqs):
+        assert np.array_equal(got[i], alone_tokens(ref, r, -1)), (max_batch, i)
+    assert "c" in pool.resident and pool.pinned == set()
+    with pytest.raises(ConfigError, match="max_batch=0"):
+        pool.generate(reqs, max_batch=0)
 
 
 @pytest.mark.oracle
@@ -259,7 +287,7 @@ def test_cli_serve(folders, tmp_path, capsys):
         {"prompt": "next abc =", "adapter": "up", "max_new_tokens": 4}, {"prompt": [3, 4, 5], "adapter": None},
         {"prompt": "next x =", "adapter": "down", "max_new_tokens": 2})) + "\n")
     assert main(["serve", "--model", mp.DEMO_MODEL, "--adapters", str(tmp_path / "up"), str(tmp_path / "down"),
-                 "--requests", str(reqs), "--max-new-tokens", "3"]) == 0
+                 "--requests", str(reqs), "--max-new-tokens", "3", "--max-batch", "2"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["adapter"], len(r["tokens"])) for r in lines] == [("up", 4), (None, 3), ("down", 2)]
     one = mp.load_model(mp.DEMO_MODEL)
@@ -270,7 +298,7 @@ def test_cli_serve(folders, tmp_path, capsys):
     assert "adapter one of ['up']" in capsys.readouterr().err
 
 
-@pytest.mark.spec("SERVING-8")
+@pytest.mark.spec("SERVING-8", "SERVING-9")
 @pytest.mark.parametrize("other", ["array_api_strict", "cupy"])
 def test_pool_on_the_guard_equals_numpy(folders, other):
     require_backend(other)
@@ -279,7 +307,7 @@ def test_pool_on_the_guard_equals_numpy(folders, other):
 
     def run():
         pool = make_pool(paths)
-        return backend.to_host(pool(IDS, NAMES).data), pool.generate(reqs, eos_token_id=-1)
+        return backend.to_host(pool(IDS, NAMES).data), pool.generate(reqs, eos_token_id=-1, max_batch=2)
     out = {}
     try:
         for name in ("numpy", other):
