@@ -57,6 +57,7 @@ SEED = {
     "frod": ("-", "-", "-", "-"),
     "pvera": ("-", "-", "-", "-"),
     "kasa": ("-", "-", "-", "-"),
+    "bdlora": ("-", "-", "-", "-"),
 }
 
 
@@ -119,6 +120,8 @@ def configs(mp, steps: int):
         "frod": (adapter(mp.FRoDConfig()), {}),
         "pvera": (adapter(mp.PVeRAConfig()), {}),
         "kasa": (adapter(mp.KaSAConfig(rank=8, alpha=16)), {}),
+        "bdlora": (adapter(mp.BDLoRAConfig(rank=8, alpha=16, use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"],
+                                                                         "nblocks": 2})), {}),
     }
 
 

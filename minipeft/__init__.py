@@ -53,6 +53,7 @@ from .adapters.lora_ga import LoRAGAConfig
 from .adapters.peanut import PEANuTConfig
 from .adapters.frod import FRoDConfig
 from .adapters.kasa import KaSAConfig
+from .adapters.bdlora import BDLoRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -87,4 +88,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "FRoDConfig",
            "PVeRAConfig",
            "KaSAConfig",
+           "BDLoRAConfig",
            ]

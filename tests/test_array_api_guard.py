@@ -16,6 +16,7 @@ ROWS = [{"input_ids": [3, 4, 5, 6, 7, 8, 9]}, {"input_ids": [10, 11, 12, 13, 14]
 EXTRA = {"adalora": {"total_step": 2}, "lora": {"dropout": 0.2}, "road": {"group_size": 8}, "c3a": {"block_size": 16},
          "vblora": {"num_vectors": 32, "vector_length": 16},  # RoAd: 64 does not divide 96
          "trainable_tokens": {"token_indices": [3, 5, 7]},
+         "bdlora": {"use_bdlora": {"target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2}},
          }
 
 

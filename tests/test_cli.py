@@ -13,6 +13,7 @@ EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"]
          "c3a": ["--set", "block_size=16"],  # C3A: 256 does not divide 96
          "vblora": ["--set", "vector_length=16", "--set", "num_vectors=32"],
          "trainable_tokens": ["--set", "token_indices=[3, 5, 7]"],  # no default: which tokens is the user's choice
+         "bdlora": ["--set", 'use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2}'],  # no default patterns
          }
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
@@ -35,6 +36,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "frod": "FROD",
              "pvera": "PVERA",
              "kasa": "LORA",
+             "bdlora": "LORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
@@ -80,6 +82,7 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     title = RELOADED.get(method, METHODS[method]).__name__.removesuffix("Config")  # DoRA, not PEFT's LORA
     flag = {"dora": ", use_dora"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
     flag = ", kasa_config" if method == "kasa" else flag  # KaSA: LoRA with a kasa_config dict
+    flag = ", use_bdlora" if method == "bdlora" else flag  # BD-LoRA: LoRA with a use_bdlora dict
     assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{flag})" in shown
     train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
     if method not in ("adalora", "lora_ga"):  # AdaLoRA saves the triplets its allocation kept, fewer than train counted

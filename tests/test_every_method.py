@@ -26,6 +26,8 @@ SMALL = {"fourierft": dict(n_frequency=256), "waveft": dict(n_frequency=256), "s
          "vblora": dict(num_vectors=16, vector_length=16),  # VB-LoRA's L = 256 exceeds every tiny width
          "psoft": dict(rank=4),  # PSOFT's r = 32 > the tiny v_proj's 16 outputs
          "trainable_tokens": dict(token_indices=[1, 5, 7]),  # no default (PEFT's is an empty list)
+         "bdlora": dict(use_bdlora={"target_modules_bd_a": ["o_proj", "down_proj"], "nblocks": 2,  # no default patterns
+                                    "target_modules_bd_b": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]}),
          }
 
 

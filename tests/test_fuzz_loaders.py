@@ -213,6 +213,8 @@ def valid_configs():
             mp.FRoDConfig(sparse_rate=0.05),
             mp.PVeRAConfig(rank=4, generator_seed=1),
             mp.KaSAConfig(rank=2, kasa_config={"gamma": 0.01}),
+            mp.BDLoRAConfig(rank=2, use_bdlora={"target_modules_bd_a": ["v_proj"], "target_modules_bd_b": ["q_proj"],
+                                                "nblocks": 2}),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

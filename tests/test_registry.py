@@ -68,6 +68,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "frod": ("FRoDConfig", "FROD", "layer", True, False),
     "pvera": ("PVeRAConfig", "PVERA", "layer", True, False),
     "kasa": ("KaSAConfig", "LORA", "layer", True, False),  # LoRA + kasa_config; truncates W0
+    "bdlora": ("BDLoRAConfig", "LORA", "layer", True, False),  # LoRA + use_bdlora
 }
 
 
