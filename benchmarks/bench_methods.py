@@ -77,6 +77,7 @@ SEED = {
     "rosa": ("-", "-", "-", "-"),
     "adamss": ("-", "-", "-", "-"),
     "longlora": ("-", "-", "-", "-"),
+    "bdlora": ("-", "-", "-", "-"),
 }
 
 
@@ -165,6 +166,8 @@ def configs(mp, steps: int):
         "rosa": (adapter(mp.RoSAConfig()), {}),  # the mask chosen after step 64 (warmup=64, m=1)
         "adamss": (adapter(mp.AdaMSSConfig(rank=32, num_subspaces=5, subspace_rank=2)), {}),
         "longlora": (adapter(mp.LongLoRAConfig()), {}),
+        "bdlora": (adapter(mp.BDLoRAConfig(rank=8, alpha=16, use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"],
+                                                                         "nblocks": 2})), {}),
     }
 
 

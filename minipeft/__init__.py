@@ -60,6 +60,7 @@ from .adapters.kasa import KaSAConfig
 from .adapters.loretta import LoRETTAConfig
 from .adapters.rosa import RoSAConfig
 from .adapters.longlora import LongLoRAConfig
+from .adapters.bdlora import BDLoRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -103,4 +104,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "AdapterPool", "Request",
            "AdaMSSConfig",
            "LongLoRAConfig",
+           "BDLoRAConfig",
            ]

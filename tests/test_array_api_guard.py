@@ -19,6 +19,7 @@ EXTRA = {"adalora": {"total_step": 2}, "lora": {"dropout": 0.2}, "road": {"group
          "alora": {"alora_invocation_tokens": [5]},  # in IDS and ROWS: both rows are adapted from a 5 on
          "rosa": {"warmup": 0},  # the mask chosen after step 0, S trained in step 1
          "adamss": {"rank": 8},
+         "bdlora": {"use_bdlora": {"target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2}},
          }
 
 

@@ -16,6 +16,7 @@ EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"]
          "alora": ["--set", "alora_invocation_tokens=[30]"],  # no default: the tokenized invocation string ("=")
          "rosa": ["--set", "warmup=0"],  # the mask chosen after step 0, S trained in step 1
          "adamss": ["--rank", "8"],  # AdaMSS's r = 100 reaches q_proj's 96 outputs (ADAMSS-2)
+         "bdlora": ["--set", 'use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2}'],  # no default patterns
          }
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
@@ -45,6 +46,7 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "rosa": "MINIPEFT_ROSA",
              "adamss": "ADAMSS",
              "longlora": "LORA",
+             "bdlora": "LORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
@@ -92,6 +94,7 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     title = RELOADED.get(method, METHODS[method]).__name__.removesuffix("Config")  # DoRA, not PEFT's LORA
     flag = {"dora": ", use_dora", "alora": ", alora_invocation_tokens=[30]"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
     flag = ", kasa_config" if method == "kasa" else flag  # KaSA: LoRA with a kasa_config dict
+    flag = ", use_bdlora" if method == "bdlora" else flag  # BD-LoRA: LoRA with a use_bdlora dict
     assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{flag})" in shown
     train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
     if method not in ("adalora", "lora_ga", "corda"):  # AdaLoRA saves the triplets its allocation kept, fewer than train counted

@@ -29,6 +29,8 @@ SMALL = {"fourierft": dict(n_frequency=256), "waveft": dict(n_frequency=256), "s
          "trainable_tokens": dict(token_indices=[1, 5, 7]),  # no default (PEFT's is an empty list)
          "alora": dict(alora_invocation_tokens=[int(IDS[0, 3])]),  # no default; row 0 is adapted from position 3 on
          "adamss": dict(rank=8),  # AdaMSS's r = 100 reaches the tiny q_proj's 32 outputs (ADAMSS-2)
+         "bdlora": dict(use_bdlora={"target_modules_bd_a": ["o_proj", "down_proj"], "nblocks": 2,  # no default patterns
+                                    "target_modules_bd_b": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]}),
          }
 
 

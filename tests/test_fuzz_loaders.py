@@ -220,6 +220,8 @@ def valid_configs():
             mp.RoSAConfig(rank=2, density=0.05),
             mp.AdaMSSConfig(rank=4, num_subspaces=2),
             mp.LongLoRAConfig(rank=2),
+            mp.BDLoRAConfig(rank=2, use_bdlora={"target_modules_bd_a": ["v_proj"], "target_modules_bd_b": ["q_proj"],
+                                                "nblocks": 2}),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

@@ -476,6 +476,7 @@ LINEAR_ONLY |= {"peanut"}
 LINEAR_ONLY |= {"lily"}
 LINEAR_ONLY |= {"kasa"}
 LINEAR_ONLY |= {"adamss"}
+LINEAR_ONLY |= {"bdlora"}  # its block factors (Conv1D: a plain layer only)
 OWN_TARGETS = {"ln_tuning": {"llama": ("input_layernorm", "norm"), "gpt2": ("ln_1", "ln_f")},  # methods that target no linear layer
                "trainable_tokens": {"llama": ("embed_tokens",), "gpt2": ("wte",)},
                }

@@ -75,6 +75,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "rosa": ("RoSAConfig", None, "layer", True, False),  # PEFT has no RoSA
     "adamss": ("AdaMSSConfig", "ADAMSS", "layer", True, False),
     "longlora": ("LongLoRAConfig", "LORA", "layer", True, False),  # a LoRA file; S2-Attn is training-only (LONGLORA-6)
+    "bdlora": ("BDLoRAConfig", "LORA", "layer", True, False),  # LoRA + use_bdlora
 }
 
 

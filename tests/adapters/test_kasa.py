@@ -25,6 +25,14 @@ from test_peft_oracle import check_both_ways_and_merged, hf_logits, hf_model, pe
 from test_peft_oracle import IDS as OIDS, report, report_gradients
 
 
+PEFT_NAME = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_diag)\.default(\.weight|\.bias)?$")
+
+
+def our_name(peft_name: str) -> str:
+    """minipeft's name of a PEFT LoRA-variant parameter (<path>.lora_A.default.weight: <path>.adapters.default.lora_A.weight)."""
+    return "{}.adapters.default.{}{}".format(*PEFT_NAME.match(peft_name).groups(default=""))
+
+
 def truncated_np(W0, r):
     """KASA-1 in float64: W0 without its r smallest singular directions."""
     U, S, Vh = np.linalg.svd(W0.astype(np.float64), full_matrices=False)
@@ -228,9 +236,7 @@ def test_gradients_of_loss_plus_regulariser_equal_peft_s(lib, base, case, tmp_pa
     logits = pm(torch.tensor(OIDS)).logits
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), torch.tensor(OIDS[:, 1:]).reshape(-1))
     (ce + reg).backward()
-    name = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_diag)\.default(\.weight|\.bias)?$")
-    theirs = {"{}.adapters.default.{}{}".format(*name.match(n).groups(default="")): p.grad.numpy()
-              for n, p in pm.named_parameters() if p.requires_grad}
+    theirs = {our_name(n): p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
     model = mp.load_model(base(kind))
     model.load_adapters(str(tmp_path))
     ours = model.regularization()
