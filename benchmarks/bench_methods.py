@@ -78,6 +78,7 @@ SEED = {
     "adamss": ("-", "-", "-", "-"),
     "longlora": ("-", "-", "-", "-"),
     "bdlora": ("-", "-", "-", "-"),
+    "lora_drop": ("-", "-", "-", "-"),
 }
 
 
@@ -92,6 +93,11 @@ def configs(mp, steps: int):
 
     def full(model, data):
         model.net.requires_grad_(True)
+
+    def lora_drop(model, data):  # LoRA-drop (spec/lora_drop.md) over LoRA on every linear layer, its paper's setting
+        from minipeft.procedures import LoRADropConfig, LoRADropHook
+        model.apply_lora(mp.LoRAConfig(target_modules="all-linear"))
+        return [LoRADropHook(model, LoRADropConfig(warmup_steps=max(steps // 10, 1)), data)]
     return {
         "full": (full, {}),
         "lora": (adapter(mp.LoRAConfig()), {}),
@@ -168,6 +174,7 @@ def configs(mp, steps: int):
         "longlora": (adapter(mp.LongLoRAConfig()), {}),
         "bdlora": (adapter(mp.BDLoRAConfig(rank=8, alpha=16, use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"],
                                                                          "nblocks": 2})), {}),
+        "lora_drop": (lora_drop, {}),  # a procedure: LoRA, and the hook that model.train runs
     }
 
 
@@ -181,15 +188,17 @@ def child(method: str, steps: int, batch: int, lr: float, memory_only: bool) -> 
     if memory_only:  # from here: the weights, the adapter, gradients, optimizer state and activations
         tracemalloc.start()
     model = mp.load_model(mp.DEMO_MODEL, **load_kw)
-    apply(model, train)
+    made = apply(model, train)
+    hooks = made if isinstance(made, list) else []  # a procedure's training hooks
     trainable, total = model.parameter_counts()
     cfg = dict(learning_rate=lr, batch_size=batch, max_steps=2 if memory_only else steps,
                warmup_steps=max(steps // 10, 1), schedule="cosine", seed=0, progress=False)
     cfg.update(fields[0](model, cfg["max_steps"]) if fields else {})  # a fresh hook for each run
     if memory_only:
-        model.train(train[:2 * batch], mp.TrainingConfig(**cfg))
+        model.train(train[:2 * batch], mp.TrainingConfig(**cfg, hooks=hooks))
         return {"peak_mb": tracemalloc.get_traced_memory()[1] / 1e6}
-    hist = model.train(train, mp.TrainingConfig(**cfg, eval_data=held))
+    hist = model.train(train, mp.TrainingConfig(**cfg, eval_data=held, hooks=hooks))
+    trainable, total = model.parameter_counts()  # after a procedure that drops parameters (LoRA-drop)
     step_s = statistics.median(
         sum(len(e["prompt"]) + len(e["completion"]) for e in train[:batch]) / r for r in hist["tokens_per_s"][1:])
     eval_loss = hist["eval_loss"][-1][1]

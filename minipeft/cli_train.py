@@ -19,7 +19,7 @@ from .errors import ConfigError, TrainingInterrupted
 CONFIG_NAME = "train_config.json"  # the resolved options, next to the adapter
 REQUIRED = ("model", "data", "output")  # required, on the command line or in the --config file
 NOT_SAVED = ("config", "debug", "fn", "cmd", "resume_from")  # options that do not describe the run itself
-LISTS = ("set", "optimizer_arg")  # FIELD=VALUE lists; a --config file may give them as {FIELD: VALUE}
+LISTS = ("set", "optimizer_arg", "procedure_arg")  # FIELD=VALUE lists; a --config file may give them as {FIELD: VALUE}
 DEFAULT_LR, DEFAULT_EPOCHS, DEFAULT_BATCH = 2e-3, 3, 8  # they teach the carried model `next`: README "CLI defaults"
 
 def field_values(items, flag: str) -> dict:
@@ -47,6 +47,27 @@ def optimizer_options(args):
                               f"AdamW takes --lr")
         return None
     return made(method(args.optimizer).config, values, f"--optimizer {args.optimizer}", "option")
+
+
+def procedure_options(args):
+    """--procedure and --procedure-arg: None, or the procedure's options (minipeft/procedures)."""
+    from .adapters.registry import method
+    values = field_values(args.procedure_arg, "--procedure-arg")
+    if args.procedure is None:
+        if values:
+            raise ConfigError("--procedure-arg needs --procedure NAME")
+        return None
+    return made(method(args.procedure).config, values, f"--procedure {args.procedure}", "option")
+
+
+def procedure_hooks(args, model, options) -> tuple:
+    """The --procedure's training hook on the adapted model; one that reads data (LoRA-drop) gets --data."""
+    if options is None:
+        return ()
+    from .adapters.registry import method
+    hook = method(args.procedure).hook
+    extra = {"data": args.data, "max_length": args.max_length} if getattr(hook, "NEEDS_DATA", False) else {}
+    return (hook(model, options, **extra),)
 
 
 def made(cls, values: dict, where: str, what: str):
@@ -101,6 +122,7 @@ def cmd_train(args):
     args = resolve(args)
     cfg = method_config(args)
     optimizer = optimizer_options(args)  # checked before the model is loaded
+    procedure = procedure_options(args)
     train_cfg = TrainingConfig(
         learning_rate=args.lr, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         epochs=args.epochs, max_steps=args.max_steps, warmup_steps=args.warmup, schedule=args.schedule,
@@ -115,6 +137,7 @@ def cmd_train(args):
     data = init_batches(model, args.data, args.batch_size, args.max_length) if getattr(cfg, "NEEDS_DATA", False) \
         else None  # METHOD-11: a data-driven initialiser reads the training data, in batches of --batch-size
     model.apply_adapter(cfg, data=data)
+    train_cfg = dataclasses.replace(train_cfg, hooks=procedure_hooks(args, model, procedure))
     trainable, total = model.parameter_counts()
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     try:
@@ -221,7 +244,7 @@ def _config_value(path, key, v, action):
 
 def add_train_parser(sub, parents=()) -> None:
     from .adapters.lora import INITS
-    from .adapters.registry import METHODS
+    from .adapters.registry import METHODS, methods
     from .optimizers import optimisers
     t = sub.add_parser("train", help="fine-tune a model with an adapter (LoRA by default) and save it (PEFT format)",
                        parents=list(parents), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -249,6 +272,10 @@ def add_train_parser(sub, parents=()) -> None:
                    help="AdamW, or an adapter optimiser: LoRA+, LoRA-FA, Riemannian (spec/<name>.md)")
     t.add_argument("--optimizer-arg", action="append", metavar="OPTION=VALUE",
                    help="an option of --optimizer, VALUE as JSON (e.g. --optimizer-arg loraplus_lr_ratio=16)")
+    t.add_argument("--procedure", default=None, choices=[m.name for m in methods() if m.kind == "procedure"],
+                   help="a training procedure over the LoRA adapter (ReLoRA, DyLoRA, LoRA-drop, ...; spec/<name>.md)")
+    t.add_argument("--procedure-arg", action="append", metavar="OPTION=VALUE",
+                   help="an option of --procedure, VALUE as JSON (e.g. --procedure-arg warmup_steps=20)")
     t.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate")
     t.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="learning-rate decay after the warmup")

@@ -26,15 +26,16 @@ def sBA(model) -> dict:
     return out
 
 
-def resumed_equals_full(make_hook, tmp_path, procedure, ckpt_step=4, **run):
-    """Train RUN with a hook, checkpointing every ckpt_step; resume a fresh model from checkpoint-<ckpt_step>.
-    Asserts the losses and W are equal bit for bit and that save_adapters warns that `procedure` changed W
-    (procedure=None: a procedure that leaves W alone, so no warning is checked). Returns both models."""
+def resumed_equals_full(make_hook, tmp_path, procedure, ckpt_step=4, make_model=lora_model, **run):
+    """Train RUN with a hook, checkpointing every ckpt_step; resume a fresh model (make_model()) from
+    checkpoint-<ckpt_step>. Asserts the losses and W are equal bit for bit and that save_adapters warns that
+    `procedure` changed W (procedure=None: a procedure that leaves W alone, so no warning is checked). Returns
+    both models."""
     cfg = {**RUN, **run}
-    full_model = lora_model()
+    full_model = make_model()
     full = full_model.train(DATA, TrainingConfig(hooks=[make_hook(full_model)], output_dir=str(tmp_path / "a"),
                                                  save_steps=ckpt_step, **cfg))
-    again = lora_model()
+    again = make_model()
     resumed = again.train(DATA, TrainingConfig(hooks=[make_hook(again)], **cfg,
                                                resume_from=str(tmp_path / "a" / f"checkpoint-{ckpt_step}")))
     assert len(full["loss"]) == cfg["max_steps"] and resumed["loss"] == full["loss"]  # bit for bit

@@ -159,7 +159,6 @@ def init_batches(model, data, batch_size: int = 4, max_length: int | None = None
     """[{"input_ids", "attention_mask", "labels"} (B, T) int64 arrays]: batches as given, or training data
     tokenized as model.train does (TRAIN-5; max_length truncates) and collated `batch_size` records at a
     time, in order."""
-    from ..data import collate
     from ..train import tokenized
     if isinstance(data, (list, tuple)) and data and all(isinstance(b, dict) and np.ndim(b.get("input_ids")) == 2
                                                         for b in data):
@@ -176,6 +175,12 @@ def init_batches(model, data, batch_size: int = 4, max_length: int | None = None
                     raise ConfigError(f"data[{i}][{k!r}] has shape {out[-1][k].shape}, input_ids {ids.shape}")
         return out
     examples, pad_id = tokenized(model, data, max_length, name="data")
+    return collated(examples, pad_id, batch_size)
+
+
+def collated(examples: list, pad_id: int, batch_size: int) -> list:
+    """Tokenized examples (train.tokenized) as batches {"input_ids", "attention_mask", "labels"}, in order."""
+    from ..data import collate
     return [dict(zip(BATCH_KEYS, collate(examples[i:i + batch_size], pad_id)))
             for i in range(0, len(examples), batch_size)]
 

@@ -18,6 +18,7 @@ from .chainlora import ChainLoRAConfig, ChainLoRAHook  # noqa: E402
 from .deltalora import DeltaLoRAConfig, DeltaLoRAHook  # noqa: E402
 from .dylora import DyLoRAConfig, DyLoRAHook, truncate_rank  # noqa: E402
 from .relora import ReLoRAConfig, ReLoRAHook  # noqa: E402
+from .lora_drop import LoRADropConfig, LoRADropHook  # noqa: E402
 
 
 def procedures() -> list:
@@ -26,4 +27,6 @@ def procedures() -> list:
 
 
 __all__ = ["ReLoRAConfig", "ReLoRAHook", "DeltaLoRAConfig", "DeltaLoRAHook", "ChainLoRAConfig", "ChainLoRAHook",
-           "DyLoRAConfig", "DyLoRAHook", "truncate_rank", "procedures"]
+           "DyLoRAConfig", "DyLoRAHook", "truncate_rank", "procedures",
+           "LoRADropConfig", "LoRADropHook",
+           ]
