@@ -83,9 +83,9 @@ SEED = {
 
 
 def configs(mp, steps: int):
-    """method -> (a function of (model, training records) that applies the method, load_model kwargs[, a function
-    of (model, steps) giving TrainingConfig fields: an optimiser's or a procedure's hooks]); steps is the run's
-    length (AdaLoRA's rank budget schedule and the procedures' cycles end there). A data-driven initialiser (EVA)
+    """method -> (a function of (model, training records) that applies the method, load_model kwargs[, a
+    function of (model, steps, training records) giving TrainingConfig fields: an optimiser, a procedure's hooks]);
+    steps is the run's length (AdaLoRA's rank budget schedule and the procedures' cycles end there). A data-driven initialiser (EVA)
     reads the first 256 training records."""
     from minipeft import optimizers as O, procedures as P
     def adapter(cfg):
@@ -94,10 +94,8 @@ def configs(mp, steps: int):
     def full(model, data):
         model.net.requires_grad_(True)
 
-    def lora_drop(model, data):  # LoRA-drop (spec/lora_drop.md) over LoRA on every linear layer, its paper's setting
-        from minipeft.procedures import LoRADropConfig, LoRADropHook
-        model.apply_lora(mp.LoRAConfig(target_modules="all-linear"))
-        return [LoRADropHook(model, LoRADropConfig(warmup_steps=max(steps // 10, 1)), data)]
+    def lora_drop(model, n, data):  # LoRA-drop (spec/lora_drop.md), its importance read on the training records
+        return {"hooks": [P.LoRADropHook(model, P.LoRADropConfig(warmup_steps=max(n // 10, 1)), data)]}
     return {
         "full": (full, {}),
         "lora": (adapter(mp.LoRAConfig()), {}),
@@ -147,17 +145,17 @@ def configs(mp, steps: int):
         "peanut": (adapter(mp.PEANuTConfig(rank=8)), {}),
         "frod": (adapter(mp.FRoDConfig()), {}),
         "pvera": (adapter(mp.PVeRAConfig()), {}),
-        "loraplus": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"optimizer": O.LoraPlusConfig()}),
-        "lorafa": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"optimizer": O.LoraFAConfig()}),
-        "riemannian": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"optimizer": O.RiemannianConfig()}),
-        "flora": (full, {}, lambda model, n: {"optimizer": O.FloraConfig(rank=8, kappa=max(n // 3, 1))}),
-        "relora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.ReLoRAHook(model, P.ReLoRAConfig(
+        "loraplus": (adapter(mp.LoRAConfig()), {}, lambda model, n, data: {"optimizer": O.LoraPlusConfig()}),
+        "lorafa": (adapter(mp.LoRAConfig()), {}, lambda model, n, data: {"optimizer": O.LoraFAConfig()}),
+        "riemannian": (adapter(mp.LoRAConfig()), {}, lambda model, n, data: {"optimizer": O.RiemannianConfig()}),
+        "flora": (full, {}, lambda model, n, data: {"optimizer": O.FloraConfig(rank=8, kappa=max(n // 3, 1))}),
+        "relora": (adapter(mp.LoRAConfig()), {}, lambda model, n, data: {"hooks": [P.ReLoRAHook(model, P.ReLoRAConfig(
             reset_every=max(n // 3, 2), restart_warmup=max(n // 30, 1)))]}),
-        "chainlora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.ChainLoRAHook(
+        "chainlora": (adapter(mp.LoRAConfig()), {}, lambda model, n, data: {"hooks": [P.ChainLoRAHook(
             model, P.ChainLoRAConfig(links=(n // 3, n // 3, n - 2 * (n // 3))))]} if n >= 3 else {}),
-        "deltalora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.DeltaLoRAHook(
+        "deltalora": (adapter(mp.LoRAConfig()), {}, lambda model, n, data: {"hooks": [P.DeltaLoRAHook(
             model, P.DeltaLoRAConfig(update_delta_start=n // 10))]}),
-        "dylora": (adapter(mp.LoRAConfig()), {}, lambda model, n: {"hooks": [P.DyLoRAHook(model, P.DyLoRAConfig())]}),
+        "dylora": (adapter(mp.LoRAConfig()), {}, lambda model, n, data: {"hooks": [P.DyLoRAHook(model, P.DyLoRAConfig())]}),
         "loftq": (adapter(mp.LoftQConfig()), {}),
         "orthogonal": (adapter(mp.OrthogonalConfig()), {}),
         "mica": (adapter(mp.MiCAConfig()), {}),
@@ -174,7 +172,8 @@ def configs(mp, steps: int):
         "longlora": (adapter(mp.LongLoRAConfig()), {}),
         "bdlora": (adapter(mp.BDLoRAConfig(rank=8, alpha=16, use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"],
                                                                          "nblocks": 2})), {}),
-        "lora_drop": (lora_drop, {}),  # a procedure: LoRA, and the hook that model.train runs
+        "lora_drop": (adapter(mp.LoRAConfig(target_modules="all-linear")), {}, lora_drop),  # over LoRA on every linear
+        # layer, the paper's setting
     }
 
 
@@ -188,16 +187,15 @@ def child(method: str, steps: int, batch: int, lr: float, memory_only: bool) -> 
     if memory_only:  # from here: the weights, the adapter, gradients, optimizer state and activations
         tracemalloc.start()
     model = mp.load_model(mp.DEMO_MODEL, **load_kw)
-    made = apply(model, train)
-    hooks = made if isinstance(made, list) else []  # a procedure's training hooks
+    apply(model, train)
     trainable, total = model.parameter_counts()
     cfg = dict(learning_rate=lr, batch_size=batch, max_steps=2 if memory_only else steps,
                warmup_steps=max(steps // 10, 1), schedule="cosine", seed=0, progress=False)
-    cfg.update(fields[0](model, cfg["max_steps"]) if fields else {})  # a fresh hook for each run
+    cfg.update(fields[0](model, cfg["max_steps"], train) if fields else {})  # a fresh hook for each run
     if memory_only:
-        model.train(train[:2 * batch], mp.TrainingConfig(**cfg, hooks=hooks))
+        model.train(train[:2 * batch], mp.TrainingConfig(**cfg))
         return {"peak_mb": tracemalloc.get_traced_memory()[1] / 1e6}
-    hist = model.train(train, mp.TrainingConfig(**cfg, eval_data=held, hooks=hooks))
+    hist = model.train(train, mp.TrainingConfig(**cfg, eval_data=held))
     trainable, total = model.parameter_counts()  # after a procedure that drops parameters (LoRA-drop)
     step_s = statistics.median(
         sum(len(e["prompt"]) + len(e["completion"]) for e in train[:batch]) / r for r in hist["tokens_per_s"][1:])

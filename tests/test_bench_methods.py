@@ -22,8 +22,8 @@ def test_an_optimiser_or_procedure_row_gives_its_training_fields():
     rows = bench_methods.configs(mp, 30)
     model = mp.load_model(mp.DEMO_MODEL)
     rows["chainlora"][0](model, [])
-    fields = rows["chainlora"][2](model, 30)
+    fields = rows["chainlora"][2](model, 30, [])
     assert [type(h).__name__ for h in fields["hooks"]] == ["ChainLoRAHook"]
     assert fields["hooks"][0].opts.links == (10, 10, 10)
-    assert type(rows["loraplus"][2](model, 30)["optimizer"]).__name__ == "LoraPlusConfig"
+    assert type(rows["loraplus"][2](model, 30, [])["optimizer"]).__name__ == "LoraPlusConfig"
     assert len(rows["lora"]) == 2  # a layer method trains with the plain AdamW
