@@ -85,8 +85,8 @@ SEED = {
 def configs(mp, steps: int):
     """method -> (a function of (model, training records) that applies the method, load_model kwargs[, a
     function of (model, steps, training records) giving TrainingConfig fields: an optimiser, a procedure's hooks]);
-    steps is the run's length (AdaLoRA's rank budget schedule and the procedures' cycles end there). A data-driven initialiser (EVA)
-    reads the first 256 training records."""
+    steps is the run's length (AdaLoRA's rank budget schedule and the procedures' cycles end there). A data-driven
+    initialiser (EVA) reads the first 256 training records."""
     from minipeft import optimizers as O, procedures as P
     def adapter(cfg):
         return lambda model, data: model.apply_adapter(cfg, data=data[:256] if getattr(cfg, "NEEDS_DATA", False) else None)
