@@ -134,7 +134,7 @@ class BOFTLinear(Delta):
                 tuple(got.shape[1:]) == (self.D, self.b, self.b):
             raise CheckpointError(
                 f"{where}: {key}boft_R holds {got.shape[0]} butterfly factor(s), shape {tuple(got.shape)}, but "
-                f"adapter_config.json says boft_n_butterfly_factor={self.f} (shape {tuple(self.boft_R.shape)}): PEFT "
+                f"adapter_config.json's field boft_n_butterfly_factor={self.f} gives shape {tuple(self.boft_R.shape)}: PEFT "
                 "without its CUDA extension (fbd_cuda) builds one factor whatever the config says; set "
                 f"boft_n_butterfly_factor to {got.shape[0]} in adapter_config.json to read what PEFT computed")
 

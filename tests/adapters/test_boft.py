@@ -263,7 +263,7 @@ def test_a_file_from_peft_without_its_cuda_extension_is_refused_clearly(lib, bas
     assert pm.base_model.model.model.layers[0].self_attn.q_proj.boft_R["default"].shape[0] == 1
     pm.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=r"boft_R holds 1 butterfly factor\(s\), shape \(1, 8, 4, 4\), but "
-                                              r"adapter_config.json says boft_n_butterfly_factor=2.*fbd_cuda"):
+                                              r"adapter_config.json's field boft_n_butterfly_factor=2.*fbd_cuda"):
         mp.load_model(base(kind)).load_adapters(str(tmp_path))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(config, boft_n_butterfly_factor=1)))
