@@ -111,7 +111,12 @@ class Model:
             with data_init.prepared(self, cfg, bases, data, init_weights) as (cfg, bases):
                 deltas, shared = layer_class(cfg).create_all(bases, cfg, self.rng, init_weights)
             copies = {entry: trained_copy_paths(self.net, entry) for entry in cfg.modules_to_save}
-            deltas.update(token_adapters(self.net, cfg, self.config.model_type, self.rng, init_weights))  # LoRA's rows
+            rows = token_adapters(self.net, cfg, self.config.model_type, self.rng, init_weights)  # LoRA's rows
+            both = sorted(set(rows) & set(deltas))
+            if both:  # LORA-18: the embedding's LoRA and its trainable rows cannot share one layer
+                raise ConfigError(f"trainable_token_indices names {both[0]!r}, which target_modules also gives a "
+                                  "LoRA; drop it from one of the two")
+            deltas.update(rows)
         except BaseException:
             undo()
             raise

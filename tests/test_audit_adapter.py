@@ -142,7 +142,7 @@ def test_a_target_entry_that_matches_nothing_is_named(base, tmp_path):
     assert "'qkv_proj'" in f.message and f.file.endswith("adapter_config.json")
     edit(adapter, config=lambda c: c.__setitem__("target_modules", ["qkv_proj"]))
     r = audit_adapter(adapter, base)
-    assert r.status == 1 and r.layers == [] and "matches no linear layer" in only(r, "target-unmatched").message
+    assert r.status == 1 and r.layers == [] and "matches no linear or embedding layer" in only(r, "target-unmatched").message
 
 
 @pytest.mark.spec("AUDIT-10")

@@ -561,10 +561,10 @@ def test_unmatched_targets_as_peft_treats_them(lib, base, tmp_path):
     for tm in ("q_proj", ["nope_proj"]):
         with pytest.raises(ValueError, match="not found in the base model"):
             peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(target_modules=tm))
-        with pytest.raises(minipeft.errors.ConfigError, match="matches no linear layer"):
+        with pytest.raises(minipeft.errors.ConfigError, match="matches no linear or embedding layer"):
             minipeft.load_model(base()).apply_lora(target_modules=tm)
     peft.get_peft_model(hf_model(lib, base()), peft.LoraConfig(target_modules=["q_proj", "nope_proj"]))
-    with pytest.warns(UserWarning, match=r"\['nope_proj'\] match no linear layer"):
+    with pytest.warns(UserWarning, match=r"\['nope_proj'\] match no linear or embedding layer"):
         model, pm = minipeft_saved_in_peft(lib, base(), LoRAConfig(target_modules=["q_proj", "nope_proj"]), tmp_path)
     report("partly matching list minipeft->PEFT", max_rel_err(model(IDS), hf_logits(lib, pm)))
 

@@ -86,6 +86,7 @@ class AdapterConfig(metaclass=ConfigType):
     # the module types target_modules matches among (None: Linear and Linear4bit; LN tuning: its norms), and
     # {model_type: names} that target_modules=None stands for (PEFT's per-model mapping; empty: None is refused)
     TARGET_TYPES: typing.ClassVar[tuple | None] = None
+    EMBEDDINGS: typing.ClassVar[bool] = False  # target_modules may name embeddings too (LoRA, LORA-15)
     DEFAULT_TARGETS: typing.ClassVar[dict] = {}
 
     def __post_init__(self):
@@ -112,6 +113,12 @@ class AdapterConfig(metaclass=ConfigType):
 
     def validate(self):
         """Range checks of the method's own fields; raise ConfigError naming the field."""
+
+    @classmethod
+    def adapts_embeddings(cls) -> bool:
+        """Whether target_modules may name an embedding beside the linear layers (LORA-15). Declared by a class
+        itself, never inherited: LoRA's variants and initialisers subclass LoRAConfig but adapt linear layers only."""
+        return cls.__dict__.get("EMBEDDINGS", False)
 
     def tied_targets(self, net, found: list) -> list:
         """Paths adapted with the matched ones `found` because they share a weight with them (TrainableTokens'

@@ -7,6 +7,7 @@ target_modules:
     an error that suggests the list form (LORA-13);
   - "all-linear": every Linear/Conv1D/Linear4bit except the output head (lm_head).
 A 4-bit Linear4bit (quant/linear4bit.py) counts as a linear layer and is wrapped like one (QLORA-5).
+LoRA and QLoRA themselves (AdapterConfig.adapts_embeddings) also match embeddings (LORA-15); "all-linear" never does.
 A method whose config names other module types (TARGET_TYPES: LN tuning's norms) matches among those instead,
 and one with DEFAULT_TARGETS takes target_modules=None as PEFT's default for the model type (default_targets).
 layers_to_transform keeps only layers whose index (the number after "layers."/"h."/"layer.")
@@ -21,13 +22,14 @@ import warnings
 
 from ..autograd.tensor import Tensor
 from ..errors import ConfigError
-from ..nn.layers import Linear
+from ..nn.layers import Embedding, Linear
 from ..quant.linear4bit import Linear4bit
 from .base import AdaptedLayer
 from .modules_to_save import TrainedCopy, trained_copies
 
 OUTPUT_HEADS = ("lm_head",)
 LINEAR = (Linear, Linear4bit)  # what a method targets unless its config says otherwise (AdapterConfig.TARGET_TYPES)
+LINEAR_OR_EMBEDDING = LINEAR + (Embedding,)  # LoRA's (AdapterConfig.adapts_embeddings, LORA-15)
 
 
 def _name_matches(path: str, entries) -> bool:
@@ -49,8 +51,17 @@ def linear_paths(net, types=LINEAR) -> list[str]:
 
 
 def kind_of(types) -> str:
-    """The word for a target kind in messages: "linear", or the type names ("LayerNorm or RMSNorm")."""
+    """The word for a target kind in messages: "linear", "linear or embedding", or the type names
+    ("LayerNorm or RMSNorm")."""
+    if types == LINEAR_OR_EMBEDDING:
+        return "linear or embedding"
     return "linear" if types == LINEAR else " or ".join(t.__name__ for t in types)
+
+
+def target_types(cfg) -> tuple:
+    """The module types cfg's target_modules match among: its TARGET_TYPES, else linear layers (and embeddings
+    for LoRA itself, LORA-15)."""
+    return cfg.TARGET_TYPES or (LINEAR_OR_EMBEDDING if cfg.adapts_embeddings() else LINEAR)
 
 
 def default_targets(cfg, model_type: str):
@@ -66,10 +77,10 @@ def default_targets(cfg, model_type: str):
 
 
 def find_targets(net, cfg) -> list[str]:
-    types = cfg.TARGET_TYPES or LINEAR
+    types = target_types(cfg)
     paths = linear_paths(net, types)
     if cfg.target_modules == "all-linear":
-        found = [p for p in paths if p.split(".")[-1] not in OUTPUT_HEADS]
+        found = [p for p in linear_paths(net) if p.split(".")[-1] not in OUTPUT_HEADS]
     else:
         found = [p for p in paths if _name_matches(p, cfg.target_modules)]
         warn_unmatched(paths, cfg.target_modules, kind_of(types))

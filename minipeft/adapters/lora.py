@@ -16,6 +16,7 @@ Trainable (LORA-5): A, B (and biases by `bias`: "none" | "all" | "lora_only"); W
 PEFT parity: peft/tuners/lora/layer.py Linear.forward, get_delta_weight; keys lora_A.weight (r, in),
     lora_B.weight (out, r); GPT-2 Conv1D keeps these shapes and transposes only dW (fan_in_fan_out).
 Combining adapters (LORA-7..LORA-9, LORA-12): adapters/combine.py. Targeting (LORA-10): adapters/inject.py.
+An embedding in target_modules gets LoRAEmbedding (adapters/lora_embedding.py, LORA-15..LORA-18).
 Deviations: none known.
 """
 from __future__ import annotations
@@ -26,10 +27,11 @@ import re
 
 from .. import backend
 from ..autograd import functional as F
-from ..nn.layers import Linear
+from ..nn.layers import Embedding, Linear
 from ..errors import ConfigError
 from .base import AdapterConfig, Delta, check, fan_in_uniform
 from .layer_replication import check_layer_map
+from .lora_embedding import LoRAEmbedding
 from .registry import initialiser_names, register
 
 
@@ -48,6 +50,7 @@ class LoRAConfig(AdapterConfig):
     layer_replication: object = None  # LORA-14: [[start, end), ...] ranges of layers stacked, copies sharing weights
 
     peft_type = "LORA"
+    EMBEDDINGS = True  # an embedding in target_modules gets LoRAEmbedding (lora_embedding.py, LORA-15..18)
     PEFT_FIELDS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "bias": "bias",
                    "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
                    "init": "init_lora_weights", "lora_bias": "lora_bias",
@@ -146,6 +149,8 @@ class LoRALinear(Delta):
         """The delta for the layer at `path`; init_weights=False leaves A, B for a load to fill, except
         that PiSSA/OLoRA still replace W0 by its residual W0 - s B A (the adapter was trained on it)."""
         r, alpha = cfg.rank_alpha_for(path)
+        if isinstance(base, Embedding):  # LORA-15: PEFT's lora.Embedding
+            return LoRAEmbedding.create(base, cfg, path, rng, init_weights, r, lora_scaling(alpha, r, cfg.use_rslora))
         n, m = base.in_features, base.out_features
         bound = cfg.max_rank(n, m)
         check(r <= bound, f"rank (for {path})", r,

@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_save_dir, atomic_write_json, read_json
 from ..models.io import refuse_pickled
 from ..safetensors_io import read_safetensors, write_safetensors
+from ..nn.layers import Embedding, Linear
 from .base import COMMON_FIELDS, NAME_RE, AdaptedLayer
 from .modules_to_save import TrainedCopy
 from .prompt_learning import check_loaded, fit_to_file, prompt_of
@@ -233,10 +234,20 @@ def check_sizes(cfg, loaded: dict, where: str) -> None:
                                   "refused before allocating the adapter")
 
 
+def base_tables(model, name: str, loaded: dict) -> dict:
+    """{key: base weight Tensor} of the adapted layers whose whole base weight the file holds as
+    `<path>.base_layer.weight`: PEFT's save_embedding_layers="auto" writes a targeted embed_tokens or lm_head so
+    (LORA-18), and loading puts it in the base layer, as PEFT's load_state_dict does."""
+    return {f"{PREFIX}{path}.base_layer.weight": m.base_layer.weight for path, m in model.net.named_modules()
+            if isinstance(m, AdaptedLayer) and name in m.adapters and isinstance(m.base_layer, (Embedding, Linear))
+            and f"{PREFIX}{path}.base_layer.weight" in loaded}
+
+
 def _assign(model, name, loaded: dict, where: str, strict: bool) -> dict:
     expected = adapter_tensors(model, name)
+    tables = base_tables(model, name, loaded)
     missing = [k for k in expected if k not in loaded]
-    unexpected = [k for k in loaded if k not in expected]
+    unexpected = [k for k in loaded if k not in expected and k not in tables]
     if strict and unexpected and not any(k.startswith("base_model.") for k in loaded):
         raise CheckpointError(f"{where}: no key starts with 'base_model.model.' (e.g. {unexpected[0]!r}); PEFT "
                               "would load nothing here. Prefix the keys with 'base_model.model.'")
@@ -251,6 +262,8 @@ def _assign(model, name, loaded: dict, where: str, strict: bool) -> dict:
             raise CheckpointError(f"{where}: tensors {first[id(t)]!r} and {key!r} are copies of one shared tensor "
                                   "but differ; the file was edited or mixes adapters (IO-8)")
         first.setdefault(id(t), key)
+        fill(t, loaded[key], key, where)
+    for key, t in tables.items():  # last: a file refused above leaves the base as it was
         fill(t, loaded[key], key, where)
     return {"missing": missing, "unexpected": unexpected}
 

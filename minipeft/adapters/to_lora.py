@@ -36,7 +36,7 @@ def layer_dW(layer, delta):
 def convert_to_lora(model, rank, name: str = "default", show_progress: bool = False):
     """(adapter_config.json dict, {saved key: float32 array}, [ConvertRow]) of adapter `name` as a plain LoRA:
     rank an integer, or a float in (0, 1] (the share of ||dW||_F^2 each layer keeps), as PEFT's."""
-    from ..audit.convert import add_layer, check_convertible, check_rank, lora_fields
+    from ..audit.convert import add_layer, check_convertible, check_rank, lora_fields, refuse_embedding
     from ..audit.report import progress
     check_rank(rank)
     if name not in model.peft_configs:
@@ -46,6 +46,8 @@ def convert_to_lora(model, rank, name: str = "default", show_progress: bool = Fa
         raise ConfigError(f"adapter {name!r} ({type(cfg).__name__}) changes no weight matrix: nothing to convert")
     check_convertible(cfg, f"adapter {name!r}")
     layers = [(p, m) for p, m in inject.adapted_layers(model.net) if name in m.adapters]
+    for path, layer in layers:
+        refuse_embedding(layer.base_layer, path, f"adapter {name!r}")
     weights, rows = {}, []
     for path, layer in progress(layers, len(layers), "convert to LoRA", show_progress, "layer"):
         dW, bias_changed = layer_dW(layer, layer.adapters[name])

@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from ..adapters.inject import find_targets, leaf_names, linear_paths, unmatched_entries
+from ..adapters.inject import find_targets, kind_of, leaf_names, linear_paths, target_types, unmatched_entries
 from ..adapters.lora import lora_scaling
 from ..errors import ConfigError, MiniPeftError
 from ..adapters.peft_io import PREFIX, write_adapter_folder
@@ -131,10 +131,11 @@ def unmatched_targets(base: Checkpoint, adapter) -> list[Finding]:
             find_targets(net, cfg)
     except ConfigError as e:
         return [Finding("target-unmatched", adapter.config_path, None, f"{e}; {NOTHING}")]
-    paths = linear_paths(net)
+    types = target_types(cfg)
+    paths, kind = linear_paths(net, types), kind_of(types)
     return [Finding("target-unmatched", adapter.config_path, None,
-                    f"target_modules entry {e!r} matches no linear layer of {base.folder} (PEFT loads nothing there "
-                    f"and says little); its linear layers are named {leaf_names(paths)}. Fix the entry or drop it")
+                    f"target_modules entry {e!r} matches no {kind} layer of {base.folder} (PEFT loads nothing there "
+                    f"and says little); its {kind} layers are named {leaf_names(paths)}. Fix the entry or drop it")
             for e in unmatched_entries(paths, cfg.target_modules)]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..adapters.lora import LoRAConfig
 from ..adapters.peft_io import PREFIX, config_fields, write_adapter_folder
+from ..nn.layers import Embedding
 from ..errors import ConfigError
 from .adapter import open_base
 from .files import read_adapter
@@ -113,6 +114,14 @@ def check_convertible(cfg, where: str) -> None:
                           "conversion does not carry; convert an adapter without them")
 
 
+def refuse_embedding(layer, path: str, where: str) -> None:
+    """AUDIT-22: an adapted embedding (LORA-15, keys lora_embedding_A/B) is not carried by this conversion's
+    lora_A, lora_B of linear layers: a ConfigError before anything is written."""
+    if isinstance(layer, Embedding):
+        raise ConfigError(f"{where}: it adapts the embedding {path}, which this conversion (lora_A, lora_B of linear "
+                          "layers) does not carry; convert an adapter without embedding targets")
+
+
 def add_layer(weights: dict, path: str, dW, rank, bias_changed: bool, where: str) -> ConvertRow:
     """AUDIT-22/23: the layer's lora_A, lora_B (float32) into weights; its row. A layer whose bias the method
     changes cannot be carried by a plain LoRA (a ConfigError)."""
@@ -134,6 +143,8 @@ def audit_convert(adapter: str, rank, out: str, base: str | None = None, show_pr
         warnings.simplefilter("ignore")
         layers = AdapterLayers(A, B)
     rows, weights = [], {}
+    for path in layers.paths:
+        refuse_embedding(layers.net.get_submodule(path), path, f"{A.folder} ({A.method.title})")
     for path in progress(layers.paths, len(layers.paths), "audit convert", show_progress, "layer"):
         layer = layers.layer(path)
         if layer is None:  # its tensors' problem is in layers.problems

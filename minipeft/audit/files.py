@@ -21,7 +21,7 @@ from ..autograd.tensor import Tensor
 from ..errors import CheckpointError
 from ..fileio import read_json
 from ..models.io import refuse_pickled, resolve, weight_files
-from ..nn.layers import Conv1D, Linear
+from ..nn.layers import Conv1D, Embedding, Linear
 from ..nn.module import Module
 from ..safetensors_io import TensorFile, TensorInfo, read_safetensors
 
@@ -85,22 +85,24 @@ class Checkpoint:
         return sum(i.end - i.begin for f in set(self.files.values()) for i in f.infos.values())
 
     def skeleton(self) -> Module:
-        """The module tree of the header: a stub Linear (Conv1D for GPT-2) per 2-d `.weight` outside EMBEDDINGS,
-        with in/out features, a bias where the header has one, and a zero weight that holds no memory."""
+        """The module tree of the header: a stub Linear (Conv1D for GPT-2) per 2-d `.weight` outside EMBEDDINGS and
+        a stub Embedding (V, d) per one of EMBEDDINGS (LoRA adapts those, LORA-15), with in/out features, a bias
+        where the header has one, and a zero weight that holds no memory."""
         root = Module()
         transposed = self.config.get("model_type") == "gpt2"
         for key in self.keys():
             info = self.info(key)
             path, _, leaf = key.rpartition(".")
             name = path.rpartition(".")[2]
-            if leaf != "weight" or len(info.shape) != 2 or not path or name in EMBEDDINGS:
+            if leaf != "weight" or len(info.shape) != 2 or not path:
                 continue
-            cls = Conv1D if transposed and name not in OUTPUT_HEADS else Linear
+            cls = Embedding if name in EMBEDDINGS else Conv1D if transposed and name not in OUTPUT_HEADS else Linear
             layer = cls.__new__(cls)
-            layer.in_features, layer.out_features = info.shape if cls.fan_in_fan_out else info.shape[::-1]
+            layer.in_features, layer.out_features = info.shape if cls is not Linear else info.shape[::-1]
             layer.weight = Tensor(np.broadcast_to(np.float64(0), info.shape))
-            layer.bias = Tensor(np.broadcast_to(np.float64(0), (layer.out_features,))) if f"{path}.bias" in self \
-                else None
+            if cls is not Embedding:
+                layer.bias = Tensor(np.broadcast_to(np.float64(0), (layer.out_features,))) \
+                    if f"{path}.bias" in self else None
             _place(root, path, layer)
         return root
 

@@ -163,7 +163,7 @@ class AdapterLayers:
         problem (in self.problems)."""
         stub = self.net.get_submodule(path)
         W0 = self.base.read(f"{path}.weight")
-        b0 = self.base.read(f"{path}.bias") if stub.bias is not None else None
+        b0 = self.base.read(f"{path}.bias") if getattr(stub, "bias", None) is not None else None  # (an embedding has none)
         if b0 is not None and f"{path}.bias" in self.replaced:  # bias="all"/"lora_only": the trained bias
             b0 = self.adapter.tensors[self.replaced[f"{path}.bias"]]
         base = _stub(stub, W0, b0)
@@ -178,9 +178,10 @@ class AdapterLayers:
             if not ok:
                 return None
             delta.merge_into(base)
-        out_in = (lambda a: a.T) if stub.fan_in_fan_out else (lambda a: a)
+        out_in = (lambda a: a.T) if getattr(stub, "fan_in_fan_out", False) else (lambda a: a)  # an embedding: (V, d)
+        bias = getattr(base, "bias", None)
         return Layer(path, out_in(W0), out_in(np.asarray(base.weight.data)), b0,
-                     None if base.bias is None else np.asarray(base.bias.data), delta)
+                     None if bias is None else np.asarray(bias.data), delta)
 
     def unexplained(self) -> list[str]:
         """Saved keys that no targeted layer, shared tensor or replaced base tensor accounts for (after every

@@ -496,7 +496,7 @@ def test_target_modules_rules(tm, exclude, layers_to, pattern):
     cfg = LoRAConfig(rank=1, alpha=1, target_modules=tm, exclude_modules=exclude,
                      layers_to_transform=layers_to, layers_pattern=pattern)
     if not expect:
-        with pytest.raises(ConfigError, match="its linear layers are named: .*down_proj.*q_proj"):
+        with pytest.raises(ConfigError, match="its linear or embedding layers are named: .*down_proj.*q_proj"):
             model.apply_adapter(cfg)
         return
     model.apply_adapter(cfg)
@@ -513,7 +513,7 @@ def test_a_string_that_matches_nothing_says_it_is_a_regex_and_names_the_layers()
     msg = str(e.value)
     assert "regular expression that must match the whole module path" in msg
     assert "'model.layers.0.self_attn.q_proj'" in msg and "target_modules=['q_proj']" in msg
-    assert "named: " + ", ".join(sorted(NAMES + ["lm_head"])) in msg
+    assert "named: " + ", ".join(sorted(NAMES + ["embed_tokens", "lm_head"])) in msg
     model.apply_lora(target_modules=["q_proj"])
     assert {p for p, _ in layers(model, "default")} == {f"model.layers.{i}.self_attn.q_proj" for i in range(L)}
 
@@ -523,10 +523,10 @@ def test_list_entries_that_match_nothing_are_named():
     """Before: ("q_proj", "v_prj") silently adapted q_proj alone. Now a UserWarning names 'v_prj' and the leaf
     names (PEFT 0.21.2 accepts such a list, so it is not an error); a list matching nothing is a ConfigError."""
     model = make_model()
-    with pytest.warns(UserWarning, match=r"\['v_prj'\] match no linear layer.*named: down_proj, gate_proj"):
+    with pytest.warns(UserWarning, match=r"\['v_prj'\] match no linear or embedding layer.*named: down_proj, embed_tokens, gate_proj"):
         model.apply_lora(target_modules=("q_proj", "v_prj"))
     assert {p for p, _ in layers(model, "default")} == {f"model.layers.{i}.self_attn.q_proj" for i in range(L)}
-    with pytest.raises(ConfigError, match=r"\('v_prj', 'qq'\) matches no linear layer.*named: down_proj"):
+    with pytest.raises(ConfigError, match=r"\('v_prj', 'qq'\) matches no linear or embedding layer.*named: down_proj"):
         make_model().apply_lora(target_modules=("v_prj", "qq"))
 
 
@@ -566,7 +566,7 @@ def test_errors_leave_model_unchanged(case):
         "density": lambda: model.merge_adapters({"a": 1.0, "b": 1.0}, "c", "cat", density=0.0),
         "missing_source": lambda: model.merge_adapters({"a": 1.0, "zz": 1.0}, "c", "cat"),
     }[case]
-    message = {"rank_too_big": r"rank.*min\(in=32, out=16\)", "pattern_too_big": "rank", "no_match": "linear layers",
+    message = {"rank_too_big": r"rank.*min\(in=32, out=16\)", "pattern_too_big": "rank", "no_match": "linear or embedding layers",
                "bad_save": "score", "dup_name": "exists already", "bad_name": "letters", "linear_unequal": "equal ranks",
                "svd_rank_big": "svd_rank", "unknown_comb": "combination", "density": "density",
                "missing_source": "zz"}[case]
