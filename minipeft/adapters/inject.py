@@ -89,6 +89,12 @@ def find_targets(net, cfg) -> list[str]:
     if cfg.layers_to_transform is not None:
         keep = {cfg.layers_to_transform} if isinstance(cfg.layers_to_transform, int) else set(cfg.layers_to_transform)
         found = [p for p in found if _layer_index(p, cfg.layers_pattern) in keep]
+    by_parameter = parameter_targets(net, getattr(cfg, "target_parameters", None) or ())
+    both = sorted(set(found) & set(by_parameter))
+    if both:
+        raise ConfigError(f"{both[0]} is named by target_modules and by target_parameters; name it in one of them "
+                          "(PEFT refuses this too)")
+    found += by_parameter
     if not found:
         narrowed = "".join(f", {f}={getattr(cfg, f)!r}" for f in ("exclude_modules", "layers_to_transform",
                                                                     "layers_pattern") if getattr(cfg, f) not in (None, ()))
@@ -102,6 +108,28 @@ def find_targets(net, cfg) -> list[str]:
         raise ConfigError(f"target_modules={cfg.target_modules!r}{narrowed} matches no {kind_of(types)} layer of this "
                           f"model; its {kind_of(types)} layers are named: {leaf_names(paths)}{hint}")
     return found + cfg.tied_targets(net, found)
+
+
+def parameter_targets(net, entries) -> list[str]:
+    """LORA-19: paths of the modules whose parameter `<path>.<name>` equals an entry of target_parameters or ends
+    with "." + entry (PEFT's rule). Here each must be the weight of a float Linear (the MoE expert tensors PEFT's
+    ParamWrapper exists for do not occur in minipeft's model families); an entry matching nothing is an error."""
+    out = []
+    for entry in entries:
+        hits = [(p.removesuffix(".base_layer"), n, m) for p, m in net.named_modules()  # an adapted layer: its base's
+                if ".adapters." not in p and ".modules_to_save" not in p
+                for n, t in vars(m).items() if isinstance(t, Tensor)
+                and _name_matches(f"{p.removesuffix('.base_layer')}.{n}", [entry])]
+        if not hits:
+            raise ConfigError(f"target_parameters entry {entry!r} matches no parameter of this model; name one as "
+                              "'<module>.<parameter>', e.g. 'q_proj.weight'")
+        for p, n, m in hits:
+            if not (n == "weight" and type(m) is Linear):
+                raise ConfigError(f"target_parameters entry {entry!r} names {p}.{n} of a {type(m).__name__}; here "
+                                  "target_parameters takes the weight of a float Linear (use target_modules for "
+                                  "the others)")
+            out.append(p)
+    return sorted(set(out), key=out.index)
 
 
 def leaf_names(paths) -> str:

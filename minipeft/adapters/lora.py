@@ -48,13 +48,15 @@ class LoRAConfig(AdapterConfig):
     lora_bias: bool = False  # a trainable bias on lora_B (PEFT's lora_bias)
     trainable_token_indices: tuple[int, ...] | dict | None = None  # TRAINABLE_TOKENS-7: token ids, or {embedding: ids}
     layer_replication: object = None  # LORA-14: [[start, end), ...] ranges of layers stacked, copies sharing weights
+    target_parameters: tuple | None = None  # LORA-19: parameter names ("q_proj.weight"): LoRA on that Linear's weight
 
     peft_type = "LORA"
     EMBEDDINGS = True  # an embedding in target_modules gets LoRAEmbedding (lora_embedding.py, LORA-15..18)
     PEFT_FIELDS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "bias": "bias",
                    "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
                    "init": "init_lora_weights", "lora_bias": "lora_bias",
-                   "trainable_token_indices": "trainable_token_indices", "layer_replication": "layer_replication"}
+                   "trainable_token_indices": "trainable_token_indices", "layer_replication": "layer_replication",
+                   "target_parameters": "target_parameters"}
     PEFT_VALUES = {"init": {"default": True}}
 
     def validate(self):
@@ -64,6 +66,15 @@ class LoRAConfig(AdapterConfig):
         check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "use 'none', 'all' or 'lora_only'")
         self.check_init()
         self.layer_replication = check_layer_map(self.layer_replication)
+        if self.target_parameters is not None:
+            self.target_parameters = tuple(self.target_parameters)
+        if self.target_parameters:  # LORA-19: PEFT's ParamWrapper refuses these too
+            check(type(self) is LoRAConfig, "target_parameters", self.target_parameters,
+                  f"is for plain LoRA (PEFT refuses it with LoRA variants); {type(self).__name__} takes target_modules")
+            for field, ok in (("dropout", self.dropout == 0), ("lora_bias", not self.lora_bias),
+                              ("init", self.init in ("default", "gaussian"))):
+                check(ok, field, getattr(self, field), "must be 0 / False / 'default' or 'gaussian' with "
+                      "target_parameters (PEFT's ParamWrapper refuses dropout and lora_bias); use target_modules")
         tokens = self.trainable_token_indices
         for ids in (tokens.values() if isinstance(tokens, dict) else [tokens] if tokens is not None else []):
             check(isinstance(ids, (list, tuple)) and len(ids) > 0 and len(set(ids)) == len(ids)

@@ -244,3 +244,77 @@ def test_audit_reads_the_embedding_delta_and_convert_refuses_it(tmp_path):
     with pytest.raises(ConfigError, match="embedding model.embed_tokens"):
         model.save_as_lora(str(tmp_path / "out2"), 2, show_progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+# ---- target_parameters (LORA-19) ---------------------------------------------------------------------------
+@pytest.mark.spec("LORA-19")
+@settings(max_examples=5, deadline=None)
+@given(r=st.integers(1, 4), seed=st.integers(0, 50))
+def test_target_parameters_is_lora_on_those_linears_without_dropout(r, seed):
+    by_param = tiny_llama().apply_adapter(mp.LoRAConfig(rank=r, target_modules=(),
+                                                        target_parameters=["q_proj.weight", "mlp.down_proj.weight"]))
+    by_module = tiny_llama().apply_adapter(mp.LoRAConfig(rank=r, target_modules=("q_proj", "down_proj")))
+    paths = [p for p, _ in mp.adapters.inject.adapted_layers(by_param.net)]
+    assert paths == [p for p, _ in mp.adapters.inject.adapted_layers(by_module.net)] and len(paths) == 4
+    moved(by_module, seed)
+    trained = dict(by_module.net.named_parameters())
+    for n, p in by_param.net.named_parameters():  # the same factors (the init draws come in another order)
+        p.data = trained[n].data.copy()
+    assert np.array_equal(by_param(IDS).numpy(), by_module(IDS).numpy())
+    assert by_param.parameter_counts() == by_module.parameter_counts()
+
+
+@pytest.mark.spec("LORA-19")
+@pytest.mark.parametrize("fields, match", [
+    ({"target_parameters": ["embed_tokens.weight"]}, "weight of a float Linear"),
+    ({"target_parameters": ["input_layernorm.weight"]}, "weight of a float Linear"),
+    ({"target_parameters": ["nope.weight"]}, "matches no parameter"),
+    ({"target_parameters": ["q_proj.weight"], "dropout": 0.1}, "dropout"),
+    ({"target_parameters": ["q_proj.weight"], "lora_bias": True}, "lora_bias"),
+    ({"target_parameters": ["q_proj.weight"], "init": "pissa"}, "init"),
+    ({"target_parameters": ["q_proj.weight"], "target_modules": ("q_proj",)}, "by target_modules and by target_parameters"),
+])
+def test_target_parameters_refusals(fields, match):
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match=match):
+        model.apply_adapter(mp.LoRAConfig(**{"target_modules": (), **fields}))
+    assert model.peft_configs == {} and not mp.adapters.inject.adapted_layers(model.net)
+    with pytest.raises(ConfigError, match="target_parameters"):
+        mp.DoRAConfig(target_modules=(), target_parameters=["q_proj.weight"])
+
+
+@pytest.mark.oracle
+@pytest.mark.spec("LORA-19")
+def test_target_parameters_against_peft_both_ways(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+    folder = hf_llama_folder(str(tmp_path / "base"), **HF)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=3, lora_alpha=7, target_modules=[],
+                                                 target_parameters=["q_proj.weight", "mlp.down_proj.weight"])).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        theirs = pm(torch.tensor(IDS)).logits.numpy()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    back = mp.load_model(folder)
+    back.load_adapters(str(tmp_path / "peft"))
+    assert back.peft_configs["default"].target_parameters == ("q_proj.weight", "mlp.down_proj.weight")
+    err = max_rel_err(back(IDS).numpy(), theirs)
+    print(f"\n  target_parameters PEFT -> minipeft: max rel err {err:.2e}")
+    assert err < 1e-5
+    moved(back, 5)
+    back.save_adapters(str(tmp_path / "ours"))
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    pm2 = peft.PeftModel.from_pretrained(hf2, str(tmp_path / "ours")).eval()
+    assert type(pm2.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "ParamWrapper"
+    with torch.no_grad():
+        theirs = pm2(torch.tensor(IDS)).logits.numpy()
+    err = max_rel_err(back(IDS).numpy(), theirs)
+    print(f"  target_parameters minipeft -> PEFT: max rel err {err:.2e}")
+    assert err < 1e-5
