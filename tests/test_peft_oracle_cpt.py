@@ -10,7 +10,8 @@ import minipeft
 from helpers import max_rel_err
 from minipeft import CPTConfig, TrainingConfig
 from minipeft.adapters.cpt import cpt_loss
-from test_peft_oracle import IDS, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, perturb_peft, report  # noqa: F401
+from test_peft_oracle import (IDS, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, peft_train_losses,  # noqa: F401
+                              perturb_peft, report)
 
 pytestmark = pytest.mark.oracle
 
@@ -99,13 +100,7 @@ def test_training_trajectory_equals_peft(lib, base, kw):
     pm = lib[2].get_peft_model(hf_model(lib, base("llama")), lib[2].CPTConfig(task_type="CAUSAL_LM", **kw))
     pm.train()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    theirs = []
-    for _ in range(steps):
-        loss = pm(input_ids=torch.tensor(IDS), labels=torch.tensor(LABELS)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        theirs.append(loss.item())
+    theirs = peft_train_losses(lib, pm, opt, steps, LABELS)
     enc = pm.prompt_encoder["default"]
     unprojected = enc.delta_embedding.weight.detach().norm(dim=1)
     P_theirs = pm.get_prompt_embedding_to_save("default").numpy()  # E[c] + D projected

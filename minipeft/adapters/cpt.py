@@ -22,6 +22,7 @@ PEFT parity: peft/tuners/cpt/model.py CPTEmbedding (forward, get_projection, cal
     peft/peft_model.py PeftModelForCausalLM._cpt_forward.
 Deviations: PEFT projects D at the start of each forward; minipeft after each optimizer step
     (model.train, or model.update_and_allocate(step) in a loop of one's own): the same parameters.
+    Gradient accumulation weighs micro-batches by the data's target tokens (TRAIN-3), not CPT's N.
 """
 from __future__ import annotations
 
@@ -192,14 +193,14 @@ class CPTEmbedding(InputPrompt):
     def encode(self, e: Tensor) -> Tensor:
         """CPT-1: P = E[c] + D; the untrained rows of D enter as constants (PEFT's gradient mask)."""
         D = self.delta_embedding.weight  # (T, d)
-        m = backend.asarray(self.cfg.trained_rows(), D.data.dtype)  # (T, 1)
+        m = backend.asarray(self.cfg.trained_rows(), backend.dtype_name(D.data))  # (T, 1)
         return e + D * Tensor(m) + Tensor(D.data * (1 - m))
 
     def project(self) -> None:
         """CPT-3: each row of D into its ball, in place."""
         D = self.delta_embedding.weight
         xp = backend.xp_of(D.data)
-        eps = backend.asarray(self.cfg.epsilons()[:, None], D.data.dtype)  # (T, 1)
+        eps = backend.asarray(self.cfg.epsilons()[:, None], backend.dtype_name(D.data))  # (T, 1)
         norm = xp.sqrt(xp.sum(D.data * D.data, axis=1, keepdims=True))  # (T, 1)
         over = xp.maximum(norm, eps)  # 0 only where the row is 0 (and eps too): the row stays 0
         D.data = D.data * (eps / xp.where(over > 0, over, xp.ones_like(over)))
