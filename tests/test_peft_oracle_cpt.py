@@ -115,3 +115,17 @@ def test_training_trajectory_equals_peft(lib, base, kw):
     assert bool((unprojected.numpy() > eps * 1.01).any())  # the projection binds
     assert np.abs(np.array(hist["loss"]) - theirs).max() < 1e-5
     assert np.abs(P_ours - P_theirs).max() < 1e-5
+
+
+@pytest.mark.spec("CPT-2")
+def test_greedy_generate_equals_peft_forward(lib, base, tmp_path):
+    """minipeft's cached generate against greedy decoding by PEFT's full forward (PROMPT-6's reference)."""
+    from test_peft_oracle_prompt import greedy_by_full_forward
+    pm = peft_cpt(lib, base, CPT)
+    theirs = greedy_by_full_forward(lib[0], pm, 5)
+    pm.save_pretrained(tmp_path)
+    model = minipeft.load_model(base("llama"))
+    model.load_adapters(str(tmp_path))
+    ours = model.generate(IDS, max_new_tokens=5, eos_token_id=[])
+    print(f"\n  generate CPT: {ours[:, IDS.shape[1]:].tolist()}")
+    assert ours.tolist() == theirs.tolist()
