@@ -10,8 +10,8 @@ import minipeft
 from helpers import max_rel_err
 from minipeft import CPTConfig, TrainingConfig
 from minipeft.adapters.cpt import cpt_loss
-from test_peft_oracle import (IDS, base, hf_logits, hf_model, lib, minipeft_saved_in_peft, peft_train_losses,  # noqa: F401
-                              perturb_peft, report)
+from test_peft_oracle import (IDS, base, hf_logits, hf_model, lib, minipeft_saved_in_peft,  # noqa: F401
+                              peft_train_losses, perturb_peft, report)
 
 pytestmark = pytest.mark.oracle
 
@@ -38,7 +38,8 @@ def test_peft_saved_loads_in_minipeft(lib, base, tmp_path, kind):
     pm.save_pretrained(tmp_path)
     model = minipeft.load_model(base(kind))
     model.load_adapters(str(tmp_path))
-    assert type(model.peft_configs["default"]) is CPTConfig and model.peft_configs["default"].cpt_token_ids == CPT["cpt_token_ids"]
+    cfg = model.peft_configs["default"]
+    assert type(cfg) is CPTConfig and cfg.cpt_token_ids == CPT["cpt_token_ids"]
     ours = model(IDS).numpy()
     assert ours.shape == theirs.shape == (2, 10 + 9, 64)
     print(f"\n  max abs diff {np.abs(ours - theirs).max():.2e}")
@@ -93,8 +94,8 @@ def test_loss_and_gradient_equal_peft(lib, base, kw, types):
 @pytest.mark.parametrize("kw", [CPT, DECAY], ids=["none", "decay"])
 def test_training_trajectory_equals_peft(lib, base, kw):
     """4 AdamW steps (lr 0.02, weight decay 0.01, constant schedule, no clipping) from D = 0 on one batch of both
-    rows: model.train's losses and final prompt against PEFT's loop. The balls (0.025 input, 0.00625 format for d = 32) bind: the
-    steps move D beyond them."""
+    rows: model.train's losses and final prompt against PEFT's loop. The balls (0.025 input, 0.00625 format for
+    d = 32) bind: the steps move D beyond them."""
     torch = lib[0]
     steps, lr = 4, 0.02
     pm = lib[2].get_peft_model(hf_model(lib, base("llama")), lib[2].CPTConfig(task_type="CAUSAL_LM", **kw))
@@ -111,7 +112,8 @@ def test_training_trajectory_equals_peft(lib, base, kw):
     P_ours = model.net.prompt_encoder["default"].output().numpy()
     eps = model.peft_configs["default"].epsilons()
     print(f"\n  losses {np.round(hist['loss'], 6).tolist()} vs {np.round(theirs, 6).tolist()}: max abs diff "
-          f"{np.abs(np.array(hist['loss']) - theirs).max():.2e}; prompt max abs diff {np.abs(P_ours - P_theirs).max():.2e}")
+          f"{np.abs(np.array(hist['loss']) - theirs).max():.2e}; prompt max abs diff "
+          f"{np.abs(P_ours - P_theirs).max():.2e}")
     assert bool((unprojected.numpy() > eps * 1.01).any())  # the projection binds
     assert np.abs(np.array(hist["loss"]) - theirs).max() < 1e-5
     assert np.abs(P_ours - P_theirs).max() < 1e-5

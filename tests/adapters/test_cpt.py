@@ -74,8 +74,9 @@ def ball(k, d, eps_in, eps_fmt):
 
 @pytest.mark.spec("CPT-3")
 @SETTINGS
-@given(T=st.integers(1, 8), seed=st.integers(0, 99), scale=st.floats(1e-4, 1.0), eps_in=st.one_of(st.just(0.0), st.floats(1e-4, 0.5)),
-       eps_fmt=st.one_of(st.just(0.0), st.floats(1e-4, 0.5)), data=st.data())
+@given(T=st.integers(1, 8), seed=st.integers(0, 99), scale=st.floats(1e-4, 1.0),
+       eps_in=st.one_of(st.just(0.0), st.floats(1e-4, 0.5)), eps_fmt=st.one_of(st.just(0.0), st.floats(1e-4, 0.5)),
+       data=st.data())
 def test_projection_puts_every_row_in_its_ball(T, seed, scale, eps_in, eps_fmt, data):
     k = data.draw(types_st(T))
     m = tiny_llama().apply_cpt(cpt_token_ids=[1] * T, cpt_tokens_type_mask=k, opt_projection_epsilon=eps_in,
@@ -207,7 +208,8 @@ def test_save_load_round_trip_and_peft_style_file(tmp_path):
     assert cfg["opt_weighted_loss_type"] == "decay" and cfg["num_virtual_tokens"] == 8 and cfg["token_dim"] == d
     t, _ = read_safetensors(str(tmp_path / "a" / "adapter_model.safetensors"))
     enc = prompt_module(m)
-    assert sorted(t) == ["prompt_embeddings", "prompt_encoder.delta_embedding.weight", "prompt_encoder.embedding.weight"]
+    assert sorted(t) == ["prompt_embeddings", "prompt_encoder.delta_embedding.weight",
+                         "prompt_encoder.embedding.weight"]
     assert np.array_equal(t["prompt_embeddings"], enc.output().data)
     again = tiny_llama()
     again.load_adapters(str(tmp_path / "a"))
@@ -222,7 +224,8 @@ def test_save_load_round_trip_and_peft_style_file(tmp_path):
     assert np.array_equal(p.embedding.weight.data, t["prompt_embeddings"]) and not np.any(p.delta_embedding.weight.data)
     assert trainable_names(peft_style) == ["prompt_encoder.default.delta_embedding.weight"]
     assert_close(peft_style(ids), m(ids), rtol=1e-6, label="PEFT-style file")
-    write_safetensors(str(tmp_path / "p" / "adapter_model.safetensors"), {"prompt_embeddings": t["prompt_embeddings"][:5]})
+    write_safetensors(str(tmp_path / "p" / "adapter_model.safetensors"),
+                      {"prompt_embeddings": t["prompt_embeddings"][:5]})
     with pytest.raises(CheckpointError, match=r"prompt_embeddings has shape \(5, 32\)"):
         tiny_llama().load_adapters(str(tmp_path / "p"))
 
@@ -234,7 +237,8 @@ def test_save_load_round_trip_and_peft_style_file(tmp_path):
     (dict(cpt_token_ids=[1, 2], cpt_tokens_type_mask=[1, 2, 3]), "cpt_tokens_type_mask"),
     (dict(cpt_token_ids=[1, 2], cpt_tokens_type_mask=[1, -4]), "cpt_tokens_type_mask"),
     (dict(cpt_token_ids=[1, 2], num_virtual_tokens=3), "num_virtual_tokens"),
-    (dict(opt_weighted_loss_type="exp"), "opt_weighted_loss_type"), (dict(opt_loss_decay_factor=-0.5), "opt_loss_decay_factor"),
+    (dict(opt_weighted_loss_type="exp"), "opt_weighted_loss_type"),
+    (dict(opt_loss_decay_factor=-0.5), "opt_loss_decay_factor"),
     (dict(opt_projection_epsilon=float("nan")), "opt_projection_epsilon"),
     (dict(opt_projection_format_epsilon=-1), "opt_projection_format_epsilon")])
 def test_bad_configs_name_the_field(kw, field):
