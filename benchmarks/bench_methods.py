@@ -79,6 +79,7 @@ SEED = {
     "longlora": ("-", "-", "-", "-"),
     "bdlora": ("-", "-", "-", "-"),
     "lora_drop": ("-", "-", "-", "-"),
+    "cpt": ("-", "-", "-", "-"),
 }
 
 
@@ -93,6 +94,14 @@ def configs(mp, steps: int):
 
     def full(model, data):
         model.net.requires_grad_(True)
+
+    def cpt(model, data):  # CPT (spec/cpt.md): two training records as the context, each typed input template
+        ids, types = [], []  # "next ", input word, output template " =", label (the completion): 4j-3 .. 4j
+        for j, e in enumerate(data[:2]):
+            for kind, piece in enumerate(("next ", e["prompt"].split()[1], " =", e["completion"]), 1):
+                t = model.tokenizer.encode(piece, add_special_tokens=False)
+                ids, types = ids + t, types + [4 * j + kind] * len(t)
+        return model.apply_cpt(cpt_token_ids=ids, cpt_tokens_type_mask=types)
 
     def lora_drop(model, n, data):  # LoRA-drop (spec/lora_drop.md), its importance read on the training records
         return {"hooks": [P.LoRADropHook(model, P.LoRADropConfig(warmup_steps=max(n // 10, 1)), data)]}
@@ -174,6 +183,7 @@ def configs(mp, steps: int):
                                                                          "nblocks": 2})), {}),
         "lora_drop": (adapter(mp.LoRAConfig(target_modules="all-linear")), {}, lora_drop),  # over LoRA on every linear
         # layer, the paper's setting
+        "cpt": (cpt, {}),
     }
 
 

@@ -44,6 +44,7 @@ from .adapters.prefix_tuning import PrefixTuningConfig
 from .adapters.prompt_tuning import PromptTuningConfig
 from .adapters.ptuning import PTuningConfig
 from .adapters.ptuning_v2 import PTuningV2Config
+from .adapters.cpt import CPTConfig
 from .adapters.qlora import QLoRAConfig
 from .adapters.tiedlora import TiedLoRAConfig
 from .adapters.registry import Method, methods
@@ -79,7 +80,7 @@ DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "tiny-llama-chars
 __version__ = "0.1.0"
 __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", "Tensor", "no_grad", "set_backend", "get_backend",
            "QLoRAConfig", "DoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "VeRAConfig", "OFTConfig", "AdaLoRAConfig", "QuantizationConfig", "nf4_quantize", "nf4_dequantize",
-           "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig", "MoRAConfig", "MultiLoRAConfig", "QALoRAConfig",
+           "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig", "PTuningV2Config", "CPTConfig", "LoRAXSConfig", "NOLAConfig", "TiedLoRAConfig", "DVoRAConfig", "MoRAConfig", "MultiLoRAConfig", "QALoRAConfig",
            "OrthogonalConfig", "MiCAConfig", "LoftQConfig", "EVAConfig", "HiRAConfig", "HRAConfig", "BEFTConfig", "FourierFTConfig", "WaveFTConfig", "SHiRAConfig", "RoadConfig", "MiSSConfig", "C3AConfig", "DeLoRAConfig", "PSOFTConfig", "BOFTConfig", "VBLoRAConfig", "RandLoRAConfig", "GraLoRAConfig",
            "SuperTuningConfig",
            "TinyLoRAConfig",

@@ -5,6 +5,7 @@ A hook is a subclass of `TrainingHook` below that overrides the methods it needs
 do-nothing default; anything else is refused before training). Hooks come from two places, in order:
   1. the active adapters: a layer class with a `training_hook` attribute (a TrainingHook class)
      gets one hook per active adapter, built as training_hook(name, {path: delta}, cfg) (AdaLoRA);
+     a prompt-learning adapter's one entry is {"prompt_encoder.<name>": its prompt module} (CPT);
   2. the user: TrainingConfig(hooks=[...]) (procedures: a rank schedule, merge-and-restart, ...).
 Each hook's `key` names its state in a checkpoint, so keys are unique; an adapter's hook has the
 adapter's name as its key.
@@ -14,7 +15,8 @@ In the loop (minipeft/train.py), per optimizer step:
     opt      = the one hook's optimizer(named, groups, cfg), or AdamW(named, ..., groups)
     attach(opt) of each hook, once, before a resume loads the optimizer's state
     lr       = the schedule's lr times every hook's lr_scale(step)
-    loss     = LM loss + sum of regularization() over hooks        (each micro-batch)
+    loss     = LM loss + sum of regularization() over hooks        (each micro-batch); the LM loss is
+               the one hook's lm_loss(logits, labels) (CPT's), or causal_lm_loss
     backward; clip; opt.step(); after_step(step) of each hook (gradients still there); zero_grad
 and at the end of training end(); checkpoints save state() and a resume gives it to load_state().
 """
@@ -53,6 +55,11 @@ class TrainingHook:
         """A scalar Tensor added to each micro-batch's loss, or None."""
         return None
 
+    def lm_loss(self, logits, labels):
+        """The language-model loss of one micro-batch instead of causal_lm_loss (CPT's weighted loss over its
+        context's labels), or None. At most one active hook may give one."""
+        return None
+
     def after_step(self, step: int) -> None:
         """After optimizer step `step` (0-based), before the gradients are cleared."""
 
@@ -70,6 +77,7 @@ class TrainingHook:
 def adapter_hooks(model) -> list:
     """The hooks of the active adapters' methods (registry layer classes with a `training_hook`)."""
     from .adapters.inject import adapted_layers
+    from .adapters.prompt_learning import prompt_of
     from .adapters.registry import layer_class
     hooks = []
     layers = None
@@ -77,6 +85,9 @@ def adapter_hooks(model) -> list:
         cfg = model.peft_configs[name]
         make = getattr(layer_class(cfg), "training_hook", None)
         if make is None:
+            continue
+        if getattr(cfg, "is_prompt_learning", False):
+            hooks.append(make(name, {f"prompt_encoder.{name}": prompt_of(model.net, name)}, cfg))
             continue
         layers = layers if layers is not None else adapted_layers(model.net)
         hooks.append(make(name, {p: m.adapters[name] for p, m in layers if name in m.adapters}, cfg))
@@ -92,6 +103,9 @@ def check_hooks(hooks: list) -> None:
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise ConfigError(f"training hooks share the key(s) {dup}; each hook's key names its checkpoint state")
+    losses = [h.key for h in hooks if type(h).lm_loss is not TrainingHook.lm_loss]
+    if len(losses) > 1:
+        raise ConfigError(f"training hooks {losses} each give the LM loss (lm_loss); use one of them")
     excl = [h for h in hooks if h.exclusive]
     if len(excl) > 1:
         raise ConfigError(f"adapters {[h.key for h in excl]} are active together and each {excl[0].exclusive}: "
@@ -102,6 +116,16 @@ def regularization(hooks: list):
     """The sum of the hooks' regularization terms, or None."""
     terms = [t for t in (h.regularization() for h in hooks) if t is not None]
     return sum(terms[1:], terms[0]) if terms else None
+
+
+def lm_loss(hooks: list, logits, labels):
+    """The one hook's LM loss of the micro-batch, or causal_lm_loss (MODEL-6)."""
+    from .models.blocks import causal_lm_loss
+    for h in hooks:
+        loss = h.lm_loss(logits, labels)
+        if loss is not None:
+            return loss
+    return causal_lm_loss(logits, labels)
 
 
 def attach(hooks: list, opt) -> None:

@@ -28,7 +28,6 @@ from .data import collate, count_targets, prepare
 from .errors import ConfigError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write_json
 from .memory import check_budget
-from .models.blocks import causal_lm_loss
 from .nn.optim import AdamW, clip_grad_norm, lr_at
 
 DEFAULT_SAVE_STEPS = 500  # transformers' default: with an output_dir, a checkpoint every 500 steps and at the end
@@ -139,8 +138,10 @@ def _steps(examples, epoch, cfg):
     return [micro[j:j + ga] for j in range(0, len(micro), ga)]
 
 
-def evaluate(model, examples, batch_size: int, pad_id: int) -> float:
-    """Token-weighted mean loss over examples (no gradient, eval mode)."""
+def evaluate(model, examples, batch_size: int, pad_id: int, hooks=None) -> float:
+    """Token-weighted mean loss over examples (no gradient, eval mode); hooks: the run's (None: the active
+    adapters'), whose lm_loss (CPT's) replaces causal_lm_loss."""
+    hooks = model.training_hooks() if hooks is None else hooks
     total, n = 0.0, 0
     was = model.net.training
     model.net.eval()
@@ -150,7 +151,7 @@ def evaluate(model, examples, batch_size: int, pad_id: int) -> float:
             k = count_targets(labels)
             if k:
                 with alora.activated(model, ids):
-                    total += _loss(model, ids, mask, labels).item() * k
+                    total += _loss(model, ids, mask, labels, hooks).item() * k
                 n += k
     model.net.train(was)
     return total / max(n, 1)
@@ -175,9 +176,9 @@ def evaluate_data(model, data, batch_size: int = 8, max_length=None) -> tuple[fl
     return evaluate(model, examples, batch_size, pad_id), sum(count_targets(collate([e], pad_id)[2]) for e in examples)
 
 
-def _loss(model, ids, mask, labels):
+def _loss(model, ids, mask, labels, hooks=()):
     logits = model.net(backend.asarray(ids), attention_mask=backend.asarray(mask))
-    return causal_lm_loss(logits, backend.asarray(labels))
+    return H.lm_loss(hooks, logits, backend.asarray(labels))
 
 
 def train(model, train_data, cfg: TrainingConfig) -> dict:
@@ -237,7 +238,7 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
                     for ids, mask, labels in batches:
                         share = count_targets(labels) / n_total
                         with alora.activated(model, ids):  # held through backward (gradient checkpointing reruns)
-                            loss = _loss(model, ids, mask, labels)
+                            loss = _loss(model, ids, mask, labels, hooks)
                             reg = H.regularization(hooks)  # the methods' own loss terms (AdaLoRA's penalty), or None
                             if reg is not None:
                                 loss = loss + reg
@@ -261,7 +262,7 @@ def _train(model, train_data, cfg: TrainingConfig, optimiser: list) -> dict:
                         history[k].append(v)
                     log.write(record)
                     if evals is not None and (step % (cfg.eval_steps or per_epoch) == 0 or step >= total):
-                        history["eval_loss"].append((step, evaluate(model, evals, cfg.batch_size, pad_id)))
+                        history["eval_loss"].append((step, evaluate(model, evals, cfg.batch_size, pad_id, hooks)))
                         log.write({"step": step, "eval_loss": history["eval_loss"][-1][1]})
                     bar.update(1)
                     bar.set_postfix(R.postfix(history, per_epoch))

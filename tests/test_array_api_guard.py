@@ -16,6 +16,7 @@ ROWS = [{"input_ids": [3, 4, 5, 6, 7, 8, 9]}, {"input_ids": [10, 11, 12, 13, 14]
 EXTRA = {"adalora": {"total_step": 2}, "lora": {"dropout": 0.2}, "road": {"group_size": 8}, "c3a": {"block_size": 16},
          "vblora": {"num_vectors": 32, "vector_length": 16},  # RoAd: 64 does not divide 96
          "trainable_tokens": {"token_indices": [3, 5, 7]},
+         "cpt": {"cpt_token_ids": [3, 4, 5, 6], "cpt_tokens_type_mask": [1, 2, 3, 4]},  # PEFT's types give no labels
          "alora": {"alora_invocation_tokens": [5]},  # in IDS and ROWS: both rows are adapted from a 5 on
          "rosa": {"warmup": 0},  # the mask chosen after step 0, S trained in step 1
          "adamss": {"rank": 8},

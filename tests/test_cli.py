@@ -12,7 +12,9 @@ from minipeft.cli import main
 EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"],
          "c3a": ["--set", "block_size=16"],  # C3A: 256 does not divide 96
          "vblora": ["--set", "vector_length=16", "--set", "num_vectors=32"],
-         "trainable_tokens": ["--set", "token_indices=[3, 5, 7]"],  # no default: which tokens is the user's choice
+         "trainable_tokens": ["--set", "token_indices=[3, 5, 7]"],
+         "cpt": ["--set", "cpt_token_ids=[3, 4, 5, 6]", "--set", "cpt_tokens_type_mask=[1, 2, 3, 4]"],  # a context of one
+         # example; PEFT's default types (all 1) leave the data's labels without loss (CPT-8)  # no default: which tokens is the user's choice
          "alora": ["--set", "alora_invocation_tokens=[30]"],  # no default: the tokenized invocation string ("=")
          "rosa": ["--set", "warmup=0"],  # the mask chosen after step 0, S trained in step 1
          "adamss": ["--rank", "8"],  # AdaMSS's r = 100 reaches q_proj's 96 outputs (ADAMSS-2)
@@ -20,7 +22,7 @@ EXTRA = {"adalora": ["--set", "total_step=2"], "road": ["--set", "group_size=8"]
          }
 PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALORA", "vera": "VERA", "loha": "LOHA",
              "lokr": "LOKR", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING",
-             "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "loraxs": "MINIPEFT_LORAXS", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA",
+             "ptuning": "P_TUNING", "ptuning_v2": "PREFIX_TUNING", "cpt": "CPT", "loraxs": "MINIPEFT_LORAXS", "orthogonal": "LORA", "mica": "LORA", "loftq": "LORA",
              "eva": "LORA", "nola": "MINIPEFT_NOLA", "tiedlora": "MINIPEFT_TIEDLORA",
              "dvora": "MINIPEFT_DVORA", "mora": "MINIPEFT_MORA",
              "multilora": "MINIPEFT_MULTILORA", "qalora": "MINIPEFT_QALORA", "hira": "HIRA", "hra": "HRA", "beft": "BEFT",

@@ -190,6 +190,7 @@ def valid_configs():
             mp.DoRAConfig(rank=4), mp.IA3Config(), mp.VeRAConfig(rank=8), mp.PromptTuningConfig(num_virtual_tokens=3),
             mp.PrefixTuningConfig(num_virtual_tokens=3), PTuningV2Config(num_virtual_tokens=3),
             mp.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+            mp.CPTConfig(cpt_token_ids=[3, 4, 5], cpt_tokens_type_mask=[1, 2, 4]),
             mp.AdaLoRAConfig(initial_rank=4, target_rank=2, total_step=10), mp.LoRAXSConfig(rank=2),
             mp.OrthogonalConfig(rank=4), mp.MiCAConfig(rank=4), mp.LoftQConfig(rank=4),
             mp.EVAConfig(rank=4, eva_config={"rho": 1.5}),

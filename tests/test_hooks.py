@@ -133,6 +133,32 @@ def test_regularization_step_callback_and_end():
     assert rec.ended == 1 and rec.calls == []
 
 
+class HalfLoss(mp.TrainingHook):
+    """lm_loss: half the plain LM loss (a method's own loss, as CPT gives one)."""
+
+    def __init__(self, key="half"):
+        self.key = key
+
+    def lm_loss(self, logits, labels):
+        from minipeft.models.blocks import causal_lm_loss
+        return causal_lm_loss(logits, labels) * 0.5
+
+
+@pytest.mark.spec("TRAIN-11")
+def test_a_hook_gives_the_lm_loss_and_two_are_refused():
+    data = token_data(8, seed=2)
+    run = dict(learning_rate=1e-3, batch_size=8, max_steps=2, shuffle=False, eval_data=data[:4], **QUIET)
+    base = lora_model().train(data, TrainingConfig(**run))
+    half = lora_model().train(data, TrainingConfig(hooks=(HalfLoss(),), **run))
+    assert abs(half["loss"][0] - 0.5 * base["loss"][0]) < 1e-6 * base["loss"][0]
+    assert half["eval_loss"][-1][1] < 0.6 * base["eval_loss"][-1][1]  # evaluation uses it too
+    model = lora_model()
+    before = trainable(model)
+    with pytest.raises(ConfigError, match=r"\['a', 'b'\] each give the LM loss"):
+        model.train(data, TrainingConfig(hooks=(HalfLoss("a"), HalfLoss("b")), **run))
+    assert all(np.array_equal(v, before[k]) for k, v in trainable(model).items())
+
+
 class SGD:
     """A replacement optimizer with AdamW's interface: p <- p - lr g."""
 

@@ -200,6 +200,19 @@ def check_peft_case(lib, base, case, config_class: str, ours: type, tmp_path, la
     assert type(model.peft_configs["default"]) is ours and model.parameter_counts()[0] == trained
 
 
+def peft_train_losses(lib, pm, opt, steps: int, labels=IDS) -> list:
+    """`steps` optimizer steps of PEFT's model pm on IDS with `labels` (its own loss): the loss of each."""
+    torch = lib[0]
+    losses = []
+    for _ in range(steps):
+        loss = pm(input_ids=torch.tensor(IDS), labels=torch.tensor(labels)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def report(label, err):
     print(f"\n  {label}: max rel err {err:.2e}")
     assert err < TOL, f"{label}: {err:.3e} >= {TOL}"

@@ -19,7 +19,7 @@ from helpers import max_rel_err
 from minipeft import optimizers as O
 from minipeft.models.blocks import causal_lm_loss
 from minipeft.safetensors_io import read_safetensors
-from test_peft_oracle import IDS, base, hf_model, lib, perturb_peft  # noqa: F401
+from test_peft_oracle import IDS, base, hf_model, lib, peft_train_losses, perturb_peft  # noqa: F401
 
 pytestmark = pytest.mark.oracle
 STEPS, LR, TOL = 5, 1e-3, 1e-5  # LR: LoRA+'s B then steps at 4e-3 and 8e-3, the paper's range
@@ -101,13 +101,7 @@ def test_five_step_trajectory_equals_peft(lib, base, tmp_path, monkeypatch, case
     pm.save_pretrained(tmp_path / "start")
     opt = peft_optimizer(lib, pm, case, monkeypatch)
     pm.train()
-    theirs_losses = []
-    for _ in range(STEPS):
-        loss = pm(input_ids=torch.tensor(IDS), labels=torch.tensor(IDS)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        theirs_losses.append(loss.item())
+    theirs_losses = peft_train_losses(lib, pm, opt, STEPS)
     theirs = saved_tensors(pm.save_pretrained, tmp_path / "peft")
 
     model = minipeft_float64(base(kind), tmp_path / "start")

@@ -28,6 +28,7 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "prefix_tuning": ("PrefixTuningConfig", "PREFIX_TUNING", "prompt", False, False),
     "ptuning": ("PTuningConfig", "P_TUNING", "prompt", False, False),
     "ptuning_v2": ("PTuningV2Config", "PREFIX_TUNING", "prompt", False, False),
+    "cpt": ("CPTConfig", "CPT", "prompt", False, False),
     "loraxs": ("LoRAXSConfig", None, "layer", True, False),  # PEFT has no LoRA-XS (in_peft=False)
     "orthogonal": ("OrthogonalConfig", "LORA", "initialiser", True, False),
     "mica": ("MiCAConfig", "LORA", "initialiser", True, False),

@@ -1,6 +1,7 @@
 """What the prompt-learning methods share: prompt tuning (prompt_tuning.py), P-tuning (ptuning.py),
-prefix tuning (prefix_tuning.py) and P-tuning v2 (ptuning_v2.py). Specs: spec/prompt_tuning.md
-(PROMPT-n), spec/prefix_tuning.md (PREFIX-n), spec/ptuning.md (PTUNING-n), spec/ptuning_v2.md (PTV2-n).
+prefix tuning (prefix_tuning.py), P-tuning v2 (ptuning_v2.py) and CPT (cpt.py). Specs: spec/prompt_tuning.md
+(PROMPT-n), spec/prefix_tuning.md (PREFIX-n), spec/ptuning.md (PTUNING-n), spec/ptuning_v2.md (PTV2-n),
+spec/cpt.md (CPT-n).
 
 These adapters wrap no layer. Each is a `VirtualTokens` module kept in `net.prompt_encoder[name]`
 (PEFT's in-memory path `prompt_encoder.<name>.embedding.weight`). Before the layers run,
@@ -157,6 +158,10 @@ class VirtualTokens(Module):
                 delattr(self, n)
         self.embedding = table(self.cfg.num_virtual_tokens, width, np.zeros((self.cfg.num_virtual_tokens, width)))
 
+    def bare_file(self, loaded: dict) -> None:
+        """A file with only prompt_embeddings (PEFT's): the adapter drops its encoder (CPT keeps its own: cpt.py)."""
+        self.drop_encoder(loaded["prompt_embeddings"].shape[1])
+
     def saved_tensors(self) -> dict:
         """{key: Tensor}: prompt_embeddings = P, plus the encoder's tensors under prompt_encoder.<path>."""
         if not self.has_encoder:
@@ -282,7 +287,7 @@ def fit_to_file(model, name: str, loaded: dict) -> None:
     if a is None or not a.has_encoder:
         return
     if not any(k.startswith(ENCODER_KEY) for k in loaded) and "prompt_embeddings" in loaded:
-        a.drop_encoder(loaded["prompt_embeddings"].shape[1])
+        a.bare_file(loaded)
         a.requires_grad_(name == pe.active)
 
 
