@@ -78,6 +78,7 @@ SEED = {
     "adamss": ("-", "-", "-", "-"),
     "longlora": ("-", "-", "-", "-"),
     "bdlora": ("-", "-", "-", "-"),
+    "velora": ("-", "-", "-", "-"),
     "lora_drop": ("-", "-", "-", "-"),
 }
 
@@ -172,6 +173,7 @@ def configs(mp, steps: int):
         "longlora": (adapter(mp.LongLoRAConfig()), {}),
         "bdlora": (adapter(mp.BDLoRAConfig(rank=8, alpha=16, use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"],
                                                                          "nblocks": 2})), {}),
+        "velora": (adapter(mp.VeLoRAConfig(rank=8, alpha=16)), {}),  # PEFT's defaults: 64 groups, batch_average
         "lora_drop": (adapter(mp.LoRAConfig(target_modules="all-linear")), {}, lora_drop),  # over LoRA on every linear
         # layer, the paper's setting
     }

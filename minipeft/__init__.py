@@ -61,6 +61,7 @@ from .adapters.loretta import LoRETTAConfig
 from .adapters.rosa import RoSAConfig
 from .adapters.longlora import LongLoRAConfig
 from .adapters.bdlora import BDLoRAConfig
+from .adapters.velora import VeLoRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -105,4 +106,5 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "AdaMSSConfig",
            "LongLoRAConfig",
            "BDLoRAConfig",
+           "VeLoRAConfig",
            ]

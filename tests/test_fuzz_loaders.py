@@ -222,6 +222,7 @@ def valid_configs():
             mp.LongLoRAConfig(rank=2),
             mp.BDLoRAConfig(rank=2, use_bdlora={"target_modules_bd_a": ["v_proj"], "target_modules_bd_b": ["q_proj"],
                                                 "nblocks": 2}),
+            mp.VeLoRAConfig(rank=2, velora_config={"num_groups": 5, "init_type": "random"}),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made
