@@ -322,7 +322,8 @@ def test_training_with_the_same_draws_equals_peft_logits_regulariser_and_gradien
     """In float64 on both sides: rho's gradient is the residue of the softmax Jacobian applied to sum_n w_n A^T
     (which cancels exactly), about sample_scaler times the terms it is left from, so in float32 both libraries
     carry cancellation noise (measured on patterns_bias: minipeft 1.8e-4, PEFT 4.4e-4 from the float64 value).
-    In float64 the two agree to about 1e-6 (a residue not traced here, seen on the logits too)."""
+    In float64 the two agree to about 1e-6 (the two base models alone differ by 1.1e-7 in float64: some float32
+    constant on one side, not traced here)."""
     from minipeft.autograd import functional as F
     torch = lib[0]
     kind, _ = CASES[case]
