@@ -78,6 +78,8 @@ SEED = {
     "adamss": ("-", "-", "-", "-"),
     "longlora": ("-", "-", "-", "-"),
     "bdlora": ("-", "-", "-", "-"),
+    "velora": ("-", "-", "-", "-"),
+    "monteclora": ("-", "-", "-", "-"),
     "lora_drop": ("-", "-", "-", "-"),
     "cpt": ("-", "-", "-", "-"),
 }
@@ -181,6 +183,8 @@ def configs(mp, steps: int):
         "longlora": (adapter(mp.LongLoRAConfig()), {}),
         "bdlora": (adapter(mp.BDLoRAConfig(rank=8, alpha=16, use_bdlora={"target_modules_bd_b": ["q_proj", "v_proj"],
                                                                          "nblocks": 2})), {}),
+        "velora": (adapter(mp.VeLoRAConfig(rank=8, alpha=16)), {}),  # PEFT's defaults: 64 groups, batch_average
+        "monteclora": (adapter(mp.MonteCLoRAConfig(rank=8, alpha=16)), {}),  # PEFT's defaults: 8 samples, 1e-4
         "lora_drop": (adapter(mp.LoRAConfig(target_modules="all-linear")), {}, lora_drop),  # over LoRA on every linear
         # layer, the paper's setting
         "cpt": (cpt, {}),

@@ -62,6 +62,8 @@ from .adapters.loretta import LoRETTAConfig
 from .adapters.rosa import RoSAConfig
 from .adapters.longlora import LongLoRAConfig
 from .adapters.bdlora import BDLoRAConfig
+from .adapters.velora import VeLoRAConfig
+from .adapters.monteclora import MonteCLoRAConfig
 from .autograd import Tensor, no_grad
 from .backend import get_backend, set_backend
 from .hooks import TrainingHook
@@ -106,4 +108,6 @@ __all__ = ["load_model", "Model", "LoRAConfig", "TrainingConfig", "DEMO_MODEL", 
            "AdaMSSConfig",
            "LongLoRAConfig",
            "BDLoRAConfig",
+           "VeLoRAConfig",
+           "MonteCLoRAConfig",
            ]

@@ -49,6 +49,8 @@ PEFT_TYPE = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "adalora": "ADALOR
              "adamss": "ADAMSS",
              "longlora": "LORA",
              "bdlora": "LORA",
+             "velora": "LORA",
+             "monteclora": "LORA",
              }
 
 # a QLoRA adapter is a LoRA file; P-tuning v2 is PEFT's PREFIX_TUNING with a projection (spec/ptuning_v2.md)
@@ -97,6 +99,8 @@ def test_train_saves_an_adapter_that_loads_and_generates(method, data, tmp_path,
     flag = {"dora": ", use_dora", "alora": ", alora_invocation_tokens=[30]"}.get(method, f", init_lora_weights={method}" if method in INITIALISERS else "")
     flag = ", kasa_config" if method == "kasa" else flag  # KaSA: LoRA with a kasa_config dict
     flag = ", use_bdlora" if method == "bdlora" else flag  # BD-LoRA: LoRA with a use_bdlora dict
+    flag = ", velora_config" if method == "velora" else flag  # VeLoRA: LoRA with a velora_config dict
+    flag = ", monteclora_config" if method == "monteclora" else flag  # MonteCLoRA: LoRA with a monteclora_config dict
     assert f"method: {title} (PEFT: {PEFT_TYPE[method]}{flag})" in shown
     train_line = next(line for line in printed.splitlines() if line.startswith("trainable parameters: "))
     if method not in ("adalora", "lora_ga", "corda"):  # AdaLoRA saves the triplets its allocation kept, fewer than train counted

@@ -223,6 +223,8 @@ def valid_configs():
             mp.LongLoRAConfig(rank=2),
             mp.BDLoRAConfig(rank=2, use_bdlora={"target_modules_bd_a": ["v_proj"], "target_modules_bd_b": ["q_proj"],
                                                 "nblocks": 2}),
+            mp.VeLoRAConfig(rank=2, velora_config={"num_groups": 5, "init_type": "random"}),
+            mp.MonteCLoRAConfig(rank=2, monteclora_config={"num_samples": 3}),
             ]
     assert {type(c) for c in made} >= set(REGISTRY)  # every registered method is fuzzed
     return made

@@ -77,6 +77,8 @@ BUILT_IN = {  # name: (config class name, peft_type, kind, mergeable, quantized_
     "adamss": ("AdaMSSConfig", "ADAMSS", "layer", True, False),
     "longlora": ("LongLoRAConfig", "LORA", "layer", True, False),  # a LoRA file; S2-Attn is training-only (LONGLORA-6)
     "bdlora": ("BDLoRAConfig", "LORA", "layer", True, False),  # LoRA + use_bdlora
+    "velora": ("VeLoRAConfig", "LORA", "layer", True, False),  # LoRA + velora_config; only A's backward differs
+    "monteclora": ("MonteCLoRAConfig", "LORA", "layer", True, False),  # LoRA + monteclora_config; samples A in training
 }
 
 
