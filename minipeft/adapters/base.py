@@ -320,8 +320,8 @@ def put_back(base, kept) -> None:
 
 
 def orient(dW, base):
-    """dW (out, in) in the base weight's storage layout ((in, out) for GPT-2's Conv1D)."""
-    return backend.xp_of(dW).matrix_transpose(dW) if base.fan_in_fan_out else dW
+    """dW (out, in) in the base weight's storage layout ((in, out) for GPT-2's Conv1D; an Embedding's (V, d) as is)."""
+    return backend.xp_of(dW).matrix_transpose(dW) if getattr(base, "fan_in_fan_out", False) else dW
 
 
 def check_peft_linear(base, path: str, peft_name: str, ours: str) -> None:

@@ -7,7 +7,7 @@ target_modules:
     an error that suggests the list form (LORA-13);
   - "all-linear": every Linear/Conv1D/Linear4bit except the output head (lm_head).
 A 4-bit Linear4bit (quant/linear4bit.py) counts as a linear layer and is wrapped like one (QLORA-5).
-LoRA and QLoRA themselves (AdapterConfig.adapts_embeddings) also match embeddings (LORA-15); "all-linear" never does.
+LoRAConfig itself (AdapterConfig.adapts_embeddings) also matches embeddings (LORA-15); "all-linear" never does.
 A method whose config names other module types (TARGET_TYPES: LN tuning's norms) matches among those instead,
 and one with DEFAULT_TARGETS takes target_modules=None as PEFT's default for the model type (default_targets).
 layers_to_transform keeps only layers whose index (the number after "layers."/"h."/"layer.")
@@ -114,12 +114,12 @@ def parameter_targets(net, entries) -> list[str]:
     """LORA-19: paths of the modules whose parameter `<path>.<name>` equals an entry of target_parameters or ends
     with "." + entry (PEFT's rule). Here each must be the weight of a float Linear (the MoE expert tensors PEFT's
     ParamWrapper exists for do not occur in minipeft's model families); an entry matching nothing is an error."""
+    params = [(p.removesuffix(".base_layer"), n, m) for p, m in net.named_modules()  # an adapted layer: its base's
+              if ".adapters." not in p and ".modules_to_save" not in p
+              for n, t in vars(m).items() if isinstance(t, Tensor)]
     out = []
     for entry in entries:
-        hits = [(p.removesuffix(".base_layer"), n, m) for p, m in net.named_modules()  # an adapted layer: its base's
-                if ".adapters." not in p and ".modules_to_save" not in p
-                for n, t in vars(m).items() if isinstance(t, Tensor)
-                and _name_matches(f"{p.removesuffix('.base_layer')}.{n}", [entry])]
+        hits = [(p, n, m) for p, n, m in params if _name_matches(f"{p}.{n}", [entry])]
         if not hits:
             raise ConfigError(f"target_parameters entry {entry!r} matches no parameter of this model; name one as "
                               "'<module>.<parameter>', e.g. 'q_proj.weight'")

@@ -49,13 +49,7 @@ class LoRAEmbedding(Delta):
         after_A = embedding(self.lora_embedding_A.transpose(0, 1), ids)  # (..., r)
         return y + (after_A @ self.lora_embedding_B.transpose(0, 1)) * self.s  # (..., d)
 
-    def delta_weight(self):  # LORA-16: s A^T B^T, (V, d): the table's own layout
+    def delta_weight(self):  # LORA-16: s A^T B^T, (V, d): the table's own layout (Delta's merge adds it)
         xp = backend.xp_of(self.lora_embedding_A.data)
         return xp.matmul(xp.matrix_transpose(self.lora_embedding_A.data),
                          xp.matrix_transpose(self.lora_embedding_B.data)) * self.s
-
-    def merge_into(self, base):
-        base.weight.data = base.weight.data + self.delta_weight()
-
-    def unmerge_from(self, base):
-        base.weight.data = base.weight.data - self.delta_weight()
